@@ -1,0 +1,199 @@
+//! The maps the kernel programs and user space share: names, keys, values.
+//!
+//! | map | type | key | value | written by |
+//! |---|---|---|---|---|
+//! | `CONFIG` | array, 1 entry | `u32` 0 | [`KernelConfig`] | user space |
+//! | `PORTS` | array, 65536 entries | local port | `u8` (1 = guarded) | user space |
+//! | `EXEMPT` | LPM trie | prefix + [`AddrWords`] | `u8` | user space |
+//! | `CLIENTS` | LRU hash | [`ClientKey`] | [`ClientState`] | kernel |
+//! | `RESERVATIONS` | LRU hash | [`FlowKey`] | [`Reservation`] | kernel |
+//! | `CONNS` | hash | [`FlowKey`] | [`ClientKey`] | kernel |
+//! | `STATS` | per-CPU array | [`Stat`] | `u64` | kernel |
+//! | `INSTANCE` | array, 1 entry | `u32` 0 | [`InstanceInfo`] | user space |
+
+use crate::addr::AddrWords;
+
+/// Map names, as the kernel object declares them and user space opens them.
+pub mod names {
+    /// See [`KernelConfig`](super::KernelConfig).
+    pub const CONFIG: &str = "CONFIG";
+    /// Guarded local ports.
+    pub const PORTS: &str = "PORTS";
+    /// Exempt client prefixes.
+    pub const EXEMPT: &str = "EXEMPT";
+    /// Per-client occupancy and counters.
+    pub const CLIENTS: &str = "CLIENTS";
+    /// Admitted handshakes not yet established.
+    pub const RESERVATIONS: &str = "RESERVATIONS";
+    /// Counted established connections.
+    pub const CONNS: &str = "CONNS";
+    /// Global counters.
+    pub const STATS: &str = "STATS";
+    /// What this instance guards, for other processes to read.
+    pub const INSTANCE: &str = "INSTANCE";
+    /// Every map, in the order user space pins them.
+    pub const ALL: [&str; 8] = [CONFIG, PORTS, EXEMPT, CLIENTS, RESERVATIONS, CONNS, STATS, INSTANCE];
+}
+
+/// Program names, as the kernel object declares them.
+pub mod programs {
+    /// The `sk_lookup` program that refuses connections over the limit.
+    pub const LOOKUP: &str = "connlimit_lookup";
+    /// The `sock_ops` program that counts established connections.
+    pub const SOCK_OPS: &str = "connlimit_sock_ops";
+}
+
+/// Default sizes of the maps, in entries. User space may resize the ones it
+/// is told to before loading.
+pub mod capacity {
+    /// Exempt prefixes.
+    pub const EXEMPT: u32 = 4096;
+    /// Client keys tracked at once; the least recently seen are evicted.
+    pub const CLIENTS: u32 = 1 << 17;
+    /// Handshakes in flight; the oldest are evicted.
+    pub const RESERVATIONS: u32 = 1 << 16;
+    /// Established connections counted at once.
+    pub const CONNS: u32 = 1 << 20;
+}
+
+/// `KernelConfig::flags`: count and report what would be refused, refuse nothing.
+pub const FLAG_DRY_RUN: u16 = 1;
+
+/// Entries in the `PORTS` array: one per TCP port.
+pub const PORT_COUNT: u32 = 1 << 16;
+
+/// The live configuration, one entry in `CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Most concurrent connections per client key; 0 means unlimited.
+    pub max_conns_per_client: u32,
+    /// IPv4 clients are grouped by this many leading bits (0..=32).
+    pub ipv4_prefix_len: u8,
+    /// IPv6 clients are grouped by this many leading bits (0..=128).
+    pub ipv6_prefix_len: u8,
+    /// [`FLAG_DRY_RUN`] and future flags.
+    pub flags: u16,
+    /// Length of a reservation epoch: a reservation whose handshake never
+    /// completes is released between one and two epochs after its SYN.
+    pub epoch_ns: u64,
+}
+
+/// A client key: a client address cut to the configured prefix length
+/// (see [`crate::addr::client_key`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The masked address.
+    pub addr: AddrWords,
+}
+
+/// What the kernel keeps per client key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientState {
+    /// A packed [`Occupancy`](crate::occupancy::Occupancy) word, updated atomically.
+    pub occupancy: u64,
+    /// Connections of this client that completed their handshake.
+    pub accepted: u64,
+    /// Connections of this client refused (or, in dry-run, that would have been).
+    pub refused: u64,
+}
+
+/// One TCP connection, from the server's side. Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's full address (not grouped).
+    pub client: AddrWords,
+    /// The server's local address.
+    pub local: AddrWords,
+    /// The client's port.
+    pub client_port: u16,
+    /// The server's (guarded) port.
+    pub local_port: u16,
+}
+
+/// A slot reserved at the SYN of an admitted connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reservation {
+    /// The client key the slot was taken from.
+    pub client: ClientKey,
+    /// The epoch tag the reservation was booked under.
+    pub tag: u16,
+    /// Padding; zero.
+    pub _pad: u16,
+}
+
+/// Indices into the `STATS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Connections counted at handshake completion.
+    Accepted = 0,
+    /// Connections refused with a reset.
+    Refused = 1,
+    /// Connections that dry-run mode let through over the limit.
+    DryRunRefused = 2,
+    /// Connections not counted because a map was full (fail open).
+    Untracked = 3,
+    /// Lookups where another sk_lookup program had already selected a socket,
+    /// so a refusal by this one would not hold.
+    Steered = 4,
+}
+
+impl Stat {
+    /// Number of counters in `STATS`.
+    pub const COUNT: u32 = 5;
+    /// Every counter, in index order.
+    pub const ALL: [Stat; Self::COUNT as usize] =
+        [Stat::Accepted, Stat::Refused, Stat::DryRunRefused, Stat::Untracked, Stat::Steered];
+}
+
+/// What an instance guards, written once by the loader into `INSTANCE` so
+/// another process (the CLI) can describe it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// Device and inode of the network namespace the lookup program is in.
+    pub netns_dev: u64,
+    /// See `netns_dev`.
+    pub netns_ino: u64,
+    /// Inode of the cgroup v2 directory the sock_ops program is attached to.
+    pub cgroup_ino: u64,
+    /// When the instance was attached, seconds since the Unix epoch.
+    pub started_unix_secs: u64,
+    /// Process that attached it.
+    pub pid: u32,
+    /// Padding; zero.
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are `repr(C)`, `Copy`, made of integers, and have no
+    // implicit padding (explicit padding fields are plain integers).
+    unsafe impl aya::Pod for super::KernelConfig {}
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::ClientState {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Reservation {}
+    unsafe impl aya::Pod for super::InstanceInfo {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<KernelConfig>(), 16);
+        assert_eq!(size_of::<ClientKey>(), 16);
+        assert_eq!(size_of::<ClientState>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 36);
+        assert_eq!(size_of::<Reservation>(), 20);
+        assert_eq!(size_of::<InstanceInfo>(), 40);
+    }
+}

@@ -1,0 +1,299 @@
+//! connlimit's kernel side: two small programs around shared maps.
+//!
+//! - `connlimit_lookup` (sk_lookup, per network namespace) runs when a packet
+//!   for a guarded port finds no established socket: in practice a SYN. It
+//!   reserves a slot for the client or, when the client is at its limit,
+//!   returns `SK_DROP`, which makes the kernel answer the SYN with a RST.
+//! - `connlimit_sock_ops` (sock_ops, per cgroup v2) sees the server's sockets:
+//!   it turns the reservation into an established count when the handshake
+//!   completes and gives the slot back, exactly once, when the socket closes.
+//!
+//! All arithmetic on a client's slots lives in `connlimit_common::occupancy`;
+//! this file only wires kernel events to it.
+#![no_std]
+#![no_main]
+// The BPF target leaves out `AtomicU64`'s read-modify-write methods; the
+// intrinsics lower to the BPF atomic instructions (ISA v3) all the same.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
+    },
+    helpers::bpf_ktime_get_ns,
+    macros::{map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SkLookupContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use connlimit_common::{
+    addr::{AddrWords, client_key, v4_mapped},
+    maps::{
+        ClientKey, ClientState, FLAG_DRY_RUN, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT,
+        Reservation, Stat, capacity,
+    },
+    occupancy::{Occupancy, epoch_tag, is_live},
+};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+/// Compare-and-swap retries on a client's word. Each failure means another
+/// CPU's update went through, so this is only reached under a contention no
+/// machine of a few dozen CPUs produces.
+const CAS_ATTEMPTS: u32 = 64;
+
+#[map]
+static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+#[map]
+static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
+#[map]
+static EXEMPT: LpmTrie<AddrWords, u8> =
+    LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
+// LRU: an evicted client is an idle one; its entry is remade on its next SYN.
+#[map]
+static CLIENTS: LruHashMap<ClientKey, ClientState> =
+    LruHashMap::with_max_entries(capacity::CLIENTS, 0);
+// LRU: only abandoned handshakes grow old here; the slot they took is freed
+// by the epoch arithmetic, so evicting the entry loses nothing.
+#[map]
+static RESERVATIONS: LruHashMap<FlowKey, Reservation> =
+    LruHashMap::with_max_entries(capacity::RESERVATIONS, 0);
+// Not LRU: an entry here is the promise that the close will be counted.
+#[map]
+static CONNS: HashMap<FlowKey, ClientKey> =
+    HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+#[map]
+static INSTANCE: Array<InstanceInfo> = Array::with_max_entries(1, 0);
+
+#[sk_lookup]
+pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands the program a valid context.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP || !is_guarded(lookup.local_port) {
+        return sk_action::SK_PASS;
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return sk_action::SK_PASS;
+    };
+    if config.max_conns_per_client == 0 {
+        return sk_action::SK_PASS;
+    }
+    let flow = if lookup.family == AF_INET {
+        FlowKey {
+            client: v4_mapped(lookup.remote_ip4),
+            local: v4_mapped(lookup.local_ip4),
+            client_port: u16::from_be(lookup.remote_port),
+            local_port: lookup.local_port as u16,
+        }
+    } else {
+        FlowKey {
+            client: lookup.remote_ip6,
+            local: lookup.local_ip6,
+            client_port: u16::from_be(lookup.remote_port),
+            local_port: lookup.local_port as u16,
+        }
+    };
+    let now = epoch_tag(now_ns(), config.epoch_ns);
+
+    // The context carries no TCP flags. A handshake admitted at its SYN comes
+    // back here for its SYN-cookie ACK or a retransmitted SYN: let it through.
+    // SAFETY: entries are plain data; a concurrent update can only tear the tag.
+    if let Some(reservation) = unsafe { RESERVATIONS.get(&flow) } {
+        if is_live(reservation.tag, now) {
+            return sk_action::SK_PASS;
+        }
+    }
+    if EXEMPT.get(Key::new(128, flow.client)).is_some() {
+        return sk_action::SK_PASS;
+    }
+
+    let client = ClientKey {
+        addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len),
+    };
+    let Some(state) = client_state(&client) else {
+        count(Stat::Untracked);
+        return sk_action::SK_PASS;
+    };
+    let limit = config.max_conns_per_client;
+    if let Some(tag) = update(state, |o| o.try_reserve(now, limit)) {
+        let reservation = Reservation { client, tag, _pad: 0 };
+        // An LRU insert makes room by itself; should it still fail, the slot
+        // is freed by its epoch and the handshake is counted unreserved.
+        let _ = RESERVATIONS.insert(&flow, &reservation, 0);
+        return sk_action::SK_PASS;
+    }
+
+    // SAFETY: `state` points into a live map entry.
+    add(unsafe { &raw mut (*state).refused }, 1);
+    if config.flags & FLAG_DRY_RUN != 0 {
+        count(Stat::DryRunRefused);
+        return sk_action::SK_PASS;
+    }
+    count(Stat::Refused);
+    // SAFETY: reading the union's pointer member, which the kernel sets.
+    if !unsafe { lookup.__bindgen_anon_1.__bindgen_anon_1.sk }.is_null() {
+        // An earlier program chose a socket: the kernel will ignore our drop.
+        count(Stat::Steered);
+    }
+    sk_action::SK_DROP
+}
+
+#[sock_ops]
+pub fn connlimit_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
+        _ => {}
+    }
+    1
+}
+
+/// A server-side handshake completed on a socket of the cgroup.
+fn on_established(ctx: &SockOpsContext) {
+    if !is_guarded(ctx.local_port()) {
+        return;
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    let flow = socket_flow(ctx);
+    // Taking the reservation out of the map makes it ours alone.
+    // SAFETY: entries are plain data, copied out before the removal.
+    let reservation = unsafe { RESERVATIONS.get(&flow) }.copied();
+    let reservation = reservation.filter(|_| RESERVATIONS.remove(&flow).is_ok());
+    let client = match reservation {
+        Some(r) => r.client,
+        None => ClientKey {
+            addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len),
+        },
+    };
+    let Some(state) = client_state(&client) else {
+        return untracked(ctx);
+    };
+    // Ask to hear of this socket's state changes, to see it close.
+    if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_err()
+        || CONNS.insert(&flow, &client, BPF_NOEXIST as u64).is_err()
+    {
+        return untracked(ctx);
+    }
+    let now = epoch_tag(now_ns(), config.epoch_ns);
+    let tag = reservation.map(|r| r.tag);
+    if update(state, |o| Some((o.establish(now, tag), ()))).is_none() {
+        let _ = CONNS.remove(&flow);
+        return untracked(ctx);
+    }
+    // SAFETY: `state` points into a live map entry.
+    add(unsafe { &raw mut (*state).accepted }, 1);
+    count(Stat::Accepted);
+}
+
+/// A socket of the cgroup reached TCP_CLOSE, by whatever path: FIN from
+/// either side, RST, abort, timeout, or the move to TIME_WAIT.
+fn on_close(ctx: &SockOpsContext) {
+    let flow = socket_flow(ctx);
+    // SAFETY: entries are plain data, copied out before the removal.
+    let Some(client) = (unsafe { CONNS.get(&flow) }).copied() else {
+        return;
+    };
+    // Whoever removes the entry gives the slot back: exactly once.
+    if CONNS.remove(&flow).is_err() {
+        return;
+    }
+    if let Some(state) = CLIENTS.get_ptr_mut(&client) {
+        update(state, |o| Some((o.close(), ())));
+    }
+}
+
+fn untracked(ctx: &SockOpsContext) {
+    count(Stat::Untracked);
+    warn!(ctx, "connlimit: a map is full; a connection is not counted");
+}
+
+fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
+    let (client, local) = if ctx.family() == AF_INET {
+        (v4_mapped(ctx.remote_ip4()), v4_mapped(ctx.local_ip4()))
+    } else {
+        // A dual-stack socket of an IPv4 client holds the mapped form already.
+        (ctx.remote_ip6(), ctx.local_ip6())
+    };
+    // `remote_port` is big-endian in the low 16 bits of the word on some
+    // kernels and shifted into the high 16 bits on others; the other half is
+    // zero either way.
+    let remote = ctx.remote_port();
+    FlowKey {
+        client,
+        local,
+        client_port: u16::from_be(((remote >> 16) | (remote & 0xffff)) as u16),
+        local_port: ctx.local_port() as u16,
+    }
+}
+
+fn is_guarded(local_port: u32) -> bool {
+    local_port < PORT_COUNT && PORTS.get(local_port).is_some_and(|&on| on != 0)
+}
+
+/// The client's entry, made if it is new.
+fn client_state(client: &ClientKey) -> Option<*mut ClientState> {
+    if let Some(state) = CLIENTS.get_ptr_mut(client) {
+        return Some(state);
+    }
+    // Losing a race to create it is fine: the winner's entry is used.
+    let _ = CLIENTS.insert(client, &ClientState::default(), BPF_NOEXIST as u64);
+    CLIENTS.get_ptr_mut(client)
+}
+
+/// Applies `f` to the client's occupancy word atomically; `None` if `f`
+/// refuses or the word kept changing under us.
+fn update<T>(
+    state: *mut ClientState,
+    f: impl Fn(Occupancy) -> Option<(Occupancy, T)>,
+) -> Option<T> {
+    use AtomicOrdering::{Relaxed, SeqCst};
+    // SAFETY: `state` points into a live map entry, 8-byte aligned; every
+    // writer of this field goes through atomics.
+    let word = unsafe { &raw mut (*state).occupancy };
+    // An aligned 64-bit load is atomic on BPF; a stale value only costs a retry.
+    let mut seen = unsafe { word.read_volatile() };
+    for _ in 0..CAS_ATTEMPTS {
+        let (next, out) = f(Occupancy(seen))?;
+        // SAFETY: as above.
+        match unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(word, seen, next.0) } {
+            (_, true) => return Some(out),
+            (actual, false) => seen = actual,
+        }
+    }
+    None
+}
+
+fn add(counter: *mut u64, n: u64) {
+    // SAFETY: `counter` points into a live map entry, 8-byte aligned.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+fn count(stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+        add(counter, 1);
+    }
+}
+
+fn now_ns() -> u64 {
+    // SAFETY: a helper with no arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
