@@ -1,0 +1,395 @@
+//! The user-space limiter: go-connlimit's `Limiter`, in Rust.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    hash::{BuildHasher, RandomState},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+
+use crate::{Config, ConfigError, Error, PeerAddr};
+
+/// Counts are split over this many independently locked maps, so threads
+/// accepting different clients rarely wait for each other.
+const SHARDS: usize = 64;
+
+/// Limits concurrent connections per client IP inside one process.
+///
+/// Cheap to clone (clones share counts and configuration). Works on any OS;
+/// on Linux, the eBPF limiter enforces the same
+/// configuration in the kernel for servers that do not use this library.
+///
+/// ```
+/// use connlimit::{Config, Limiter};
+/// use std::net::IpAddr;
+///
+/// let limiter = Limiter::new(Config::new(2))?;
+/// let client: IpAddr = "198.51.100.7".parse()?;
+/// let a = limiter.accept(&client)?;
+/// let _b = limiter.accept(&client)?;
+/// assert!(limiter.accept(&client).unwrap_err().is_limit_reached());
+/// drop(a); // closing a connection frees its slot
+/// let _c = limiter.accept(&client)?;
+/// assert_eq!(limiter.num_open(&client), 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct Limiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ArcSwap<Config>,
+    shards: Box<[Mutex<HashMap<IpAddr, u32>>]>,
+    shard_hasher: RandomState,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    dry_run_refused: AtomicU64,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self {
+            config: ArcSwap::from_pointee(Config::default()),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shard_hasher: RandomState::new(),
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            dry_run_refused: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Totals since a limiter was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections admitted.
+    pub accepted: u64,
+    /// Connections refused.
+    pub refused: u64,
+    /// Connections over the limit that dry-run mode admitted.
+    pub dry_run_refused: u64,
+}
+
+impl Limiter {
+    /// A limiter enforcing `config`.
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let limiter = Self::default();
+        limiter.set_config(config)?;
+        Ok(limiter)
+    }
+
+    /// Counts a new connection under its client and returns the [`Slot`] it
+    /// holds, or [`Error::LimitReached`] when the client already holds the
+    /// maximum. Over the limit nothing is counted.
+    ///
+    /// Exempt clients are counted but never refused; in dry-run mode nobody
+    /// is refused and [`Stats::dry_run_refused`] records who would have been.
+    pub fn accept(&self, conn: &impl PeerAddr) -> Result<Slot, Error> {
+        let ip = conn.peer_ip().map_err(Error::PeerAddr)?;
+        let config = self.inner.config.load();
+        let key = config.client_key(ip);
+        let mut shard = self.inner.shard(key);
+        let open = shard.entry(key).or_insert(0);
+        if config.is_limited() && *open >= config.max_conns_per_client_ip && !config.is_exempt(ip) {
+            if !config.dry_run {
+                drop(shard);
+                self.inner.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %key, "connection refused: client at its limit");
+                return Err(Error::LimitReached);
+            }
+            self.inner.dry_run_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %key, "dry run: connection over the limit admitted");
+        }
+        *open += 1;
+        drop(shard);
+        self.inner.accepted.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot { held: Some((self.inner.clone(), key)) })
+    }
+
+    /// Replaces the configuration atomically; readers never block. Lowering
+    /// the limit closes nothing: it only refuses new connections until
+    /// clients are back under it. Slots keep the key they were counted
+    /// under, so changing prefix lengths never unbalances counts.
+    pub fn set_config(&self, config: Config) -> Result<(), ConfigError> {
+        config.validate()?;
+        self.inner.config.store(Arc::new(config));
+        Ok(())
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config.load_full()
+    }
+
+    /// Connections currently counted under the client key of `peer`
+    /// (0 if its address cannot be read).
+    pub fn num_open(&self, peer: &impl PeerAddr) -> u32 {
+        let Ok(ip) = peer.peer_ip() else { return 0 };
+        let key = self.inner.config.load().client_key(ip);
+        self.inner.shard(key).get(&key).copied().unwrap_or(0)
+    }
+
+    /// Every client key holding connections now, with its count, most first.
+    pub fn clients(&self) -> Vec<(IpAddr, u32)> {
+        let mut all: Vec<_> = self
+            .inner
+            .shards
+            .iter()
+            .flat_map(|s| lock(s).iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>())
+            .collect();
+        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all
+    }
+
+    /// Totals since this limiter was made.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            accepted: self.inner.accepted.load(Ordering::Relaxed),
+            refused: self.inner.refused.load(Ordering::Relaxed),
+            dry_run_refused: self.inner.dry_run_refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter").field("config", &self.config()).field("stats", &self.stats()).finish()
+    }
+}
+
+impl Inner {
+    fn shard(&self, key: IpAddr) -> MutexGuard<'_, HashMap<IpAddr, u32>> {
+        let index = self.shard_hasher.hash_one(key) as usize % SHARDS;
+        lock(&self.shards[index])
+    }
+
+    fn release(&self, key: IpAddr) {
+        let mut shard = self.shard(key);
+        if let Some(open) = shard.get_mut(&key) {
+            *open -= 1;
+            if *open == 0 {
+                // Clients with nothing open take no memory.
+                shard.remove(&key);
+            }
+        }
+    }
+}
+
+/// The critical sections cannot panic, so a poisoned lock still holds
+/// consistent counts.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One connection's place in its client's count; dropping it frees the place.
+///
+/// The Rust form of go-connlimit's `free` function: [`free`](Slot::free) may
+/// be called any number of times, and a slot that was never counted
+/// ([`Slot::empty`]) frees nothing.
+#[must_use = "dropping a Slot frees it at once"]
+pub struct Slot {
+    held: Option<(Arc<Inner>, IpAddr)>,
+}
+
+impl Slot {
+    /// A slot that holds nothing, for connections that were never counted.
+    pub fn empty() -> Self {
+        Self { held: None }
+    }
+
+    /// Gives the place back now. Later calls, and the drop, do nothing.
+    pub fn free(&mut self) {
+        if let Some((inner, key)) = self.held.take() {
+            inner.release(key);
+        }
+    }
+
+    /// The client key this slot is counted under, while it is held.
+    pub fn client(&self) -> Option<IpAddr> {
+        self.held.as_ref().map(|(_, key)| *key)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").field("client", &self.client()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn zero_value_is_unlimited_but_counts() {
+        let limiter = Limiter::default();
+        let slots: Vec<_> = (0..1000).map(|_| limiter.accept(&ip("10.0.0.1")).unwrap()).collect();
+        assert_eq!(limiter.num_open(&ip("10.0.0.1")), 1000);
+        drop(slots);
+        assert_eq!(limiter.num_open(&ip("10.0.0.1")), 0);
+        assert!(limiter.clients().is_empty());
+    }
+
+    #[test]
+    fn free_is_idempotent_and_empty_slots_free_nothing() {
+        let limiter = Limiter::new(Config::new(2)).unwrap();
+        let _keep = limiter.accept(&ip("10.0.0.1")).unwrap();
+        let mut s = limiter.accept(&ip("10.0.0.1")).unwrap();
+        s.free();
+        s.free();
+        drop(s);
+        Slot::empty().free();
+        assert_eq!(limiter.num_open(&ip("10.0.0.1")), 1);
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_the_ipv4_client() {
+        let limiter = Limiter::new(Config::new(1)).unwrap();
+        let _a = limiter.accept(&ip("192.0.2.1")).unwrap();
+        assert!(limiter.accept(&ip("::ffff:192.0.2.1")).unwrap_err().is_limit_reached());
+        assert_eq!(limiter.num_open(&ip("::ffff:192.0.2.1")), 1);
+    }
+
+    #[test]
+    fn prefix_grouping_and_live_prefix_change_stay_balanced() {
+        let limiter = Limiter::new(Config::new(2).with_ipv6_prefix_len(64)).unwrap();
+        let a = limiter.accept(&ip("2001:db8::1")).unwrap();
+        let _b = limiter.accept(&ip("2001:db8::2")).unwrap();
+        assert!(limiter.accept(&ip("2001:db8::3")).is_err(), "same /64");
+        let _other = limiter.accept(&ip("2001:db8:0:1::1")).unwrap();
+        limiter.set_config(Config::new(2)).unwrap();
+        drop(a); // frees under the /64 key it was counted under
+        assert_eq!(limiter.clients().iter().map(|c| c.1).sum::<u32>(), 2);
+    }
+
+    #[test]
+    fn exempt_clients_are_counted_never_refused() {
+        let limiter = Limiter::new(Config::new(1).with_exempt(["10.9.0.0/16".parse().unwrap()])).unwrap();
+        let slots: Vec<_> = (0..5).map(|_| limiter.accept(&ip("10.9.1.1")).unwrap()).collect();
+        assert_eq!(limiter.num_open(&ip("10.9.1.1")), 5);
+        drop(slots);
+    }
+
+    #[test]
+    fn dry_run_admits_and_reports() {
+        let limiter = Limiter::new(Config::new(1).with_dry_run(true)).unwrap();
+        let _a = limiter.accept(&ip("10.0.0.1")).unwrap();
+        let _b = limiter.accept(&ip("10.0.0.1")).unwrap();
+        assert_eq!(limiter.stats(), Stats { accepted: 2, refused: 0, dry_run_refused: 1 });
+    }
+
+    #[test]
+    fn lowering_the_limit_closes_nothing() {
+        let limiter = Limiter::new(Config::new(3)).unwrap();
+        let held: Vec<_> = (0..3).map(|_| limiter.accept(&ip("10.0.0.1")).unwrap()).collect();
+        limiter.set_config(Config::new(1)).unwrap();
+        assert_eq!(limiter.num_open(&ip("10.0.0.1")), 3);
+        assert!(limiter.accept(&ip("10.0.0.1")).is_err());
+        drop(held);
+        assert!(limiter.accept(&ip("10.0.0.1")).is_ok());
+    }
+
+    #[test]
+    fn a_rejected_config_changes_nothing() {
+        let limiter = Limiter::new(Config::new(3)).unwrap();
+        assert!(limiter.set_config(Config::new(3).with_ipv4_prefix_len(40)).is_err());
+        assert_eq!(*limiter.config(), Config::new(3));
+    }
+
+    #[test]
+    fn concurrent_accept_and_free_return_to_zero() {
+        let limiter = Limiter::new(Config::new(4)).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let limiter = &limiter;
+                s.spawn(move || {
+                    for i in 0..5_000u32 {
+                        let client = IpAddr::from([10, 0, (t % 2) as u8, (i % 7) as u8]);
+                        if let Ok(slot) = limiter.accept(&client) {
+                            assert!(limiter.num_open(&client) <= 4);
+                            drop(slot);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(limiter.clients().is_empty(), "{:?}", limiter.clients());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Accept(u8),
+        Free(usize),
+        SetLimit(u32),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0u8..6).prop_map(Op::Accept),
+            4 => any::<usize>().prop_map(Op::Free),
+            1 => (0u32..5).prop_map(Op::SetLimit),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of accepts, frees (some repeated) and limit changes
+        /// leaves the limiter's counts equal to a plain model's.
+        #[test]
+        fn counts_match_a_model(ops in prop::collection::vec(op(), 0..200)) {
+            let limiter = Limiter::new(Config::new(2)).unwrap();
+            let mut limit = 2u32;
+            let mut slots: Vec<(u8, Slot)> = Vec::new();
+            let mut model: HashMap<u8, u32> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Accept(c) => {
+                        let open = model.get(&c).copied().unwrap_or(0);
+                        let want = limit == 0 || open < limit;
+                        match limiter.accept(&IpAddr::from([10, 0, 0, c])) {
+                            Ok(slot) => { prop_assert!(want); *model.entry(c).or_default() += 1; slots.push((c, slot)); }
+                            Err(e) => { prop_assert!(!want); prop_assert!(e.is_limit_reached()); }
+                        }
+                    }
+                    Op::Free(i) if !slots.is_empty() => {
+                        let i = i % slots.len();
+                        let c = slots[i].0;
+                        slots[i].1.free();
+                        slots[i].1.free();
+                        drop(slots.remove(i));
+                        let n = model.get_mut(&c).unwrap();
+                        *n -= 1;
+                        if *n == 0 { model.remove(&c); }
+                    }
+                    Op::Free(_) => {}
+                    Op::SetLimit(l) => { limit = l; limiter.set_config(Config::new(l)).unwrap(); }
+                }
+                let mut seen: Vec<(u8, u32)> = limiter.clients().into_iter().map(|(ip, n)| match ip {
+                    IpAddr::V4(v4) => (v4.octets()[3], n),
+                    IpAddr::V6(_) => unreachable!(),
+                }).collect();
+                seen.sort();
+                let mut want: Vec<(u8, u32)> = model.iter().map(|(k, v)| (*k, *v)).collect();
+                want.sort();
+                prop_assert_eq!(seen, want);
+            }
+        }
+    }
+}
