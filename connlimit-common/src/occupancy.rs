@@ -55,12 +55,7 @@ pub const fn is_live(tag: u16, now: u16) -> bool {
 impl Occupancy {
     #[inline(always)]
     const fn pack(tag: u16, cur: u32, prev: u32, established: u32) -> Self {
-        Self(
-            tag as u64
-                | (cur as u64) << CUR_SHIFT
-                | (prev as u64) << PREV_SHIFT
-                | (established as u64) << EST_SHIFT,
-        )
+        Self(tag as u64 | (cur as u64) << CUR_SHIFT | (prev as u64) << PREV_SHIFT | (established as u64) << EST_SHIFT)
     }
 
     #[inline(always)]

@@ -10,14 +10,14 @@
 //!
 //! All arithmetic on a client's slots lives in `connlimit_common::occupancy`;
 //! this file only wires kernel events to it.
-#![no_std]
-#![no_main]
-// The BPF target leaves out `AtomicU64`'s read-modify-write methods; the
-// intrinsics lower to the BPF atomic instructions (ISA v3) all the same.
-#![feature(core_intrinsics)]
-#![allow(internal_features)]
+// Built for the BPF target by connlimit-user's build script. On the host it
+// builds as an empty program, so `cargo clippy --workspace` checks it too.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+mod atomic;
 
 use aya_ebpf::{
     bindings::{
@@ -33,8 +33,8 @@ use aya_log_ebpf::warn;
 use connlimit_common::{
     addr::{AddrWords, client_key, v4_mapped},
     maps::{
-        ClientKey, ClientState, FLAG_DRY_RUN, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT,
-        Reservation, Stat, capacity,
+        ClientKey, ClientState, FLAG_DRY_RUN, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT, Reservation, Stat,
+        capacity,
     },
     occupancy::{Occupancy, epoch_tag, is_live},
 };
@@ -52,21 +52,17 @@ static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
 #[map]
-static EXEMPT: LpmTrie<AddrWords, u8> =
-    LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
+static EXEMPT: LpmTrie<AddrWords, u8> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
 // LRU: an evicted client is an idle one; its entry is remade on its next SYN.
 #[map]
-static CLIENTS: LruHashMap<ClientKey, ClientState> =
-    LruHashMap::with_max_entries(capacity::CLIENTS, 0);
+static CLIENTS: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(capacity::CLIENTS, 0);
 // LRU: only abandoned handshakes grow old here; the slot they took is freed
 // by the epoch arithmetic, so evicting the entry loses nothing.
 #[map]
-static RESERVATIONS: LruHashMap<FlowKey, Reservation> =
-    LruHashMap::with_max_entries(capacity::RESERVATIONS, 0);
+static RESERVATIONS: LruHashMap<FlowKey, Reservation> = LruHashMap::with_max_entries(capacity::RESERVATIONS, 0);
 // Not LRU: an entry here is the promise that the close will be counted.
 #[map]
-static CONNS: HashMap<FlowKey, ClientKey> =
-    HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
+static CONNS: HashMap<FlowKey, ClientKey> = HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 #[map]
@@ -105,18 +101,16 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     // The context carries no TCP flags. A handshake admitted at its SYN comes
     // back here for its SYN-cookie ACK or a retransmitted SYN: let it through.
     // SAFETY: entries are plain data; a concurrent update can only tear the tag.
-    if let Some(reservation) = unsafe { RESERVATIONS.get(&flow) } {
-        if is_live(reservation.tag, now) {
-            return sk_action::SK_PASS;
-        }
+    if let Some(reservation) = unsafe { RESERVATIONS.get(flow) }
+        && is_live(reservation.tag, now)
+    {
+        return sk_action::SK_PASS;
     }
     if EXEMPT.get(Key::new(128, flow.client)).is_some() {
         return sk_action::SK_PASS;
     }
 
-    let client = ClientKey {
-        addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len),
-    };
+    let client = ClientKey { addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len) };
     let Some(state) = client_state(&client) else {
         count(Stat::Untracked);
         return sk_action::SK_PASS;
@@ -126,7 +120,7 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
         let reservation = Reservation { client, tag, _pad: 0 };
         // An LRU insert makes room by itself; should it still fail, the slot
         // is freed by its epoch and the handshake is counted unreserved.
-        let _ = RESERVATIONS.insert(&flow, &reservation, 0);
+        let _ = RESERVATIONS.insert(flow, reservation, 0);
         return sk_action::SK_PASS;
     }
 
@@ -166,27 +160,25 @@ fn on_established(ctx: &SockOpsContext) {
     let flow = socket_flow(ctx);
     // Taking the reservation out of the map makes it ours alone.
     // SAFETY: entries are plain data, copied out before the removal.
-    let reservation = unsafe { RESERVATIONS.get(&flow) }.copied();
-    let reservation = reservation.filter(|_| RESERVATIONS.remove(&flow).is_ok());
+    let reservation = unsafe { RESERVATIONS.get(flow) }.copied();
+    let reservation = reservation.filter(|_| RESERVATIONS.remove(flow).is_ok());
     let client = match reservation {
         Some(r) => r.client,
-        None => ClientKey {
-            addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len),
-        },
+        None => ClientKey { addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len) },
     };
     let Some(state) = client_state(&client) else {
         return untracked(ctx);
     };
     // Ask to hear of this socket's state changes, to see it close.
     if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_err()
-        || CONNS.insert(&flow, &client, BPF_NOEXIST as u64).is_err()
+        || CONNS.insert(flow, client, BPF_NOEXIST as u64).is_err()
     {
         return untracked(ctx);
     }
     let now = epoch_tag(now_ns(), config.epoch_ns);
     let tag = reservation.map(|r| r.tag);
     if update(state, |o| Some((o.establish(now, tag), ()))).is_none() {
-        let _ = CONNS.remove(&flow);
+        let _ = CONNS.remove(flow);
         return untracked(ctx);
     }
     // SAFETY: `state` points into a live map entry.
@@ -199,14 +191,14 @@ fn on_established(ctx: &SockOpsContext) {
 fn on_close(ctx: &SockOpsContext) {
     let flow = socket_flow(ctx);
     // SAFETY: entries are plain data, copied out before the removal.
-    let Some(client) = (unsafe { CONNS.get(&flow) }).copied() else {
+    let Some(client) = (unsafe { CONNS.get(flow) }).copied() else {
         return;
     };
     // Whoever removes the entry gives the slot back: exactly once.
-    if CONNS.remove(&flow).is_err() {
+    if CONNS.remove(flow).is_err() {
         return;
     }
-    if let Some(state) = CLIENTS.get_ptr_mut(&client) {
+    if let Some(state) = CLIENTS.get_ptr_mut(client) {
         update(state, |o| Some((o.close(), ())));
     }
 }
@@ -245,36 +237,32 @@ fn client_state(client: &ClientKey) -> Option<*mut ClientState> {
         return Some(state);
     }
     // Losing a race to create it is fine: the winner's entry is used.
-    let _ = CLIENTS.insert(client, &ClientState::default(), BPF_NOEXIST as u64);
+    let _ = CLIENTS.insert(client, ClientState::default(), BPF_NOEXIST as u64);
     CLIENTS.get_ptr_mut(client)
 }
 
 /// Applies `f` to the client's occupancy word atomically; `None` if `f`
 /// refuses or the word kept changing under us.
-fn update<T>(
-    state: *mut ClientState,
-    f: impl Fn(Occupancy) -> Option<(Occupancy, T)>,
-) -> Option<T> {
-    use AtomicOrdering::{Relaxed, SeqCst};
+fn update<T>(state: *mut ClientState, f: impl Fn(Occupancy) -> Option<(Occupancy, T)>) -> Option<T> {
     // SAFETY: `state` points into a live map entry, 8-byte aligned; every
     // writer of this field goes through atomics.
     let word = unsafe { &raw mut (*state).occupancy };
-    // An aligned 64-bit load is atomic on BPF; a stale value only costs a retry.
+    // An aligned 64-bit load is atomic on BPF; a stale value costs a retry.
     let mut seen = unsafe { word.read_volatile() };
     for _ in 0..CAS_ATTEMPTS {
         let (next, out) = f(Occupancy(seen))?;
         // SAFETY: as above.
-        match unsafe { atomic_cxchg::<u64, { SeqCst }, { Relaxed }>(word, seen, next.0) } {
-            (_, true) => return Some(out),
-            (actual, false) => seen = actual,
+        match unsafe { atomic::compare_exchange(word, seen, next.0) } {
+            Ok(()) => return Some(out),
+            Err(actual) => seen = actual,
         }
     }
     None
 }
 
 fn add(counter: *mut u64, n: u64) {
-    // SAFETY: `counter` points into a live map entry, 8-byte aligned.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+    // SAFETY: callers pass pointers into live map entries, 8-byte aligned.
+    unsafe { atomic::add(counter, n) }
 }
 
 fn count(stat: Stat) {
@@ -288,7 +276,10 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -133,7 +133,10 @@ mod tests {
     #[test]
     fn rejects_bad_input_with_the_fix() {
         let e = "10.0.0.0/33".parse::<Cidr>().unwrap_err();
-        assert_eq!(e.to_string(), "\"10.0.0.0/33\" has an invalid prefix length; use /0 to /32 for this address family");
+        assert_eq!(
+            e.to_string(),
+            "\"10.0.0.0/33\" has an invalid prefix length; use /0 to /32 for this address family"
+        );
         let e = "10.0.0/8".parse::<Cidr>().unwrap_err();
         assert!(e.to_string().contains("is not an IP address"), "{e}");
         assert!("::/x".parse::<Cidr>().is_err());

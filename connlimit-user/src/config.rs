@@ -38,7 +38,13 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { max_conns_per_client_ip: 0, ipv4_prefix_len: 32, ipv6_prefix_len: 128, exempt: Vec::new(), dry_run: false }
+        Self {
+            max_conns_per_client_ip: 0,
+            ipv4_prefix_len: 32,
+            ipv6_prefix_len: 128,
+            exempt: Vec::new(),
+            dry_run: false,
+        }
     }
 }
 

@@ -138,12 +138,8 @@ impl Limiter {
 
     /// Every client key holding connections now, with its count, most first.
     pub fn clients(&self) -> Vec<(IpAddr, u32)> {
-        let mut all: Vec<_> = self
-            .inner
-            .shards
-            .iter()
-            .flat_map(|s| lock(s).iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>())
-            .collect();
+        let mut all: Vec<_> =
+            self.inner.shards.iter().flat_map(|s| lock(s).iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>()).collect();
         all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         all
     }

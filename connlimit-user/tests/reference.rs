@@ -142,7 +142,9 @@ async fn test_limiter_concurrency_fuzz() {
                 let mut conn = socket.connect(addr).await.unwrap();
                 // Hold the connection until the server is done with it.
                 let mut buf = [0u8; 1];
-                let _ = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut conn, &mut buf)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut conn, &mut buf))
+                        .await;
             })
         })
         .collect();

@@ -1,1 +1,69 @@
-fn main(){}
+//! `cargo xtask <task>`: the project's set-up, test and demo commands.
+//!
+//! Every task starts with [`bootstrap`], which installs what a fresh machine
+//! lacks (idempotently, and at no cost once done).
+
+mod bootstrap;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "connlimit's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: nightly rust-src, a bpf-linker
+    /// matching the nightly's LLVM, and a bpffs mounted at /sys/fs/bpf.
+    Bootstrap,
+    /// Bootstrap, then run clippy and the whole test suite (the eBPF
+    /// integration tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    bootstrap::run()?;
+    match task {
+        Task::Bootstrap => Ok(()),
+        Task::Test { args } => {
+            cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            let mut test = vec!["test", "--workspace"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+    }
+}
+
+/// Runs the same cargo that runs us, with bpf-linker reachable.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .env("PATH", bootstrap::path_with_cargo_bin()?)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
