@@ -81,21 +81,15 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     if config.max_conns_per_client == 0 {
         return sk_action::SK_PASS;
     }
-    let flow = if lookup.family == AF_INET {
-        FlowKey {
-            client: v4_mapped(lookup.remote_ip4),
-            local: v4_mapped(lookup.local_ip4),
-            client_port: u16::from_be(lookup.remote_port),
-            local_port: lookup.local_port as u16,
-        }
-    } else {
-        FlowKey {
-            client: lookup.remote_ip6,
-            local: lookup.local_ip6,
-            client_port: u16::from_be(lookup.remote_port),
-            local_port: lookup.local_port as u16,
-        }
-    };
+    // Every context field is read once, unconditionally: were the compiler
+    // to pick the field by family, it would compute a context offset at run
+    // time, which the verifier rejects.
+    let (family, remote_port) = (read(&lookup.family), read(&lookup.remote_port));
+    let (remote4, local4) = (read(&lookup.remote_ip4), read(&lookup.local_ip4));
+    let (remote6, local6) = (read(&lookup.remote_ip6), read(&lookup.local_ip6));
+    let (client, local) =
+        if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
+    let flow = FlowKey { client, local, client_port: u16::from_be(remote_port), local_port: lookup.local_port as u16 };
     let now = epoch_tag(now_ns(), config.epoch_ns);
 
     // The context carries no TCP flags. A handshake admitted at its SYN comes
@@ -209,22 +203,31 @@ fn untracked(ctx: &SockOpsContext) {
 }
 
 fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
-    let (client, local) = if ctx.family() == AF_INET {
-        (v4_mapped(ctx.remote_ip4()), v4_mapped(ctx.local_ip4()))
-    } else {
-        // A dual-stack socket of an IPv4 client holds the mapped form already.
-        (ctx.remote_ip6(), ctx.local_ip6())
-    };
+    // SAFETY: the kernel hands the program a valid context.
+    let ops = unsafe { &*ctx.ops };
+    // Read every field unconditionally (see `connlimit_lookup`).
+    let (family, remote_port, local_port) = (read(&ops.family), read(&ops.remote_port), read(&ops.local_port));
+    let (remote4, local4) = (read(&ops.remote_ip4), read(&ops.local_ip4));
+    let (remote6, local6) = (read(&ops.remote_ip6), read(&ops.local_ip6));
+    // A dual-stack socket of an IPv4 client holds the mapped form already.
+    let (client, local) =
+        if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
     // `remote_port` is big-endian in the low 16 bits of the word on some
     // kernels and shifted into the high 16 bits on others; the other half is
     // zero either way.
-    let remote = ctx.remote_port();
     FlowKey {
         client,
         local,
-        client_port: u16::from_be(((remote >> 16) | (remote & 0xffff)) as u16),
-        local_port: ctx.local_port() as u16,
+        client_port: u16::from_be(((remote_port >> 16) | (remote_port & 0xffff)) as u16),
+        local_port: local_port as u16,
     }
+}
+
+/// A context field, read exactly where it is written in the source.
+#[inline(always)]
+fn read<T: Copy>(field: &T) -> T {
+    // SAFETY: a reference is valid to read.
+    unsafe { core::ptr::read_volatile(field) }
 }
 
 fn is_guarded(local_port: u32) -> bool {

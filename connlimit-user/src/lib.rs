@@ -44,6 +44,8 @@
 
 pub mod addr;
 mod cidr;
+#[cfg(target_os = "linux")]
+pub mod ebpf;
 mod config;
 mod error;
 pub mod http;
@@ -53,6 +55,8 @@ mod listener;
 mod peer;
 
 pub use cidr::{Cidr, CidrError};
+#[cfg(target_os = "linux")]
+pub use ebpf::EbpfLimiter;
 pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_EXEMPT};
 pub use error::Error;
 pub use limited::Limited;

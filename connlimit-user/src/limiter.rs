@@ -75,6 +75,12 @@ pub struct Stats {
     pub refused: u64,
     /// Connections over the limit that dry-run mode admitted.
     pub dry_run_refused: u64,
+    /// Kernel limiter only: connections left uncounted because a map was
+    /// full (they were admitted).
+    pub untracked: u64,
+    /// Kernel limiter only: refusals another sk_lookup program overrode by
+    /// steering the connection to a socket.
+    pub steered: u64,
 }
 
 impl Limiter {
@@ -150,6 +156,7 @@ impl Limiter {
             accepted: self.inner.accepted.load(Ordering::Relaxed),
             refused: self.inner.refused.load(Ordering::Relaxed),
             dry_run_refused: self.inner.dry_run_refused.load(Ordering::Relaxed),
+            ..Stats::default()
         }
     }
 }
@@ -289,7 +296,7 @@ mod tests {
         let limiter = Limiter::new(Config::new(1).with_dry_run(true)).unwrap();
         let _a = limiter.accept(&ip("10.0.0.1")).unwrap();
         let _b = limiter.accept(&ip("10.0.0.1")).unwrap();
-        assert_eq!(limiter.stats(), Stats { accepted: 2, refused: 0, dry_run_refused: 1 });
+        assert_eq!(limiter.stats(), Stats { accepted: 2, dry_run_refused: 1, ..Stats::default() });
     }
 
     #[test]

@@ -1,1 +1,323 @@
+//! Scaffolding for connlimit's kernel tests.
+//!
+//! Every test gets its own network namespace ([`Netns`], so its sk_lookup
+//! program sees only its own traffic) and its own cgroup ([`TestCgroup`], so
+//! its sock_ops program sees only its own server). Servers are unmodified
+//! processes ([`Server`]) started inside both. Traffic stays inside the
+//! test's namespace, on its loopback.
 
+use std::{
+    fs::{self, File},
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Fails the test unless it can load eBPF programs (root); with
+/// `CONNLIMIT_SKIP_KERNEL_TESTS=1` returns `false` so the test can return early.
+pub fn require_root() -> bool {
+    if std::env::var("CONNLIMIT_SKIP_KERNEL_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: CONNLIMIT_SKIP_KERNEL_TESTS=1");
+        return false;
+    }
+    // SAFETY: no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the kernel tests load eBPF programs and need root; run them as root, \
+         or set CONNLIMIT_SKIP_KERNEL_TESTS=1 to skip them explicitly"
+    );
+    true
+}
+
+/// A unique name for this test's instance, namespace and cgroup.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A fresh network namespace with its loopback up, alive while this is.
+pub struct Netns {
+    fd: OwnedFd,
+}
+
+impl Netns {
+    pub fn new() -> Result<Self> {
+        // unshare() moves only the calling thread, so do it on a thread of
+        // our own and keep a handle on the namespace it made.
+        thread::spawn(|| -> Result<Self> {
+            // SAFETY: plain syscall.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                bail!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from(File::open("/proc/thread-self/ns/net")?);
+            set_loopback_up()?;
+            Ok(Self { fd })
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// A path naming this namespace, for `AttachOptions::netns`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd()))
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it creates live there).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let fd = self.fd.as_raw_fd();
+        thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: `fd` is a namespace fd that outlives this scope.
+                assert_eq!(unsafe { libc::setns(fd, libc::CLONE_NEWNET) }, 0, "setns: {}", io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("thread in netns")
+        })
+    }
+
+    /// A TCP socket created inside the namespace.
+    pub fn socket(&self, v6: bool) -> Socket {
+        self.run(move || {
+            let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+            Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).expect("socket")
+        })
+    }
+
+    /// Connects from `source` (port chosen by the kernel) to `server`.
+    pub fn connect_from(&self, source: IpAddr, server: SocketAddr) -> io::Result<TcpStream> {
+        let socket = self.socket(server.is_ipv6());
+        socket.bind(&SockAddr::from(SocketAddr::new(source, 0)))?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        socket.connect_timeout(&SockAddr::from(server), Duration::from_secs(5))?;
+        Ok(socket.into())
+    }
+
+    /// Connects and reads the server's greeting.
+    pub fn hello_from(&self, source: IpAddr, server: SocketAddr) -> io::Result<TcpStream> {
+        let mut conn = self.connect_from(source, server)?;
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"Hello");
+        Ok(conn)
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn set_loopback_up() -> Result<()> {
+    // SAFETY: plain syscalls on a socket we own; ifreq is plain data.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            bail!("socket: {}", io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        if libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+            bail!("SIOCGIFFLAGS lo: {}", io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
+            bail!("SIOCSIFFLAGS lo: {}", io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A cgroup v2 directory of the test's own; killed and removed on drop.
+pub struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Result<Self> {
+        let path = connlimit::ebpf::host::cgroup2_mount()?.join(name);
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn procs(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            let procs = self.procs();
+            if procs.is_empty() && fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            for pid in procs {
+                // SAFETY: signalling a process of our own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove {}", self.path.display());
+    }
+}
+
+/// An unmodified server process, started inside a namespace and a cgroup.
+pub struct Server {
+    child: Child,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Starts the `hold-server` binary (`bin`, i.e. the test's
+    /// `env!("CARGO_BIN_EXE_hold-server")`) listening on each of `addrs`.
+    pub fn hold(bin: &str, netns: &Netns, cgroup: &TestCgroup, addrs: &[SocketAddr]) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.args(addrs.iter().map(|a| a.to_string()));
+        Self::start(cmd, netns, cgroup, "listening")
+    }
+
+    /// Starts any command in the namespace and cgroup and waits until a line
+    /// of its output contains `ready`.
+    pub fn start(mut cmd: Command, netns: &Netns, cgroup: &TestCgroup, ready: &str) -> Result<Self> {
+        let netns_fd = netns.raw_fd();
+        let procs = std::ffi::CString::new(cgroup.path().join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Into the cgroup before the listener exists: accepted
+                // sockets inherit the listener's cgroup.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(fd);
+                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting the server")?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let counter = accepted.clone();
+        let ready = ready.to_owned();
+        // Python's http.server logs to stderr; ours to stdout. Watch both.
+        for stream in [Box::new(out) as Box<dyn Read + Send>, Box::new(err)] {
+            let (ready_tx, counter, ready) = (ready_tx.clone(), counter.clone(), ready.clone());
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if line.contains(&ready) {
+                        let _ = ready_tx.send(());
+                    }
+                    if line.starts_with("accepted ") {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        ready_rx.recv_timeout(Duration::from_secs(10)).context("the server did not become ready")?;
+        Ok(Self { child, accepted })
+    }
+
+    /// Connections the server process has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `cond` holds, for up to `timeout`.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `127.1.x.y`: the `i`-th of many client addresses on loopback.
+pub fn client_v4(i: u32) -> IpAddr {
+    IpAddr::from([127, 1, (i >> 8) as u8, (i & 0xff) as u8])
+}
+
+/// Asks a hold-server connection to end a certain way: `b'c'` server FIN,
+/// `b'r'` server RST, `b'h'` hold until we close.
+pub fn command(conn: &mut TcpStream, what: u8) {
+    conn.write_all(&[what]).expect("command");
+}
+
+/// Sends one TCP SYN from a spoofed `source` to `server` (IPv4) through a raw
+/// socket in the namespace, as an attacker or a lost client would: the
+/// handshake can never complete.
+pub fn spoofed_syn(netns: &Netns, source: std::net::Ipv4Addr, source_port: u16, server: std::net::SocketAddrV4) {
+    netns.run(move || {
+        let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).expect("raw socket");
+        let mut tcp = [0u8; 20];
+        tcp[0..2].copy_from_slice(&source_port.to_be_bytes());
+        tcp[2..4].copy_from_slice(&server.port().to_be_bytes());
+        tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // sequence
+        tcp[12] = 5 << 4; // header length: 5 words
+        tcp[13] = 0x02; // SYN
+        tcp[14..16].copy_from_slice(&65535u16.to_be_bytes()); // window
+        let mut pseudo = Vec::with_capacity(32);
+        pseudo.extend_from_slice(&source.octets());
+        pseudo.extend_from_slice(&server.ip().octets());
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&tcp);
+        let checksum = internet_checksum(&pseudo);
+        tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+        // With IPPROTO_TCP raw sockets the kernel writes the IP header, using
+        // the bound address as the source.
+        raw.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(source), 0))).expect("bind raw");
+        raw.send_to(&tcp, &SockAddr::from(SocketAddr::V4(server))).expect("send SYN");
+    });
+}
+
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

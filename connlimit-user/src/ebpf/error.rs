@@ -1,0 +1,79 @@
+//! What can go wrong attaching or driving the kernel limiter, and how to fix it.
+
+use std::{io, path::PathBuf};
+
+use crate::ConfigError;
+
+/// An error from the eBPF limiter. Each message says what is wrong and what
+/// to do about it; when one is returned, nothing was left attached or pinned.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// Loading eBPF programs needs root.
+    #[error("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN); run connlimit as root, e.g. with sudo")]
+    NotRoot,
+    /// bpffs is not mounted where pins go.
+    #[error("no BPF filesystem is mounted at {0}; mount it with `mount -t bpf bpf {0}`")]
+    BpffsMissing(PathBuf),
+    /// No cgroup v2 hierarchy is mounted.
+    #[error(
+        "no cgroup v2 hierarchy is mounted; mount one, e.g. `mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
+    NoCgroup2,
+    /// The given directory is not a cgroup v2 directory.
+    #[error("{0} is not a cgroup v2 directory; give a directory under the cgroup2 mount ({1})")]
+    NotCgroup2(PathBuf, PathBuf),
+    /// The given network namespace cannot be opened.
+    #[error("cannot open the network namespace {0}: {1}")]
+    Netns(PathBuf, #[source] io::Error),
+    /// The kernel cannot run sk_lookup programs.
+    #[error("this kernel cannot attach sk_lookup programs (Linux 5.9 or later is needed): {0}")]
+    NoSkLookup(#[source] io::Error),
+    /// Another instance already guards one of the ports in this namespace.
+    #[error(
+        "port {port} is already guarded by connlimit instance {instance:?} in this network namespace; detach it (`connlimit detach {instance}`) or guard another port"
+    )]
+    PortTaken {
+        /// The contested port.
+        port: u16,
+        /// The instance guarding it.
+        instance: String,
+    },
+    /// An instance of this name exists already.
+    #[error(
+        "a connlimit instance named {0:?} already exists; pick another --name, or detach it first (`connlimit detach {0}`)"
+    )]
+    InstanceExists(String),
+    /// No instance of this name exists.
+    #[error("no connlimit instance named {0:?}; `connlimit status` lists the running ones")]
+    NoSuchInstance(String),
+    /// The instance name cannot be a directory name.
+    #[error(
+        "{0:?} is not a valid instance name; use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+    )]
+    BadName(String),
+    /// No port to guard.
+    #[error("no port to guard; give at least one port (--port)")]
+    NoPorts,
+    /// Port 0 cannot be guarded.
+    #[error("port 0 cannot be guarded; give the port the server listens on")]
+    PortZero,
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A kernel or file-system operation failed.
+    #[error("{what}: {source}")]
+    System {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: anyhow::Error,
+    },
+}
+
+impl EbpfError {
+    /// Wraps a lower-level failure with what was being done.
+    pub(crate) fn system(what: impl Into<String>, source: impl Into<anyhow::Error>) -> Self {
+        Self::System { what: what.into(), source: source.into() }
+    }
+}

@@ -1,0 +1,66 @@
+//! Noticing other sk_lookup programs in the namespace.
+//!
+//! When several sk_lookup programs are attached, the kernel runs them all
+//! and a refusal (`SK_DROP`) holds only if no program selected a socket. A
+//! socket-steering program (Cloudflare's tubular, for one) therefore
+//! overrides connlimit for the connections it steers. We cannot prevent
+//! that, so we say so at attach time; the lookup program also counts the
+//! refusals it sees overridden (`Stats::steered`).
+
+use std::{fs::File, io, os::fd::AsRawFd};
+
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_SK_LOOKUP: u32 = 36;
+
+/// The query part of `union bpf_attr`, zero-padded to the size the kernel
+/// knows (it rejects non-zero bytes past what it understands).
+#[repr(C)]
+#[derive(Default)]
+struct ProgQuery {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: [u32; 17],
+}
+
+/// IDs of the sk_lookup programs attached to the network namespace `netns`.
+fn lookup_programs(netns: &File) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = ProgQuery {
+        target_fd: netns.as_raw_fd() as u32,
+        attach_type: BPF_SK_LOOKUP,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..ProgQuery::default()
+    };
+    // SAFETY: `attr` is a valid, fully initialised query; `ids` outlives the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut attr as *mut ProgQuery, size_of::<ProgQuery>() as u32)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(attr.prog_cnt.min(64) as usize);
+    Ok(ids)
+}
+
+/// Logs a warning if sk_lookup programs other than ours are attached.
+pub(crate) fn warn_about_others(netns: &File, ours: Option<u32>) {
+    match lookup_programs(netns) {
+        Ok(ids) => {
+            let others: Vec<u32> = ids.into_iter().filter(|id| Some(*id) != ours).collect();
+            if !others.is_empty() {
+                tracing::warn!(
+                    program_ids = ?others,
+                    "other sk_lookup programs are attached in this network namespace; if one steers connections \
+                     to sockets (as tubular does), connlimit cannot refuse those connections. `connlimit status` \
+                     counts such overridden refusals as 'steered'"
+                );
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "could not list the namespace's sk_lookup programs"),
+    }
+}
