@@ -93,3 +93,380 @@ fn limiter_denies_against_an_unmodified_server() {
     let stats = s.limiter.stats().unwrap();
     assert_eq!((stats.accepted, stats.refused), (4, 2));
 }
+
+/// The limiter's programs attached to the setup's namespace and cgroup.
+fn attached(netns: &Netns, cgroup: &std::path::Path) -> (usize, usize) {
+    use connlimit::ebpf::attachments::{AttachPoint, attached_programs};
+    (
+        attached_programs(&netns.path(), AttachPoint::SkLookup).unwrap().len(),
+        attached_programs(cgroup, AttachPoint::CgroupSockOps).unwrap().len(),
+    )
+}
+
+#[test]
+fn counts_fall_exactly_once_on_every_close_path() {
+    if !require_root() {
+        return;
+    }
+    // 10,000 connections from 250 addresses, ended five ways: client FIN,
+    // server FIN (the server side goes through TIME_WAIT), client RST,
+    // server RST, and a client that closes before reading anything.
+    const CONNS: u32 = 10_000;
+    const THREADS: u32 = 8;
+    let s = Setup::new(Config::new(1_000));
+    let server = SocketAddr::from(([127, 0, 0, 1], PORT));
+    let errors: u32 = {
+        let netns = &s.netns;
+        thread::scope(|scope| {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    scope.spawn(move || {
+                        let mut errors = 0;
+                        for i in (t..CONNS).step_by(THREADS as usize) {
+                            let source = client_v4(1 + i % 250);
+                            let Ok(mut conn) = netns.connect_from(source, server) else {
+                                errors += 1;
+                                continue;
+                            };
+                            let mut hello = [0u8; 5];
+                            match i % 5 {
+                                0 => {
+                                    conn.read_exact(&mut hello).unwrap();
+                                    command(&mut conn, b'h');
+                                }
+                                1 => {
+                                    conn.read_exact(&mut hello).unwrap();
+                                    command(&mut conn, b'c');
+                                    let _ = conn.read(&mut hello);
+                                }
+                                2 => {
+                                    conn.read_exact(&mut hello).unwrap();
+                                    socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
+                                }
+                                3 => {
+                                    conn.read_exact(&mut hello).unwrap();
+                                    command(&mut conn, b'r');
+                                    let _ = conn.read(&mut hello);
+                                }
+                                _ => {}
+                            }
+                        }
+                        errors
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        })
+    };
+    assert_eq!(errors, 0, "no connection may be refused under a limit of 1000");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            s.limiter.tracked_connections().unwrap() == 0
+                && s.limiter.clients().unwrap().iter().all(|c| c.open == 0 && c.reserved == 0)
+        }),
+        "counts left over: {:?}",
+        s.limiter.clients().unwrap().iter().filter(|c| c.open > 0 || c.reserved > 0).collect::<Vec<_>>()
+    );
+    assert_eq!(s.limiter.stats().unwrap().accepted, u64::from(CONNS));
+    assert!(eventually(WAIT, || s.server.accepted() == CONNS as usize));
+}
+
+#[test]
+fn burst_of_200_parallel_connects_gets_exactly_the_limit() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(10));
+    let me = client_v4(7);
+    let server = SocketAddr::from(([127, 0, 0, 1], PORT));
+    for run in 0..5 {
+        // All 200 sockets exist and are bound before any connects.
+        let sockets: Vec<socket2::Socket> = (0..200)
+            .map(|_| {
+                let socket = s.netns.socket(false);
+                socket.bind(&SocketAddr::new(me, 0).into()).unwrap();
+                socket
+            })
+            .collect();
+        let barrier = std::sync::Barrier::new(sockets.len());
+        let results: Vec<std::io::Result<socket2::Socket>> = thread::scope(|scope| {
+            let handles: Vec<_> = sockets
+                .into_iter()
+                .map(|socket| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        socket.connect_timeout(&server.into(), Duration::from_secs(5)).map(|()| socket)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let established = results.iter().filter(|r| r.is_ok()).count();
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused))
+            .count();
+        assert_eq!((established, refused), (10, 190), "run {run}");
+        s.wait_open(me, 10);
+        drop(results);
+        s.wait_open(me, 0);
+    }
+    assert!(eventually(WAIT, || s.server.accepted() == 50), "the server saw only admitted connections");
+}
+
+#[test]
+fn spoofed_syns_hold_a_slot_for_at_most_two_epochs() {
+    if !require_root() {
+        return;
+    }
+    let epoch = Duration::from_millis(300);
+    let s = Setup::with(
+        |o| o.config(Config::new(2)).reservation_epoch(epoch),
+        &[SocketAddr::from(([0, 0, 0, 0], PORT))],
+    );
+    let victim = Ipv4Addr::new(127, 1, 0, 9);
+    let server = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
+    // Two handshakes that can never complete take both of the victim's slots.
+    spoofed_syn(&s.netns, victim, 40_001, server);
+    spoofed_syn(&s.netns, victim, 40_002, server);
+    let sent = Instant::now();
+    assert_refused(s.hello(IpAddr::V4(victim)));
+    // ... but only until their reservations expire: between one and two epochs.
+    let mut admitted = None;
+    while sent.elapsed() < 3 * epoch {
+        if let Ok(conn) = s.hello(IpAddr::V4(victim)) {
+            admitted = Some((conn, sent.elapsed()));
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (_conn, after) = admitted.expect("the victim was locked out for more than two epochs");
+    assert!(after <= 2 * epoch + Duration::from_millis(100), "locked out for {after:?}");
+    assert_eq!(s.server.accepted(), 1);
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_clients() {
+    if !require_root() {
+        return;
+    }
+    // A dual-stack listener: IPv4 clients arrive on it as ::ffff:a.b.c.d.
+    let s = Setup::with(|o| o.config(Config::new(1)), &[SocketAddr::from(([0u16; 8], PORT))]);
+    let v6: IpAddr = "::1".parse().unwrap();
+    let _a = s.hello(v6).unwrap();
+    assert_refused(s.hello(v6));
+    assert_eq!(s.open(v6), 1);
+
+    let v4 = IpAddr::from([127, 0, 0, 1]);
+    let _b = s.hello(v4).unwrap();
+    assert_eq!(s.open(v4), 1);
+    let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+    assert_eq!(s.open(mapped), 1, "the mapped form is the same client");
+    // An IPv6 socket speaking to an IPv4-mapped address is the IPv4 client too.
+    assert_refused(s.netns.hello_from(mapped, SocketAddr::new(mapped, PORT)));
+    assert_eq!(s.server.accepted(), 2);
+}
+
+#[test]
+fn prefix_grouping_counts_a_network_as_one_client() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(2).with_ipv4_prefix_len(24).with_ipv6_prefix_len(64));
+    let _a = s.hello(client_v4(1)).unwrap(); // 127.1.0.1
+    let _b = s.hello(client_v4(2)).unwrap(); // 127.1.0.2
+    assert_refused(s.hello(client_v4(3))); // same /24
+    let _c = s.hello(client_v4(0x101)).unwrap(); // 127.1.1.1: another /24
+    assert_eq!(s.open(client_v4(200)), 2, "127.1.0.200 shares 127.1.0.0/24's count");
+    let key = s.limiter.clients().unwrap();
+    assert!(key.iter().any(|c| c.client == IpAddr::from([127, 1, 0, 0]) && c.open == 2), "{key:?}");
+    // IPv6 /64: ::1 and ::2 are one client.
+    let v6 = Setup::with(
+        |o| o.config(Config::new(1).with_ipv6_prefix_len(64)),
+        &[SocketAddr::from(([0u16; 8], PORT))],
+    );
+    let _d = v6.hello("::1".parse().unwrap()).unwrap();
+    assert_eq!(v6.open("::2".parse().unwrap()), 1);
+}
+
+#[test]
+fn live_limit_changes_admit_at_once_and_close_nothing() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(2));
+    let me = client_v4(5);
+    let mut held: Vec<_> = (0..2).map(|_| s.hello(me).unwrap()).collect();
+
+    s.limiter.set_config(Config::new(1)).unwrap();
+    assert_refused(s.hello(me));
+    for conn in &mut held {
+        command(conn, b'h'); // still open and served
+    }
+    assert_eq!(s.open(me), 2);
+
+    s.limiter.set_config(Config::new(4)).unwrap();
+    held.push(s.hello(me).unwrap());
+    held.push(s.hello(me).unwrap());
+    assert_refused(s.hello(me));
+
+    s.limiter.set_config(Config::new(0)).unwrap();
+    held.extend((0..20).map(|_| s.hello(me).unwrap()));
+    s.wait_open(me, 24);
+    assert_eq!(s.limiter.config().unwrap(), Config::new(0));
+}
+
+#[test]
+fn refusal_is_an_immediate_reset() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(1));
+    let me = client_v4(3);
+    let _held = s.hello(me).unwrap();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let result = s.netns.connect_from(me, SocketAddr::from(([127, 0, 0, 1], PORT)));
+        let took = start.elapsed();
+        assert_refused(result);
+        // A SYN timeout would take a second or more; a RST takes microseconds.
+        assert!(took < Duration::from_millis(100), "refusal took {took:?}");
+    }
+}
+
+#[test]
+fn other_ports_namespaces_and_cgroups_are_unaffected() {
+    if !require_root() {
+        return;
+    }
+    let other_port = PORT + 1;
+    let s = Setup::with(
+        |o| o.config(Config::new(1)),
+        &[SocketAddr::from(([0, 0, 0, 0], PORT)), SocketAddr::from(([0, 0, 0, 0], other_port))],
+    );
+    let me = client_v4(4);
+    let _held = s.hello(me).unwrap();
+    assert_refused(s.hello(me));
+    // Another port of the same server, same namespace, same cgroup.
+    let others: Vec<_> = (0..5)
+        .map(|_| s.netns.hello_from(me, SocketAddr::from(([127, 0, 0, 1], other_port))).unwrap())
+        .collect();
+    assert_eq!(s.open(me), 1, "connections to unguarded ports are not counted");
+
+    // The same port in another namespace.
+    let name = unique("connlimit-other");
+    let (netns2, cgroup2) = (Netns::new().unwrap(), TestCgroup::new(&name).unwrap());
+    let _server2 = Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns2, &cgroup2, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
+        .unwrap();
+    let elsewhere: Vec<_> =
+        (0..5).map(|_| netns2.hello_from(me, SocketAddr::from(([127, 0, 0, 1], PORT))).unwrap()).collect();
+
+    // A server in another cgroup of the same namespace, on an unguarded port.
+    let cgroup3 = TestCgroup::new(&unique("connlimit-other")).unwrap();
+    let third_port = PORT + 2;
+    let _server3 =
+        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &s.netns, &cgroup3, &[SocketAddr::from(([0, 0, 0, 0], third_port))])
+            .unwrap();
+    let third: Vec<_> = (0..5)
+        .map(|_| s.netns.hello_from(me, SocketAddr::from(([127, 0, 0, 1], third_port))).unwrap())
+        .collect();
+    assert_eq!(s.limiter.clients().unwrap().iter().map(|c| c.open).sum::<u32>(), 1);
+    drop((others, elsewhere, third));
+}
+
+#[test]
+fn pins_are_root_only_and_gone_after_drop() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new(Config::new(3));
+    let name = s.limiter.name().to_owned();
+    let dir = Instance::dir_of(&name);
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let mode = entry.unwrap().metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    assert!(Instance::list().unwrap().contains(&name));
+    let cgroup = s._cgroup.path().to_owned();
+    assert_eq!(attached(&s.netns, &cgroup), (1, 1));
+
+    // Another process's view: the CLI opens the same maps by name.
+    let mut other = Instance::open(&name).unwrap();
+    let _conn = s.hello(client_v4(1)).unwrap();
+    assert_eq!(other.num_open(client_v4(1)).unwrap(), 1);
+    other.set_config(&Config::new(1)).unwrap();
+    assert_eq!(s.limiter.config().unwrap(), Config::new(1));
+    assert_refused(s.hello(client_v4(1)));
+    drop(other);
+
+    let Setup { limiter, netns, server, _cgroup } = s;
+    limiter.detach().unwrap();
+    assert!(!dir.exists());
+    assert_eq!(attached(&netns, &cgroup), (0, 0));
+    drop((server, _cgroup));
+}
+
+#[test]
+fn persisted_enforcement_outlives_the_limiter_until_removed() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::with(|o| o.config(Config::new(1)).persist(true), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let name = s.limiter.name().to_owned();
+    let Setup { limiter, netns, server, _cgroup: cgroup } = s;
+    drop(limiter);
+    let me = client_v4(1);
+    let server_addr = SocketAddr::from(([127, 0, 0, 1], PORT));
+    let _held = netns.hello_from(me, server_addr).unwrap();
+    assert_refused(netns.hello_from(me, server_addr));
+    assert_eq!(Instance::open(&name).unwrap().num_open(me).unwrap(), 1);
+    assert_eq!(attached(&netns, cgroup.path()), (1, 1));
+
+    Instance::remove(&name).unwrap();
+    assert!(!Instance::dir_of(&name).exists());
+    assert_eq!(attached(&netns, cgroup.path()), (0, 0));
+    let _free = netns.hello_from(me, server_addr).unwrap();
+    drop(server);
+}
+
+#[test]
+fn bad_attach_requests_fail_cleanly() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(1));
+    let cgroup = s._cgroup.path().to_owned();
+    let attach = |o: AttachOptions| EbpfLimiter::attach(o.netns(s.netns.path()));
+    let fresh = || unique("connlimit-bad");
+
+    let taken = attach(AttachOptions::new(fresh(), &cgroup).port(PORT).port(9999)).unwrap_err();
+    assert!(matches!(&taken, EbpfError::PortTaken { port, .. } if *port == PORT), "{taken}");
+    assert!(taken.to_string().contains("already guarded by connlimit instance"), "{taken}");
+
+    let exists = attach(AttachOptions::new(s.limiter.name(), &cgroup).port(9999)).unwrap_err();
+    assert!(matches!(exists, EbpfError::InstanceExists(_)), "{exists}");
+    let not_cgroup = attach(AttachOptions::new(fresh(), "/tmp").port(9999)).unwrap_err();
+    assert!(matches!(not_cgroup, EbpfError::NotCgroup2(..)), "{not_cgroup}");
+    let no_port = attach(AttachOptions::new(fresh(), &cgroup)).unwrap_err();
+    assert!(matches!(no_port, EbpfError::NoPorts), "{no_port}");
+    let bad_config = attach(AttachOptions::new(fresh(), &cgroup).port(9999).config(Config::new(1).with_ipv4_prefix_len(33)))
+        .unwrap_err();
+    assert!(matches!(bad_config, EbpfError::Config(_)), "{bad_config}");
+    let bad_name = attach(AttachOptions::new("../escape", &cgroup).port(9999)).unwrap_err();
+    assert!(matches!(bad_name, EbpfError::BadName(_)), "{bad_name}");
+
+    // None of them left anything behind, and the first instance still works.
+    assert_eq!(Instance::list().unwrap().iter().filter(|n| n.starts_with("connlimit-bad")).count(), 0);
+    assert_eq!(attached(&s.netns, &cgroup), (1, 1));
+    let _held = s.hello(client_v4(1)).unwrap();
+    assert_refused(s.hello(client_v4(1)));
+
+    // The same port in another namespace is fine.
+    let netns2 = Netns::new().unwrap();
+    let elsewhere =
+        EbpfLimiter::attach(AttachOptions::new(fresh(), &cgroup).netns(netns2.path()).port(PORT)).unwrap();
+    elsewhere.detach().unwrap();
+}

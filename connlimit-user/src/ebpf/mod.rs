@@ -29,11 +29,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attachments;
 mod error;
 pub mod host;
 mod instance;
 mod log;
-mod steering;
 
 use std::{
     fs::File,
@@ -363,7 +363,7 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLi
     let lookup_link: FdLink =
         lookup.take_link(id).map_err(|e| EbpfError::system("attaching the sk_lookup program", e))?.into();
 
-    steering::warn_about_others(netns, our_id);
+    attachments::warn_about_others(netns, our_id);
     Ok([lookup_link, sock_ops_link])
 }
 

@@ -1,16 +1,25 @@
-//! Noticing other sk_lookup programs in the namespace.
+//! Which programs are attached to a network namespace or a cgroup.
 //!
-//! When several sk_lookup programs are attached, the kernel runs them all
+//! Used to notice other sk_lookup programs in the namespace: when several sk_lookup programs are attached, the kernel runs them all
 //! and a refusal (`SK_DROP`) holds only if no program selected a socket. A
 //! socket-steering program (Cloudflare's tubular, for one) therefore
 //! overrides connlimit for the connections it steers. We cannot prevent
 //! that, so we say so at attach time; the lookup program also counts the
 //! refusals it sees overridden (`Stats::steered`).
 
-use std::{fs::File, io, os::fd::AsRawFd};
+use std::{fs::File, io, os::fd::AsRawFd, path::Path};
 
 const BPF_PROG_QUERY: libc::c_long = 16;
-const BPF_SK_LOOKUP: u32 = 36;
+
+/// Where a program can be attached (values of `enum bpf_attach_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachPoint {
+    /// sock_ops programs of a cgroup.
+    CgroupSockOps = 3,
+    /// sk_lookup programs of a network namespace.
+    SkLookup = 36,
+}
 
 /// The query part of `union bpf_attr`, zero-padded to the size the kernel
 /// knows (it rejects non-zero bytes past what it understands).
@@ -26,12 +35,17 @@ struct ProgQuery {
     _pad: [u32; 17],
 }
 
-/// IDs of the sk_lookup programs attached to the network namespace `netns`.
-fn lookup_programs(netns: &File) -> io::Result<Vec<u32>> {
+/// IDs of the programs attached at `point` of `target` (a cgroup directory
+/// or a network namespace file).
+pub fn attached_programs(target: &Path, point: AttachPoint) -> io::Result<Vec<u32>> {
+    query(&File::open(target)?, point)
+}
+
+fn query(target: &File, point: AttachPoint) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     let mut attr = ProgQuery {
-        target_fd: netns.as_raw_fd() as u32,
-        attach_type: BPF_SK_LOOKUP,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type: point as u32,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: ids.len() as u32,
         ..ProgQuery::default()
@@ -49,7 +63,7 @@ fn lookup_programs(netns: &File) -> io::Result<Vec<u32>> {
 
 /// Logs a warning if sk_lookup programs other than ours are attached.
 pub(crate) fn warn_about_others(netns: &File, ours: Option<u32>) {
-    match lookup_programs(netns) {
+    match query(netns, AttachPoint::SkLookup) {
         Ok(ids) => {
             let others: Vec<u32> = ids.into_iter().filter(|id| Some(*id) != ours).collect();
             if !others.is_empty() {
