@@ -87,8 +87,7 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     let (family, remote_port) = (read(&lookup.family), read(&lookup.remote_port));
     let (remote4, local4) = (read(&lookup.remote_ip4), read(&lookup.local_ip4));
     let (remote6, local6) = (read(&lookup.remote_ip6), read(&lookup.local_ip6));
-    let (client, local) =
-        if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
+    let (client, local) = if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
     let flow = FlowKey { client, local, client_port: u16::from_be(remote_port), local_port: lookup.local_port as u16 };
     let now = epoch_tag(now_ns(), config.epoch_ns);
 
@@ -210,8 +209,7 @@ fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
     let (remote4, local4) = (read(&ops.remote_ip4), read(&ops.local_ip4));
     let (remote6, local6) = (read(&ops.remote_ip6), read(&ops.local_ip6));
     // A dual-stack socket of an IPv4 client holds the mapped form already.
-    let (client, local) =
-        if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
+    let (client, local) = if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
     // `remote_port` is big-endian in the low 16 bits of the word on some
     // kernels and shifted into the high 16 bits on others; the other half is
     // zero either way.

@@ -44,9 +44,9 @@
 
 pub mod addr;
 mod cidr;
+mod config;
 #[cfg(target_os = "linux")]
 pub mod ebpf;
-mod config;
 mod error;
 pub mod http;
 mod limited;
@@ -55,9 +55,9 @@ mod listener;
 mod peer;
 
 pub use cidr::{Cidr, CidrError};
+pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_EXEMPT};
 #[cfg(target_os = "linux")]
 pub use ebpf::EbpfLimiter;
-pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_EXEMPT};
 pub use error::Error;
 pub use limited::Limited;
 pub use limiter::{Limiter, Slot, Stats};

@@ -203,10 +203,8 @@ fn burst_of_200_parallel_connects_gets_exactly_the_limit() {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let established = results.iter().filter(|r| r.is_ok()).count();
-        let refused = results
-            .iter()
-            .filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused))
-            .count();
+        let refused =
+            results.iter().filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused)).count();
         assert_eq!((established, refused), (10, 190), "run {run}");
         s.wait_open(me, 10);
         drop(results);
@@ -221,10 +219,8 @@ fn spoofed_syns_hold_a_slot_for_at_most_two_epochs() {
         return;
     }
     let epoch = Duration::from_millis(300);
-    let s = Setup::with(
-        |o| o.config(Config::new(2)).reservation_epoch(epoch),
-        &[SocketAddr::from(([0, 0, 0, 0], PORT))],
-    );
+    let s =
+        Setup::with(|o| o.config(Config::new(2)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
     let victim = Ipv4Addr::new(127, 1, 0, 9);
     let server = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
     // Two handshakes that can never complete take both of the victim's slots.
@@ -282,10 +278,7 @@ fn prefix_grouping_counts_a_network_as_one_client() {
     let key = s.limiter.clients().unwrap();
     assert!(key.iter().any(|c| c.client == IpAddr::from([127, 1, 0, 0]) && c.open == 2), "{key:?}");
     // IPv6 /64: ::1 and ::2 are one client.
-    let v6 = Setup::with(
-        |o| o.config(Config::new(1).with_ipv6_prefix_len(64)),
-        &[SocketAddr::from(([0u16; 8], PORT))],
-    );
+    let v6 = Setup::with(|o| o.config(Config::new(1).with_ipv6_prefix_len(64)), &[SocketAddr::from(([0u16; 8], PORT))]);
     let _d = v6.hello("::1".parse().unwrap()).unwrap();
     assert_eq!(v6.open("::2".parse().unwrap()), 1);
 }
@@ -349,28 +342,31 @@ fn other_ports_namespaces_and_cgroups_are_unaffected() {
     let _held = s.hello(me).unwrap();
     assert_refused(s.hello(me));
     // Another port of the same server, same namespace, same cgroup.
-    let others: Vec<_> = (0..5)
-        .map(|_| s.netns.hello_from(me, SocketAddr::from(([127, 0, 0, 1], other_port))).unwrap())
-        .collect();
+    let others: Vec<_> =
+        (0..5).map(|_| s.netns.hello_from(me, SocketAddr::from(([127, 0, 0, 1], other_port))).unwrap()).collect();
     assert_eq!(s.open(me), 1, "connections to unguarded ports are not counted");
 
     // The same port in another namespace.
     let name = unique("connlimit-other");
     let (netns2, cgroup2) = (Netns::new().unwrap(), TestCgroup::new(&name).unwrap());
-    let _server2 = Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns2, &cgroup2, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
-        .unwrap();
+    let _server2 =
+        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns2, &cgroup2, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
+            .unwrap();
     let elsewhere: Vec<_> =
         (0..5).map(|_| netns2.hello_from(me, SocketAddr::from(([127, 0, 0, 1], PORT))).unwrap()).collect();
 
     // A server in another cgroup of the same namespace, on an unguarded port.
     let cgroup3 = TestCgroup::new(&unique("connlimit-other")).unwrap();
     let third_port = PORT + 2;
-    let _server3 =
-        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &s.netns, &cgroup3, &[SocketAddr::from(([0, 0, 0, 0], third_port))])
-            .unwrap();
-    let third: Vec<_> = (0..5)
-        .map(|_| s.netns.hello_from(me, SocketAddr::from(([127, 0, 0, 1], third_port))).unwrap())
-        .collect();
+    let _server3 = Server::hold(
+        env!("CARGO_BIN_EXE_hold-server"),
+        &s.netns,
+        &cgroup3,
+        &[SocketAddr::from(([0, 0, 0, 0], third_port))],
+    )
+    .unwrap();
+    let third: Vec<_> =
+        (0..5).map(|_| s.netns.hello_from(me, SocketAddr::from(([127, 0, 0, 1], third_port))).unwrap()).collect();
     assert_eq!(s.limiter.clients().unwrap().iter().map(|c| c.open).sum::<u32>(), 1);
     drop((others, elsewhere, third));
 }
@@ -452,8 +448,9 @@ fn bad_attach_requests_fail_cleanly() {
     assert!(matches!(not_cgroup, EbpfError::NotCgroup2(..)), "{not_cgroup}");
     let no_port = attach(AttachOptions::new(fresh(), &cgroup)).unwrap_err();
     assert!(matches!(no_port, EbpfError::NoPorts), "{no_port}");
-    let bad_config = attach(AttachOptions::new(fresh(), &cgroup).port(9999).config(Config::new(1).with_ipv4_prefix_len(33)))
-        .unwrap_err();
+    let bad_config =
+        attach(AttachOptions::new(fresh(), &cgroup).port(9999).config(Config::new(1).with_ipv4_prefix_len(33)))
+            .unwrap_err();
     assert!(matches!(bad_config, EbpfError::Config(_)), "{bad_config}");
     let bad_name = attach(AttachOptions::new("../escape", &cgroup).port(9999)).unwrap_err();
     assert!(matches!(bad_name, EbpfError::BadName(_)), "{bad_name}");
@@ -466,7 +463,6 @@ fn bad_attach_requests_fail_cleanly() {
 
     // The same port in another namespace is fine.
     let netns2 = Netns::new().unwrap();
-    let elsewhere =
-        EbpfLimiter::attach(AttachOptions::new(fresh(), &cgroup).netns(netns2.path()).port(PORT)).unwrap();
+    let elsewhere = EbpfLimiter::attach(AttachOptions::new(fresh(), &cgroup).netns(netns2.path()).port(PORT)).unwrap();
     elsewhere.detach().unwrap();
 }

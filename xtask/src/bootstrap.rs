@@ -133,7 +133,9 @@ fn ensure_bpffs() -> Result<()> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("xtask: warning: bpffs is not mounted at {BPFFS} and mounting it needs root; the eBPF tests will fail");
+        eprintln!(
+            "xtask: warning: bpffs is not mounted at {BPFFS} and mounting it needs root; the eBPF tests will fail"
+        );
         return Ok(());
     }
     eprintln!("xtask: mounting bpffs at {BPFFS}");

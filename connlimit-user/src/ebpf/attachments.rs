@@ -78,3 +78,18 @@ pub(crate) fn warn_about_others(netns: &File, ours: Option<u32>) {
         Err(e) => tracing::debug!(error = %e, "could not list the namespace's sk_lookup programs"),
     }
 }
+
+/// Waits (up to a second) until the kernel has freed the links `ids`: the
+/// last reference to a link is released on a kernel work queue, so a
+/// program can stay attached for a moment after its link was closed.
+pub(crate) fn wait_until_freed(ids: &[u32]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < deadline {
+        let alive = aya::programs::loaded_links().filter_map(Result::ok).any(|link| ids.contains(&link.id()));
+        if !alive {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    tracing::warn!(?ids, "links still attached a second after their release");
+}

@@ -43,8 +43,8 @@ pub fn require_bpffs() -> Result<(), EbpfError> {
 /// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo
 /// (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf, EbpfError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| EbpfError::system("reading /proc/self/mountinfo", e))?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|e| EbpfError::system("reading /proc/self/mountinfo", e))?;
     mountinfo
         .lines()
         .find_map(|line| {
@@ -86,10 +86,9 @@ pub fn require_cgroup2_dir(dir: &Path) -> Result<(), EbpfError> {
 pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf, EbpfError> {
     let file = format!("/proc/{pid}/cgroup");
     let text = fs::read_to_string(&file).map_err(|e| EbpfError::system(format!("reading {file}"), e))?;
-    let relative = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| EbpfError::system(format!("reading {file}"), anyhow::anyhow!("process {pid} is in no cgroup v2")))?;
+    let relative = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| {
+        EbpfError::system(format!("reading {file}"), anyhow::anyhow!("process {pid} is in no cgroup v2"))
+    })?;
     Ok(cgroup2_mount()?.join(relative.trim_start_matches('/')))
 }
 

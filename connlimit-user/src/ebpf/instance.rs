@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use aya::{
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::links::{FdLink, PinnedLink},
+};
 use connlimit_common::{
     addr::AddrWords,
     maps::{ClientKey, ClientState, FLAG_DRY_RUN, FlowKey, InstanceInfo, KernelConfig, Stat, names},
@@ -172,10 +175,18 @@ impl Instance {
     pub fn remove(name: &str) -> Result<(), EbpfError> {
         Self::validate_name(name)?;
         host::require_root()?;
-        if !Self::dir_of(name).exists() {
+        let dir = Self::dir_of(name);
+        if !dir.exists() {
             return Err(EbpfError::NoSuchInstance(name.to_owned()));
         }
-        Self::unpin(name)
+        let links: Vec<u32> = LINK_PINS
+            .iter()
+            .filter_map(|pin| PinnedLink::from_pin(dir.join(pin)).ok())
+            .filter_map(|link| FdLink::from(link).info().ok().map(|info| info.id()))
+            .collect();
+        Self::unpin(name)?;
+        super::attachments::wait_until_freed(&links);
+        Ok(())
     }
 
     /// The instance's name.

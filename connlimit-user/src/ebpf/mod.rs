@@ -147,6 +147,7 @@ pub struct EbpfLimiter {
     name: String,
     /// Leave the pins when dropped (persisted, or already removed).
     keep_pins: bool,
+    link_ids: Vec<u32>,
     _log: Option<log::KernelLog>,
     // While these live, the programs stay attached.
     _links: [FdLink; 2],
@@ -201,7 +202,8 @@ impl EbpfLimiter {
         Instance::pin_new(&name, ebpf.maps().filter(|(n, _)| names::ALL.contains(n)))?;
         let mut guard = PinGuard(Some(name.clone()));
         let mut instance = Instance::from_maps(&name, |map| {
-            ebpf.take_map(map).ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no map {map}")))
+            ebpf.take_map(map)
+                .ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no map {map}")))
         })?;
         instance.write_config(&config, reservation_epoch.as_nanos().clamp(1, u64::MAX as u128) as u64)?;
         instance.set_ports(&ports)?;
@@ -224,7 +226,16 @@ impl EbpfLimiter {
             instance = %name, ?ports, cgroup = %cgroup.display(), netns = %netns.display(),
             limit = config.max_conns_per_client_ip, persist, "connlimit attached"
         );
-        Ok(Self { instance: Mutex::new(instance), name, keep_pins: persist, _log: log, _links: links, _ebpf: ebpf })
+        let link_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.id()).collect();
+        Ok(Self {
+            instance: Mutex::new(instance),
+            name,
+            keep_pins: persist,
+            link_ids,
+            _log: log,
+            _links: links,
+            _ebpf: ebpf,
+        })
     }
 
     fn instance(&self) -> MutexGuard<'_, Instance> {
@@ -269,11 +280,15 @@ impl EbpfLimiter {
         self.instance().tracked_connections()
     }
 
-    /// Detaches now, reporting errors that dropping would only log. A
-    /// persisted instance stays attached: this process just lets go of it.
+    /// Detaches now and returns once the kernel has let go of the
+    /// programs, reporting errors that dropping would only log. A persisted
+    /// instance stays attached: this process just lets go of it.
     pub fn detach(mut self) -> Result<(), EbpfError> {
         let result = if self.keep_pins { Ok(()) } else { Instance::unpin(&self.name) };
+        let wait_for = if self.keep_pins { Vec::new() } else { std::mem::take(&mut self.link_ids) };
         self.keep_pins = true;
+        drop(self);
+        attachments::wait_until_freed(&wait_for);
         result
     }
 }
@@ -352,11 +367,15 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLi
         .try_into()
         .map_err(|e| EbpfError::system("loading the sk_lookup program", e))?;
     lookup.load().map_err(|e| match io_error(&e) {
-        Some(io) if is_unsupported(io) => EbpfError::NoSkLookup(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0))),
+        Some(io) if is_unsupported(io) => {
+            EbpfError::NoSkLookup(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0)))
+        }
         _ => EbpfError::system("loading the sk_lookup program", e),
     })?;
     let id = lookup.attach(netns).map_err(|e| match io_error(&e) {
-        Some(io) if is_unsupported(io) => EbpfError::NoSkLookup(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0))),
+        Some(io) if is_unsupported(io) => {
+            EbpfError::NoSkLookup(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0)))
+        }
         _ => EbpfError::system("attaching the sk_lookup program to the network namespace", e),
     })?;
     let our_id = lookup.info().map(|i| i.id()).ok();
