@@ -4,7 +4,7 @@
 //! Needs root (CI runs it as root).
 
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{ErrorKind, Read},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     thread,
     time::{Duration, Instant},
