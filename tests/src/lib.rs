@@ -7,14 +7,14 @@
 //! test's namespace, on its loopback.
 
 use std::{
-    fs::{self, File},
+    fs::File,
     io::{self, BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
     },
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -117,8 +117,19 @@ impl Netns {
         Ok(conn)
     }
 
-    pub fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
+    /// Makes the child that `cmd` spawns enter this namespace before it
+    /// executes its program.
+    pub fn enter_on_exec(&self, cmd: &mut Command) {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; `fd` outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
 }
 
@@ -145,47 +156,8 @@ fn set_loopback_up() -> Result<()> {
     Ok(())
 }
 
-/// A cgroup v2 directory of the test's own; killed and removed on drop.
-pub struct TestCgroup {
-    path: PathBuf,
-}
-
-impl TestCgroup {
-    pub fn new(name: &str) -> Result<Self> {
-        let path = connlimit::ebpf::host::cgroup2_mount()?.join(name);
-        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn procs(&self) -> Vec<i32> {
-        fs::read_to_string(self.path.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            let procs = self.procs();
-            if procs.is_empty() && fs::remove_dir(&self.path).is_ok() {
-                return;
-            }
-            for pid in procs {
-                // SAFETY: signalling a process of our own cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("warning: could not remove {}", self.path.display());
-    }
-}
+/// A cgroup of the test's own: killed and removed on drop.
+pub type TestCgroup = connlimit::ebpf::cgroup::Cgroup;
 
 /// An unmodified server process, started inside a namespace and a cgroup.
 pub struct Server {
@@ -205,25 +177,11 @@ impl Server {
     /// Starts any command in the namespace and cgroup and waits until a line
     /// of its output contains `ready`.
     pub fn start(mut cmd: Command, netns: &Netns, cgroup: &TestCgroup, ready: &str) -> Result<Self> {
-        let netns_fd = netns.raw_fd();
-        let procs = std::ffi::CString::new(cgroup.path().join("cgroup.procs").into_os_string().into_encoded_bytes())?;
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Into the cgroup before the listener exists: accepted
-                // sockets inherit the listener's cgroup.
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-                libc::close(fd);
-                if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // Into the cgroup before the listener exists: accepted sockets
+        // inherit the listener's cgroup.
+        cgroup.add_on_exec(&mut cmd);
+        netns.enter_on_exec(&mut cmd);
         let mut child = cmd.spawn().context("starting the server")?;
         let accepted = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -35,7 +35,7 @@ impl Setup {
     fn with(options: impl FnOnce(AttachOptions) -> AttachOptions, listen: &[SocketAddr]) -> Self {
         let name = unique("connlimit-test");
         let netns = Netns::new().unwrap();
-        let cgroup = TestCgroup::new(&name).unwrap();
+        let cgroup = TestCgroup::create(&name).unwrap();
         let limiter =
             EbpfLimiter::attach(options(AttachOptions::new(&name, cgroup.path()).netns(netns.path()).port(PORT)))
                 .unwrap();
@@ -348,7 +348,7 @@ fn other_ports_namespaces_and_cgroups_are_unaffected() {
 
     // The same port in another namespace.
     let name = unique("connlimit-other");
-    let (netns2, cgroup2) = (Netns::new().unwrap(), TestCgroup::new(&name).unwrap());
+    let (netns2, cgroup2) = (Netns::new().unwrap(), TestCgroup::create(&name).unwrap());
     let _server2 =
         Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns2, &cgroup2, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
             .unwrap();
@@ -356,7 +356,7 @@ fn other_ports_namespaces_and_cgroups_are_unaffected() {
         (0..5).map(|_| netns2.hello_from(me, SocketAddr::from(([127, 0, 0, 1], PORT))).unwrap()).collect();
 
     // A server in another cgroup of the same namespace, on an unguarded port.
-    let cgroup3 = TestCgroup::new(&unique("connlimit-other")).unwrap();
+    let cgroup3 = TestCgroup::create(&unique("connlimit-other")).unwrap();
     let third_port = PORT + 2;
     let _server3 = Server::hold(
         env!("CARGO_BIN_EXE_hold-server"),

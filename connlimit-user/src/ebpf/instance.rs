@@ -272,11 +272,30 @@ impl Instance {
         Ok(ports)
     }
 
-    pub(crate) fn set_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
+    /// Guards exactly `ports` from now on: new ones are added before old
+    /// ones are dropped. Connections already counted on a dropped port are
+    /// still counted until they close.
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
+        if ports.is_empty() {
+            return Err(EbpfError::NoPorts);
+        }
+        if ports.contains(&0) {
+            return Err(EbpfError::PortZero);
+        }
+        let old = self.ports()?;
         for &port in ports {
             self.ports.set(u32::from(port), 1, 0).map_err(sys("writing the ports map"))?;
         }
+        for port in old.into_iter().filter(|p| !ports.contains(p)) {
+            self.ports.set(u32::from(port), 0, 0).map_err(sys("writing the ports map"))?;
+        }
         Ok(())
+    }
+
+    /// Whether the instance's links are pinned, so it keeps enforcing with
+    /// no process holding it.
+    pub fn is_persistent(&self) -> bool {
+        LINK_PINS.iter().all(|pin| Self::dir_of(&self.name).join(pin).exists())
     }
 
     /// Whether `port` is guarded.

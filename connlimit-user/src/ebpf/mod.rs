@@ -30,6 +30,7 @@
 //! ```
 
 pub mod attachments;
+pub mod cgroup;
 mod error;
 pub mod host;
 mod instance;

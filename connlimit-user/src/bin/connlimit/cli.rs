@@ -1,0 +1,208 @@
+//! The command line: every subcommand, flag and help text.
+
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP};
+
+/// Limits concurrent TCP connections per client IP, in the kernel, for any server.
+#[derive(Parser, Debug)]
+#[command(
+    name = "connlimit",
+    version,
+    about = "Limit concurrent TCP connections per client IP, in the kernel, for any server",
+    long_about = "Limit concurrent TCP connections per client IP, in the kernel, for any server.\n\n\
+        connlimit counts each client's established connections to the guarded ports (eBPF sock_ops \
+        on the server's cgroup) and refuses a client's connection over the limit with an immediate \
+        reset, before the server process sees it (eBPF sk_lookup). Limits change live; counts can \
+        be inspected at any time. Needs root, a cgroup v2 hierarchy and bpffs at /sys/fs/bpf.",
+    after_help = "Examples:\n  \
+        connlimit exec --port 8080 --max-conns-per-client-ip 10 -- python3 -m http.server 8080\n  \
+        connlimit run --port 443 --max-conns-per-client-ip 50 --pid $(pidof nginx | cut -d' ' -f1)\n  \
+        connlimit set --max-conns-per-client-ip 20\n  \
+        connlimit top --watch"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Enforce a limit on a running server until interrupted
+    #[command(after_help = "Examples:\n  \
+        connlimit run --port 8080 --max-conns-per-client-ip 10 --pid 1234\n  \
+        connlimit run --port 80 --port 443 --max-conns-per-client-ip 50 --cgroup /sys/fs/cgroup/system.slice/nginx.service\n  \
+        connlimit run --name api --port 8080 --max-conns-per-client-ip 10 --pid 1234 --persist\n\n\
+        Stops on SIGINT or SIGTERM and detaches, unless --persist was given: then enforcement stays \
+        pinned, and a later `run` with the same --name adopts it.")]
+    Run(RunArgs),
+    /// Start a server in a fresh cgroup, under a limit, and exit with its status
+    #[command(after_help = "Examples:\n  \
+        connlimit exec --port 8080 --max-conns-per-client-ip 10 -- python3 -m http.server 8080\n  \
+        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 -- redis-server\n\n\
+        The server's exit status becomes connlimit's (128 + signal number if it was killed). \
+        SIGINT and SIGTERM are passed on to it.")]
+    Exec(ExecArgs),
+    /// Change the live configuration of a running instance
+    #[command(after_help = "Examples:\n  \
+        connlimit set --max-conns-per-client-ip 20\n  \
+        connlimit set --name api --ipv6-prefix-len 64 --exempt 10.0.0.0/8 --exempt 192.0.2.7\n  \
+        connlimit set --dry-run false\n\n\
+        Fields not given keep their value. Lowering the limit closes nothing; it refuses new \
+        connections until clients are back under it.")]
+    Set(SetArgs),
+    /// Print the configuration of a running instance
+    #[command(after_help = "Examples:\n  connlimit config\n  connlimit config --name api --json")]
+    Config(ShowArgs),
+    /// Show clients with open connections, most first
+    #[command(
+        visible_alias = "list",
+        after_help = "Examples:\n  connlimit top\n  connlimit top --limit 10 --watch\n  connlimit list --json"
+    )]
+    Top(TopArgs),
+    /// List running instances: what they guard, since when, totals
+    #[command(after_help = "Examples:\n  connlimit status\n  connlimit status --json")]
+    Status(JsonArg),
+    /// Stop enforcing: detach an instance and remove its pins
+    #[command(after_help = "Examples:\n  connlimit detach\n  connlimit detach api\n\n\
+        A `run` or `exec` holding the instance is asked to stop (SIGTERM); a persisted instance \
+        is detached directly.")]
+    Detach(DetachArgs),
+}
+
+/// Which instance a command talks to.
+#[derive(Args, Debug, Clone)]
+pub struct NameArg {
+    /// Instance name (several instances can guard different ports side by side)
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    pub name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JsonArg {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The limits, shared by `run` and `exec`.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Local TCP port to guard (repeat for several)
+    #[arg(long = "port", short = 'p', required = true, value_name = "PORT", value_parser = port)]
+    pub ports: Vec<u16>,
+    /// Most concurrent connections per client; 0 = unlimited (count only)
+    #[arg(long, short = 'm', value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_PER_CLIENT_IP as i64))]
+    pub max_conns_per_client_ip: u32,
+    /// Count IPv4 clients per /LEN network (32 = per address)
+    #[arg(long, default_value_t = 32, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub ipv4_prefix_len: u8,
+    /// Count IPv6 clients per /LEN network (64 stops one host dodging the limit with many addresses)
+    #[arg(long, default_value_t = 128, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub ipv6_prefix_len: u8,
+    /// Never limit clients in this prefix, e.g. health checkers (repeat for several)
+    #[arg(long = "exempt", value_name = "CIDR")]
+    pub exempt: Vec<Cidr>,
+    /// Count and report what would be refused, refuse nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Milliseconds an unfinished handshake may hold a slot: a spoofed SYN blocks a slot for 1-2 of these
+    #[arg(long, default_value_t = 1000, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub reservation_epoch_ms: u64,
+}
+
+fn port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a TCP port; give 1 to 65535")),
+        Ok(p) => Ok(p),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Count the connections of the processes in this cgroup v2 directory
+    #[arg(long, value_name = "PATH", required_unless_present = "pid", conflicts_with = "pid")]
+    pub cgroup: Option<PathBuf>,
+    /// Count the connections of this process's cgroup (and refuse in its network namespace)
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Keep enforcing after connlimit exits (detach later with `connlimit detach`)
+    #[arg(long)]
+    pub persist: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// The server command and its arguments
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// New limit per client; 0 = unlimited
+    #[arg(long, short = 'm', value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_PER_CLIENT_IP as i64))]
+    pub max_conns_per_client_ip: Option<u32>,
+    /// New IPv4 grouping prefix length
+    #[arg(long, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub ipv4_prefix_len: Option<u8>,
+    /// New IPv6 grouping prefix length
+    #[arg(long, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub ipv6_prefix_len: Option<u8>,
+    /// Replace the exempt prefixes with these (repeat for several)
+    #[arg(long = "exempt", value_name = "CIDR", conflicts_with = "no_exempt")]
+    pub exempt: Vec<Cidr>,
+    /// Remove all exempt prefixes
+    #[arg(long)]
+    pub no_exempt: bool,
+    /// Turn dry-run mode on or off
+    #[arg(long, value_name = "BOOL")]
+    pub dry_run: Option<bool>,
+    /// Replace the guarded ports with these (repeat for several)
+    #[arg(long = "port", short = 'p', value_name = "PORT", value_parser = port)]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Show at most N clients
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 20)]
+    pub limit: usize,
+    /// Also show clients with nothing open but refusals on record
+    #[arg(long, short = 'a')]
+    pub all: bool,
+    /// Refresh like top until interrupted
+    #[arg(long, short = 'w', conflicts_with = "json")]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub interval: f64,
+    #[command(flatten)]
+    pub json: JsonArg,
+}
+
+#[derive(Args, Debug)]
+pub struct DetachArgs {
+    /// Instance to detach
+    #[arg(default_value = "default", value_name = "NAME")]
+    pub name: String,
+}

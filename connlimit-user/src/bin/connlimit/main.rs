@@ -1,0 +1,38 @@
+//! `connlimit`: per-client-IP TCP connection limits for unmodified servers.
+//!
+//! Exit status: 0 on success, 1 on a runtime error, 2 on a usage error;
+//! `exec` exits with its server's status.
+
+mod cli;
+mod enforce;
+mod manage;
+mod show;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("CONNLIMIT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => enforce::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Exec(args) => enforce::exec(args),
+        Command::Set(args) => manage::set(args).map(|()| ExitCode::SUCCESS),
+        Command::Detach(args) => manage::detach(&args.name).map(|()| ExitCode::SUCCESS),
+        Command::Config(args) => show::config(&args.name.name, args.json.json).map(|()| ExitCode::SUCCESS),
+        Command::Top(args) => show::top(args).map(|()| ExitCode::SUCCESS),
+        Command::Status(args) => show::status(args.json).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("connlimit: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,282 @@
+//! `config`, `top` and `status`: reading instances, for people and machines.
+
+use std::{fmt::Write as _, io::Write as _, net::IpAddr, time::Duration};
+
+use anyhow::Result;
+use connlimit::{
+    Config,
+    ebpf::{ClientCount, Instance},
+};
+use serde_json::json;
+
+use crate::cli::TopArgs;
+
+/// One line saying what a config enforces.
+pub fn describe(config: &Config) -> String {
+    let limit = match config.max_conns_per_client_ip {
+        0 => "no limit (counting only)".to_owned(),
+        n => format!("limit {n} per client"),
+    };
+    let exempt = if config.exempt.is_empty() {
+        "none".to_owned()
+    } else {
+        config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "{limit}, clients grouped by IPv4 /{} and IPv6 /{}, exempt: {exempt}, dry run {}",
+        config.ipv4_prefix_len,
+        config.ipv6_prefix_len,
+        if config.dry_run { "on" } else { "off" }
+    )
+}
+
+fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value> {
+    Ok(json!({
+        "name": instance.name(),
+        "ports": instance.ports()?,
+        "max_conns_per_client_ip": config.max_conns_per_client_ip,
+        "ipv4_prefix_len": config.ipv4_prefix_len,
+        "ipv6_prefix_len": config.ipv6_prefix_len,
+        "exempt": config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "dry_run": config.dry_run,
+        "reservation_epoch_ms": instance.reservation_epoch()?.as_millis() as u64,
+    }))
+}
+
+pub fn config(name: &str, json: bool) -> Result<()> {
+    let instance = Instance::open(name)?;
+    let config = instance.config()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&config_json(&instance, &config)?)?);
+        return Ok(());
+    }
+    let ports = instance.ports()?.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let exempt = config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let rows = [
+        ("instance", instance.name().to_owned()),
+        ("ports", ports),
+        (
+            "max conns per client IP",
+            if config.max_conns_per_client_ip == 0 {
+                "0 (unlimited)".into()
+            } else {
+                config.max_conns_per_client_ip.to_string()
+            },
+        ),
+        ("IPv4 prefix length", format!("/{}", config.ipv4_prefix_len)),
+        ("IPv6 prefix length", format!("/{}", config.ipv6_prefix_len)),
+        ("exempt", if exempt.is_empty() { "none".into() } else { exempt }),
+        ("dry run", if config.dry_run { "on".into() } else { "off".into() }),
+        ("reservation epoch", format!("{} ms", instance.reservation_epoch()?.as_millis())),
+    ];
+    for (key, value) in rows {
+        println!("{key:<24} {value}");
+    }
+    Ok(())
+}
+
+/// A client key as people write it: the address, with its prefix when grouped.
+fn client_label(client: IpAddr, config: &Config) -> String {
+    let (len, full) = if client.is_ipv4() { (config.ipv4_prefix_len, 32) } else { (config.ipv6_prefix_len, 128) };
+    if len == full { client.to_string() } else { format!("{client}/{len}") }
+}
+
+fn top_once(args: &TopArgs) -> Result<String> {
+    let instance = Instance::open(&args.name.name)?;
+    let config = instance.config()?;
+    let stats = instance.stats()?;
+    let clients: Vec<ClientCount> = instance
+        .clients()?
+        .into_iter()
+        .filter(|c| c.open > 0 || c.reserved > 0 || (args.all && c.refused > 0))
+        .collect();
+    let open: u32 = clients.iter().map(|c| c.open).sum();
+    let shown = &clients[..clients.len().min(args.limit)];
+    if args.json.json {
+        let rows: Vec<_> = shown
+            .iter()
+            .map(|c| {
+                json!({
+                    "client": client_label(c.client, &config),
+                    "open": c.open,
+                    "reserved": c.reserved,
+                    "refused": c.refused,
+                    "accepted": c.accepted,
+                })
+            })
+            .collect();
+        let value = json!({
+            "instance": instance.name(),
+            "max_conns_per_client_ip": config.max_conns_per_client_ip,
+            "clients": rows,
+            "totals": {
+                "clients": clients.len(),
+                "open": open,
+                "accepted": stats.accepted,
+                "refused": stats.refused,
+                "dry_run_refused": stats.dry_run_refused,
+            },
+        });
+        return Ok(serde_json::to_string_pretty(&value)? + "\n");
+    }
+    let mut out = String::new();
+    let ports = instance.ports()?.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    writeln!(out, "instance {} · port {ports} · {}", instance.name(), describe(&config))?;
+    writeln!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
+    for c in shown {
+        writeln!(
+            out,
+            "{:<40} {:>6} {:>9} {:>9} {:>9}",
+            client_label(c.client, &config),
+            c.open,
+            c.reserved,
+            c.refused,
+            c.accepted
+        )?;
+    }
+    if clients.len() > shown.len() {
+        writeln!(out, "… {} more (--limit)", clients.len() - shown.len())?;
+    }
+    writeln!(
+        out,
+        "{} clients, {open} open · since attach: {} accepted, {} refused{}",
+        clients.len(),
+        stats.accepted,
+        stats.refused,
+        if config.dry_run { format!(", {} dry-run refusals", stats.dry_run_refused) } else { String::new() }
+    )?;
+    Ok(out)
+}
+
+pub fn top(args: TopArgs) -> Result<()> {
+    if !args.watch {
+        print!("{}", top_once(&args)?);
+        return Ok(());
+    }
+    let interval = Duration::from_secs_f64(args.interval.max(0.1));
+    loop {
+        let screen = top_once(&args)?;
+        // Clear the screen and home the cursor, as top does.
+        print!("\x1b[2J\x1b[H{screen}");
+        std::io::stdout().flush()?;
+        std::thread::sleep(interval);
+    }
+}
+
+/// One line of `status`.
+#[derive(serde::Serialize)]
+struct InstanceStatus {
+    name: String,
+    ports: Vec<u16>,
+    max_conns_per_client_ip: u32,
+    dry_run: bool,
+    persistent: bool,
+    pid: u32,
+    started_unix_secs: u64,
+    open: u32,
+    accepted: u64,
+    refused: u64,
+    dry_run_refused: u64,
+    steered: u64,
+    untracked: u64,
+}
+
+impl InstanceStatus {
+    fn read(name: &str) -> Result<Self> {
+        let instance = Instance::open(name)?;
+        let (config, info, stats) = (instance.config()?, instance.info()?, instance.stats()?);
+        Ok(Self {
+            name: name.to_owned(),
+            ports: instance.ports()?,
+            max_conns_per_client_ip: config.max_conns_per_client_ip,
+            dry_run: config.dry_run,
+            persistent: instance.is_persistent(),
+            pid: info.pid,
+            started_unix_secs: info.started_unix_secs,
+            open: instance.clients()?.iter().map(|c| c.open).sum(),
+            accepted: stats.accepted,
+            refused: stats.refused,
+            dry_run_refused: stats.dry_run_refused,
+            steered: stats.steered,
+            untracked: stats.untracked,
+        })
+    }
+
+    fn mode(&self) -> String {
+        let mut mode = if self.dry_run { "dry-run".to_owned() } else { "enforcing".to_owned() };
+        if self.persistent {
+            mode.push_str(", persistent");
+        }
+        // Signs of trouble, each explained in the README.
+        if self.steered > 0 {
+            let _ = write!(mode, ", {} refusals overridden by another sk_lookup program", self.steered);
+        }
+        if self.untracked > 0 {
+            let _ = write!(mode, ", {} connections untracked (maps full)", self.untracked);
+        }
+        mode
+    }
+}
+
+pub fn status(json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for name in Instance::list()? {
+        match InstanceStatus::read(&name) {
+            Ok(row) => rows.push(row),
+            Err(e) => eprintln!("connlimit: warning: {name}: {e:#}"),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no connlimit instances are running");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  MODE",
+        "NAME", "PORTS", "LIMIT", "OPEN", "ACCEPTED", "REFUSED", "PID", "SINCE (UTC)"
+    );
+    for r in &rows {
+        let ports = r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        println!(
+            "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  {}",
+            r.name,
+            ports,
+            r.max_conns_per_client_ip,
+            r.open,
+            r.accepted,
+            r.refused,
+            r.pid,
+            utc(r.started_unix_secs),
+            r.mode()
+        );
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM:SS` for a Unix time (civil-from-days, proleptic Gregorian).
+fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(1_795_000_000), "2026-11-18 11:06:40");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00");
+    }
+}
