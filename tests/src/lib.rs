@@ -279,3 +279,80 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// A child process whose output (stdout and stderr, interleaved by line)
+/// is collected as it comes, and which is asked to stop (SIGTERM, then
+/// SIGKILL after 5 s) when dropped, so a failing test leaves no process,
+/// pin or program behind.
+pub struct Background {
+    child: Option<Child>,
+    log: Arc<std::sync::Mutex<String>>,
+}
+
+impl Background {
+    pub fn spawn(cmd: &mut Command) -> Result<Self> {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("spawning")?;
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let streams: [Box<dyn Read + Send>; 2] =
+            [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
+        for stream in streams {
+            let log = log.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        Ok(Self { child: Some(child), log })
+    }
+
+    /// What the process printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the output contains `text`.
+    pub fn wait_for(&self, text: &str, timeout: Duration) -> bool {
+        eventually(timeout, || self.log().contains(text))
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status and the output.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().expect("wait");
+        (status, self.settled_log())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.take().expect("running").wait().expect("wait");
+        (status, self.settled_log())
+    }
+
+    /// The output once the reader threads have seen the pipes close.
+    fn settled_log(&self) -> String {
+        thread::sleep(Duration::from_millis(50));
+        self.log()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

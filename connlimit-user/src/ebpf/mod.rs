@@ -248,6 +248,11 @@ impl EbpfLimiter {
         &self.name
     }
 
+    /// Whether enforcement outlives this limiter ([`AttachOptions::persist`]).
+    pub fn is_persistent(&self) -> bool {
+        self.instance().is_persistent()
+    }
+
     /// Replaces the configuration; the next SYN sees it. Lowering the limit
     /// closes nothing, it only refuses new connections.
     pub fn set_config(&self, config: Config) -> Result<(), EbpfError> {

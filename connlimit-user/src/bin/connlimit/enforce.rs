@@ -93,11 +93,17 @@ impl Enforcement {
         match self {
             Self::Attached(limiter) => {
                 let name = limiter.name().to_owned();
+                let persisted = limiter.is_persistent();
                 limiter.detach()?;
-                tracing::info!(instance = %name, "detached");
+                if persisted {
+                    tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach {name}`");
+                } else {
+                    tracing::info!(instance = %name, "detached");
+                }
             }
             Self::Adopted { instance, persist: true } => {
-                tracing::info!(instance = %instance.name(), "left enforcing (--persist)");
+                let name = instance.name();
+                tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach {name}`");
             }
             Self::Adopted { instance, persist: false } => {
                 let name = instance.name().to_owned();
@@ -110,8 +116,31 @@ impl Enforcement {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the event loop")
+/// SIGINT and SIGTERM, caught from the moment this exists: made before
+/// attaching, so a signal can never kill us half-way and leave pins.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// The event loop, and the signals caught on it.
+    fn catch() -> Result<(tokio::runtime::Runtime, Self)> {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the event loop")?;
+        let _entered = runtime.enter();
+        let term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+        let int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+        Ok((runtime, Self { term, int }))
+    }
+
+    /// Waits for SIGINT or SIGTERM; returns which.
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.int.recv() => libc::SIGINT,
+        }
+    }
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -120,17 +149,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, Some(pid)) => (host::cgroup_of_pid(pid)?, PathBuf::from(format!("/proc/{pid}/ns/net"))),
         (None, None) => unreachable!("clap requires --cgroup or --pid"),
     };
+    let (runtime, mut signals) = Signals::catch()?;
     let enforcement = Enforcement::start(&args.limits, &cgroup, &netns, args.persist)?;
     tracing::info!("enforcing; stop with Ctrl-C or SIGTERM");
-    runtime()?.block_on(async {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        anyhow::Ok(())
-    })?;
+    runtime.block_on(signals.next());
     enforcement.finish()
 }
 
@@ -140,6 +162,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     limits.config().validate()?;
     Instance::validate_name(&limits.name.name)?;
     host::require_root()?;
+    let (runtime, mut signals) = Signals::catch()?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
     let enforcement = Enforcement::start(limits, cgroup.path(), Path::new("/proc/self/ns/net"), false)?;
 
@@ -147,19 +170,16 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     let mut command = std::process::Command::new(program);
     command.args(rest);
     cgroup.add_on_exec(&mut command);
-    let status = runtime()?.block_on(async {
+    let status = runtime.block_on(async {
         let mut child = tokio::process::Command::from(command)
             .spawn()
             .with_context(|| format!("starting {}", program.to_string_lossy()))?;
         let pid = child.id().context("the server exited at once")? as i32;
         tracing::info!(pid, "server started");
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         loop {
             let forward = tokio::select! {
                 status = child.wait() => return anyhow::Ok(status?),
-                _ = term.recv() => libc::SIGTERM,
-                _ = int.recv() => libc::SIGINT,
+                signal = signals.next() => signal,
             };
             // SAFETY: signalling our own child.
             unsafe { libc::kill(pid, forward) };

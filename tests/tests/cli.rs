@@ -1,0 +1,193 @@
+//! An operator's walkthrough, end to end: the `connlimit` binary protecting a
+//! real server from real clients, inside a network namespace of the test's
+//! own. Needs root (CI runs it as root).
+
+use std::{
+    io::ErrorKind,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use connlimit::ebpf::{
+    Instance,
+    attachments::{AttachPoint, attached_programs},
+};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, eventually, require_root, unique};
+use serde_json::Value;
+
+const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
+
+/// The CLI binary, built by `cargo test --workspace` next to this test's
+/// own directory.
+fn connlimit_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("connlimit");
+    assert!(
+        bin.exists(),
+        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
+        bin.display()
+    );
+    bin
+}
+
+/// `connlimit args...` run inside `netns`, to completion.
+fn connlimit(netns: &Netns, args: &[&str]) -> Output {
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(args).stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    cmd.output().unwrap()
+}
+
+fn ok_json(netns: &Netns, args: &[&str]) -> Value {
+    let out = connlimit(netns, args);
+    assert!(out.status.success(), "connlimit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fails(netns: &Netns, args: &[&str], code: i32, message: &str) {
+    let out = connlimit(netns, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "connlimit {args:?}: {stderr}");
+    assert!(stderr.contains(message), "connlimit {args:?}: {stderr}");
+    assert_eq!(stderr.trim().lines().filter(|l| l.starts_with("connlimit: error")).count() <= 1, true);
+}
+
+fn running(name: &str) -> bool {
+    Instance::list().unwrap().iter().any(|n| n == name)
+}
+
+#[test]
+fn operator_walkthrough_exec_set_top_status_detach() {
+    if !require_root() {
+        return;
+    }
+    let netns = Netns::new().unwrap();
+    let name = unique("walk");
+    let server = SocketAddr::from(([127, 0, 0, 1], 8080));
+
+    // One command protects an unmodified server.
+    let mut exec = Command::new(connlimit_bin());
+    exec.args([
+        "exec",
+        "--name",
+        &name,
+        "--port",
+        "8080",
+        "--max-conns-per-client-ip",
+        "2",
+        "--",
+        HOLD_SERVER,
+        "0.0.0.0:8080",
+    ])
+    .stdin(Stdio::null());
+    netns.enter_on_exec(&mut exec);
+    let exec = Background::spawn(&mut exec).unwrap();
+    // hold-server says "listening" once its listener is up.
+    assert!(exec.wait_for("listening", Duration::from_secs(10)), "{}", exec.log());
+
+    let me = client_v4(1);
+    let _a = netns.hello_from(me, server).unwrap();
+    let _b = netns.hello_from(me, server).unwrap();
+    let refused = netns.hello_from(me, server).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
+
+    let top = ok_json(&netns, &["top", "--name", &name, "--json"]);
+    let row = top["clients"].as_array().unwrap().iter().find(|c| c["client"] == "127.1.0.1").expect("client listed");
+    assert_eq!((row["open"].as_u64(), row["refused"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(top["max_conns_per_client_ip"], 2);
+
+    // Raise the limit live.
+    let out =
+        connlimit(&netns, &["set", "--name", &name, "--max-conns-per-client-ip", "3", "--exempt", "127.1.5.0/24"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _c = netns.hello_from(me, server).unwrap();
+    let config = ok_json(&netns, &["config", "--name", &name, "--json"]);
+    assert_eq!(config["max_conns_per_client_ip"], 3);
+    assert_eq!(config["exempt"], serde_json::json!(["127.1.5.0/24"]));
+    assert_eq!(config["ports"], serde_json::json!([8080]));
+    // Exempt clients are never refused.
+    let exempt: Vec<_> = (0..5).map(|_| netns.hello_from(client_v4(0x505), server).unwrap()).collect();
+
+    let status = ok_json(&netns, &["status", "--json"]);
+    let mine = status.as_array().unwrap().iter().find(|s| s["name"] == name.as_str()).expect("instance listed");
+    assert_eq!(mine["open"], 8);
+    assert_eq!(mine["refused"], 1);
+    assert_eq!(mine["ports"], serde_json::json!([8080]));
+    assert_eq!(mine["persistent"], false);
+    drop(exempt);
+
+    // Mistakes get one clear line and the right exit code, and change nothing.
+    fails(&netns, &["set", "--name", "no-such-instance", "-m", "1"], 1, "no connlimit instance named");
+    fails(&netns, &["set", "--name", &name, "-m", "lots"], 2, "invalid value");
+    fails(&netns, &["set", "--name", &name, "--exempt", "10.0.0.0/40"], 2, "invalid prefix length");
+    let cgroup = TestCgroup::create(&unique("walk-other")).unwrap();
+    let cgroup_path = cgroup.path().to_str().unwrap().to_owned();
+    fails(
+        &netns,
+        &["run", "--name", "second", "-p", "8080", "-m", "1", "--cgroup", &cgroup_path],
+        1,
+        "already guarded by connlimit instance",
+    );
+    assert!(!running("second"));
+    assert_eq!(ok_json(&netns, &["config", "--name", &name, "--json"])["max_conns_per_client_ip"], 3);
+
+    // Detaching ends the exec (it passes SIGTERM to its server).
+    let out = connlimit(&netns, &["detach", &name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, log) = exec.wait();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "exec exits with its server's status: {log}");
+    assert!(log.contains("detached"), "{log}");
+    assert!(!running(&name));
+    assert!(attached_programs(&netns.path(), AttachPoint::SkLookup).unwrap().is_empty());
+}
+
+#[test]
+fn run_persist_then_adopt_then_detach() {
+    if !require_root() {
+        return;
+    }
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("walk-persist")).unwrap();
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8081))]).unwrap();
+    let name = unique("persist");
+    let cgroup_path = cgroup.path().to_str().unwrap().to_owned();
+    let server = SocketAddr::from(([127, 0, 0, 1], 8081));
+    let me = client_v4(2);
+
+    let start = |extra: &[&str]| {
+        let mut cmd = Command::new(connlimit_bin());
+        cmd.args(["run", "--name", &name, "--port", "8081", "-m", "1", "--cgroup", &cgroup_path])
+            .args(extra)
+            .stdin(Stdio::null());
+        netns.enter_on_exec(&mut cmd);
+        let child = Background::spawn(&mut cmd).unwrap();
+        assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
+        child
+    };
+    let stop = |child: Background| {
+        let (status, log) = child.stop();
+        assert!(status.success(), "{log}");
+        log
+    };
+
+    let log = stop(start(&["--persist"]));
+    assert!(log.contains("left enforcing"), "{log}");
+    // Nobody holds it now, yet the kernel still enforces.
+    assert!(running(&name));
+    let _held = netns.hello_from(me, server).unwrap();
+    assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    let status = ok_json(&netns, &["status", "--json"]);
+    assert!(status.as_array().unwrap().iter().any(|s| s["name"] == name.as_str() && s["persistent"] == true));
+
+    // A later run adopts it instead of failing; without --persist it
+    // detaches on exit.
+    let log = stop(start(&[]));
+    assert!(log.contains("adopted"), "{log}");
+    assert!(!running(&name));
+    assert!(eventually(Duration::from_secs(2), || attached_programs(&netns.path(), AttachPoint::SkLookup)
+        .unwrap()
+        .is_empty()));
+    let _free = netns.hello_from(me, server).unwrap();
+}
