@@ -29,7 +29,33 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Bootstrap, build, and run the `connlimit` CLI with ARGS (as root).
+    /// Without ARGS, protect a demo server: Python's http.server on
+    /// 127.0.0.1:8080, at most 10 connections per client IP.
+    Connlimit {
+        /// Arguments for `connlimit`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Regenerate docs/CLI.md from the CLI's --help.
+    Docs,
 }
+
+/// The main job's default: one command protecting an unmodified server.
+const DEMO: &[&str] = &[
+    "exec",
+    "--port",
+    "8080",
+    "--max-conns-per-client-ip",
+    "10",
+    "--",
+    "python3",
+    "-m",
+    "http.server",
+    "8080",
+    "--bind",
+    "127.0.0.1",
+];
 
 fn main() -> ExitCode {
     match run(Cli::parse().task) {
@@ -50,6 +76,23 @@ fn run(task: Task) -> Result<()> {
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
             cargo(&test)
+        }
+        Task::Connlimit { args } => {
+            let args: Vec<&str> = if args.is_empty() { DEMO.to_vec() } else { args.iter().map(String::as_str).collect() };
+            let mut run = vec!["run", "--quiet", "--release", "--package", "connlimit-user", "--bin", "connlimit", "--"];
+            run.extend(args);
+            cargo(&run)
+        }
+        Task::Docs => {
+            let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["test", "--package", "connlimit-user", "--test", "cli_reference"])
+                .env("CONNLIMIT_UPDATE_DOCS", "1")
+                .env("PATH", bootstrap::path_with_cargo_bin()?)
+                .status()?;
+            if !status.success() {
+                bail!("generating docs/CLI.md failed ({status})");
+            }
+            Ok(())
         }
     }
 }
