@@ -54,6 +54,11 @@ mod limiter;
 mod listener;
 mod peer;
 
+/// The README's example compiles (checked by `cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
+
 pub use cidr::{Cidr, CidrError};
 pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_EXEMPT};
 #[cfg(target_os = "linux")]
