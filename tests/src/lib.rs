@@ -308,6 +308,16 @@ impl Background {
         Ok(Self { child: Some(child), log })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// The process's stdin, if it was piped.
+    pub fn stdin(&mut self) -> Option<&mut std::process::ChildStdin> {
+        self.child.as_mut()?.stdin.as_mut()
+    }
+
     /// What the process printed so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

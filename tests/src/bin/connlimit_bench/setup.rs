@@ -1,0 +1,167 @@
+//! One configuration under test, set up in a fresh network namespace and
+//! torn down with it (the namespace takes its iptables/nftables rules along).
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use connlimit::{
+    Config,
+    ebpf::{AttachOptions, EbpfLimiter},
+};
+use harness::{Background, Netns, TestCgroup, unique};
+
+/// The guarded port.
+pub const PORT: u16 = 9000;
+
+/// What stands between the clients and the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Nothing: the baseline.
+    Baseline,
+    /// connlimit's eBPF programs.
+    Connlimit,
+    /// `iptables -m connlimit ... -j REJECT --reject-with tcp-reset`.
+    Iptables,
+    /// nftables `ct count over N` in a dynamic set, `reject with tcp reset`.
+    Nftables,
+    /// The user-space `Limiter` in the server's accept loop.
+    Userspace,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
+    /// The ones that refuse (all but the baseline).
+    pub const LIMITERS: [Kind; 4] = [Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Baseline => "no limiter",
+            Kind::Connlimit => "connlimit (eBPF)",
+            Kind::Iptables => "iptables connlimit",
+            Kind::Nftables => "nftables ct count",
+            Kind::Userspace => "userspace core",
+        }
+    }
+}
+
+/// A namespace with the bench server in its own cgroup, behind one limiter.
+pub struct Env {
+    pub netns: Netns,
+    pub server: Background,
+    // Held for its side effect: attached while the environment lives.
+    _ebpf: Option<EbpfLimiter>,
+    _cgroup: TestCgroup,
+}
+
+impl Env {
+    pub fn new(kind: Kind, limit: u32, server_bin: &str) -> Result<Self> {
+        let netns = Netns::new()?;
+        tune(&netns)?;
+        let cgroup = TestCgroup::create(&unique("connlimit-bench"))?;
+        let ebpf = match kind {
+            Kind::Connlimit => Some(EbpfLimiter::attach(
+                AttachOptions::new(unique("bench"), cgroup.path())
+                    .netns(netns.path())
+                    .port(PORT)
+                    .config(Config::new(limit)),
+            )?),
+            Kind::Iptables => {
+                let limit = limit.to_string();
+                run_in(&netns, "iptables", &[
+                    "-A", "INPUT", "-p", "tcp", "--syn", "--dport", &PORT.to_string(), "-m", "connlimit",
+                    "--connlimit-above", &limit, "--connlimit-mask", "32", "-j", "REJECT", "--reject-with", "tcp-reset",
+                ])?;
+                None
+            }
+            Kind::Nftables => {
+                let rules = format!(
+                    "table inet bench {{\n\
+                       set clients {{ type ipv4_addr; flags dynamic; }}\n\
+                       chain input {{ type filter hook input priority 0; policy accept;\n\
+                         tcp dport {PORT} ct state new add @clients {{ ip saddr ct count over {limit} }} reject with tcp reset\n\
+                       }}\n\
+                     }}\n"
+                );
+                nft_stdin(&netns, &rules)?;
+                None
+            }
+            Kind::Baseline | Kind::Userspace => None,
+        };
+        let mut cmd = Command::new(server_bin);
+        cmd.arg(SocketAddr::from(([0, 0, 0, 0], PORT)).to_string()).stdin(Stdio::piped());
+        if kind == Kind::Userspace {
+            cmd.arg(limit.to_string());
+        }
+        cgroup.add_on_exec(&mut cmd);
+        netns.enter_on_exec(&mut cmd);
+        let server = Background::spawn(&mut cmd)?;
+        if !server.wait_for("listening", Duration::from_secs(10)) {
+            bail!("the bench server did not start: {}", server.log());
+        }
+        Ok(Self { netns, server, _ebpf: ebpf, _cgroup: cgroup })
+    }
+
+    /// (connections accepted, connections refused by the user-space core)
+    /// so far, as the server counts them.
+    pub fn server_counts(&mut self) -> Result<(u64, u64)> {
+        let before = self.server.log().matches("accepted ").count();
+        writeln!(self.server.stdin().context("server stdin")?, "stats")?;
+        if !harness::eventually(Duration::from_secs(5), || self.server.log().matches("accepted ").count() > before) {
+            bail!("the bench server did not answer");
+        }
+        let log = self.server.log();
+        let line = log.lines().rev().find(|l| l.starts_with("accepted ")).context("no counts")?;
+        let numbers: Vec<u64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
+        Ok((numbers[0], numbers[1]))
+    }
+
+    /// CPU time the server process has used (user + system).
+    pub fn server_cpu(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.server.pid()))?;
+        // Fields after the parenthesised command name; utime and stime are 14th and 15th overall.
+        let rest = &stat[stat.rfind(')').context("stat format")? + 2..];
+        let fields: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+    }
+}
+
+/// Enough ports and quick reuse of TIME_WAIT ports for sustained churn.
+fn tune(netns: &Netns) -> Result<()> {
+    netns.run(|| -> Result<()> {
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")?;
+        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        Ok(())
+    })
+}
+
+fn run_in(netns: &Netns, program: &str, args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let out = cmd.output().with_context(|| format!("running {program} (install it: apt-get install {program})"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn nft_stdin(netns: &Netns, rules: &str) -> Result<()> {
+    let mut cmd = Command::new("nft");
+    cmd.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    netns.enter_on_exec(&mut cmd);
+    let mut child = cmd.spawn().context("running nft (install it: apt-get install nftables)")?;
+    child.stdin.take().context("nft stdin")?.write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
