@@ -7,7 +7,7 @@
 //! | `EXEMPT` | LPM trie | prefix + [`AddrWords`] | `u8` | user space |
 //! | `CLIENTS` | LRU hash | [`ClientKey`] | [`ClientState`] | kernel |
 //! | `RESERVATIONS` | LRU hash | [`FlowKey`] | [`Reservation`] | kernel |
-//! | `CONNS` | hash | [`FlowKey`] | [`ClientKey`] | kernel |
+//! | `CONNS` | hash | socket cookie (`u64`) | [`ClientKey`] | kernel |
 //! | `STATS` | per-CPU array | [`Stat`] | `u64` | kernel |
 //! | `INSTANCE` | array, 1 entry | `u32` 0 | [`InstanceInfo`] | user space |
 
@@ -25,7 +25,7 @@ pub mod names {
     pub const CLIENTS: &str = "CLIENTS";
     /// Admitted handshakes not yet established.
     pub const RESERVATIONS: &str = "RESERVATIONS";
-    /// Counted established connections.
+    /// Counted established connections, by socket cookie.
     pub const CONNS: &str = "CONNS";
     /// Global counters.
     pub const STATS: &str = "STATS";
@@ -53,11 +53,14 @@ pub mod capacity {
     /// Handshakes in flight; the oldest are evicted.
     pub const RESERVATIONS: u32 = 1 << 16;
     /// Established connections counted at once.
-    pub const CONNS: u32 = 1 << 20;
+    pub const CONNS: u32 = 1 << 18;
 }
 
 /// `KernelConfig::flags`: count and report what would be refused, refuse nothing.
 pub const FLAG_DRY_RUN: u16 = 1;
+/// `KernelConfig::flags`: the `EXEMPT` trie has entries (when clear, the
+/// lookup program skips it).
+pub const FLAG_EXEMPT: u16 = 1 << 1;
 
 /// Entries in the `PORTS` array: one per TCP port.
 pub const PORT_COUNT: u32 = 1 << 16;
@@ -72,7 +75,7 @@ pub struct KernelConfig {
     pub ipv4_prefix_len: u8,
     /// IPv6 clients are grouped by this many leading bits (0..=128).
     pub ipv6_prefix_len: u8,
-    /// [`FLAG_DRY_RUN`] and future flags.
+    /// [`FLAG_DRY_RUN`], [`FLAG_EXEMPT`].
     pub flags: u16,
     /// Length of a reservation epoch: a reservation whose handshake never
     /// completes is released between one and two epochs after its SYN.

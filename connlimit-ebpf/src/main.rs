@@ -21,10 +21,10 @@ mod atomic;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
     },
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SkLookupContext, SockOpsContext},
@@ -33,7 +33,7 @@ use aya_log_ebpf::warn;
 use connlimit_common::{
     addr::{AddrWords, client_key, v4_mapped},
     maps::{
-        ClientKey, ClientState, FLAG_DRY_RUN, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT, Reservation, Stat,
+        ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT, Reservation, Stat,
         capacity,
     },
     occupancy::{Occupancy, epoch_tag, is_live},
@@ -57,12 +57,15 @@ static EXEMPT: LpmTrie<AddrWords, u8> = LpmTrie::with_max_entries(capacity::EXEM
 #[map]
 static CLIENTS: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(capacity::CLIENTS, 0);
 // LRU: only abandoned handshakes grow old here; the slot they took is freed
-// by the epoch arithmetic, so evicting the entry loses nothing.
+// by the epoch arithmetic, so evicting the entry loses nothing. Per-CPU LRU
+// lists: no lock shared between CPUs on the SYN path.
 #[map]
-static RESERVATIONS: LruHashMap<FlowKey, Reservation> = LruHashMap::with_max_entries(capacity::RESERVATIONS, 0);
+static RESERVATIONS: LruHashMap<FlowKey, Reservation> =
+    LruHashMap::with_max_entries(capacity::RESERVATIONS, BPF_F_NO_COMMON_LRU);
 // Not LRU: an entry here is the promise that the close will be counted.
+// Keyed by socket cookie: unique per socket, and cheap to hash.
 #[map]
-static CONNS: HashMap<FlowKey, ClientKey> = HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
+static CONNS: HashMap<u64, ClientKey> = HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 #[map]
@@ -99,7 +102,7 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     {
         return sk_action::SK_PASS;
     }
-    if EXEMPT.get(Key::new(128, flow.client)).is_some() {
+    if config.flags & FLAG_EXEMPT != 0 && EXEMPT.get(Key::new(128, flow.client)).is_some() {
         return sk_action::SK_PASS;
     }
 
@@ -162,16 +165,17 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(state) = client_state(&client) else {
         return untracked(ctx);
     };
+    let cookie = socket_cookie(ctx);
     // Ask to hear of this socket's state changes, to see it close.
     if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_err()
-        || CONNS.insert(flow, client, BPF_NOEXIST as u64).is_err()
+        || CONNS.insert(cookie, client, BPF_NOEXIST as u64).is_err()
     {
         return untracked(ctx);
     }
     let now = epoch_tag(now_ns(), config.epoch_ns);
     let tag = reservation.map(|r| r.tag);
     if update(state, |o| Some((o.establish(now, tag), ()))).is_none() {
-        let _ = CONNS.remove(flow);
+        let _ = CONNS.remove(cookie);
         return untracked(ctx);
     }
     // SAFETY: `state` points into a live map entry.
@@ -182,13 +186,13 @@ fn on_established(ctx: &SockOpsContext) {
 /// A socket of the cgroup reached TCP_CLOSE, by whatever path: FIN from
 /// either side, RST, abort, timeout, or the move to TIME_WAIT.
 fn on_close(ctx: &SockOpsContext) {
-    let flow = socket_flow(ctx);
+    let cookie = socket_cookie(ctx);
     // SAFETY: entries are plain data, copied out before the removal.
-    let Some(client) = (unsafe { CONNS.get(flow) }).copied() else {
+    let Some(client) = (unsafe { CONNS.get(cookie) }).copied() else {
         return;
     };
     // Whoever removes the entry gives the slot back: exactly once.
-    if CONNS.remove(flow).is_err() {
+    if CONNS.remove(cookie).is_err() {
         return;
     }
     if let Some(state) = CLIENTS.get_ptr_mut(client) {
@@ -219,6 +223,11 @@ fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
         client_port: u16::from_be(((remote_port >> 16) | (remote_port & 0xffff)) as u16),
         local_port: local_port as u16,
     }
+}
+
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: a helper taking the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
 /// A context field, read exactly where it is written in the source.

@@ -3,6 +3,7 @@
 //! Every task starts with [`bootstrap`], which installs what a fresh machine
 //! lacks (idempotently, and at no cost once done).
 
+mod bench;
 mod bootstrap;
 
 use std::process::{Command, ExitCode};
@@ -39,6 +40,17 @@ enum Task {
     },
     /// Regenerate docs/CLI.md from the CLI's --help.
     Docs,
+    /// Benchmark connlimit against no limiter, iptables, nftables and the
+    /// userspace core, side by side (as root; installs iptables and nftables
+    /// if missing), print the report and put it in BENCHMARKS.md.
+    Bench {
+        /// Print the report only; leave BENCHMARKS.md alone.
+        #[arg(long)]
+        no_write: bool,
+        /// Arguments for connlimit-bench (--reps, --seconds, --clients, --burst-runs).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 /// The main job's default: one command protecting an unmodified server.
@@ -83,6 +95,7 @@ fn run(task: Task) -> Result<()> {
             run.extend(args);
             cargo(&run)
         }
+        Task::Bench { no_write, args } => bench::run(no_write, &args),
         Task::Docs => {
             let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
                 .args(["test", "--package", "connlimit-user", "--test", "cli_reference"])
@@ -98,7 +111,7 @@ fn run(task: Task) -> Result<()> {
 }
 
 /// Runs the same cargo that runs us, with bpf-linker reachable.
-fn cargo(args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
         .args(args)

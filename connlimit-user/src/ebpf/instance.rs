@@ -15,7 +15,7 @@ use aya::{
 };
 use connlimit_common::{
     addr::AddrWords,
-    maps::{ClientKey, ClientState, FLAG_DRY_RUN, FlowKey, InstanceInfo, KernelConfig, Stat, names},
+    maps::{ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, InstanceInfo, KernelConfig, Stat, names},
     occupancy::{Occupancy, epoch_tag},
 };
 
@@ -50,7 +50,7 @@ pub struct Instance {
     ports: Array<MapData, u8>,
     exempt: LpmTrie<MapData, AddrWords, u8>,
     clients: HashMap<MapData, ClientKey, ClientState>,
-    conns: HashMap<MapData, FlowKey, ClientKey>,
+    conns: HashMap<MapData, u64, ClientKey>,
     stats: PerCpuArray<MapData, u64>,
     info: Array<MapData, InstanceInfo>,
 }
@@ -244,7 +244,7 @@ impl Instance {
             max_conns_per_client: config.max_conns_per_client_ip,
             ipv4_prefix_len: config.ipv4_prefix_len,
             ipv6_prefix_len: config.ipv6_prefix_len,
-            flags: if config.dry_run { FLAG_DRY_RUN } else { 0 },
+            flags: if config.dry_run { FLAG_DRY_RUN } else { 0 } | if new.is_empty() { 0 } else { FLAG_EXEMPT },
             epoch_ns,
         };
         self.config.set(0, kernel, 0).map_err(sys("writing the config map"))?;

@@ -72,6 +72,7 @@ pub struct AttachOptions {
     persist: bool,
     reservation_epoch: Duration,
     max_clients: Option<u32>,
+    max_connections: Option<u32>,
 }
 
 impl AttachOptions {
@@ -88,6 +89,7 @@ impl AttachOptions {
             persist: false,
             reservation_epoch: DEFAULT_RESERVATION_EPOCH,
             max_clients: None,
+            max_connections: None,
         }
     }
 
@@ -139,6 +141,13 @@ impl AttachOptions {
         self.max_clients = Some(max);
         self
     }
+
+    /// How many established connections the kernel can count at once
+    /// (default 262144); past that, new ones are admitted uncounted.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = Some(max);
+        self
+    }
 }
 
 /// A limiter enforced by the kernel. Dropping it detaches the programs and
@@ -170,7 +179,17 @@ impl EbpfLimiter {
     /// Loads the programs, writes the config, attaches, and pins the maps.
     /// On error nothing is left attached or pinned.
     pub fn attach(options: AttachOptions) -> Result<Self, EbpfError> {
-        let AttachOptions { name, cgroup, netns, mut ports, config, persist, reservation_epoch, max_clients } = options;
+        let AttachOptions {
+            name,
+            cgroup,
+            netns,
+            mut ports,
+            config,
+            persist,
+            reservation_epoch,
+            max_clients,
+            max_connections,
+        } = options;
         Instance::validate_name(&name)?;
         config.validate()?;
         ports.sort_unstable();
@@ -196,6 +215,9 @@ impl EbpfLimiter {
         let mut loader = EbpfLoader::new();
         if let Some(max) = max_clients {
             loader.map_max_entries(names::CLIENTS, max);
+        }
+        if let Some(max) = max_connections {
+            loader.map_max_entries(names::CONNS, max);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| EbpfError::system("loading the eBPF object", e))?;
         let log = log::KernelLog::start(&mut ebpf);

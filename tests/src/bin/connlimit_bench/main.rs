@@ -157,8 +157,46 @@ fn main() -> Result<()> {
     }
 
     let memory = memory::measure()?;
-    print!("{}", report(&args, &churn, &sources, &bursts, &floods, &memory, started.elapsed())?);
+    let profile = profile(&args, server)?;
+    print!("{}", report(&args, &churn, &sources, &bursts, &floods, &memory, &profile, started.elapsed())?);
     Ok(())
+}
+
+/// Time and calls of connlimit's programs during one churn run from 1000
+/// IPs, with the kernel's BPF run-time statistics on (for that run only:
+/// they cost two clock reads per program run).
+struct Profile {
+    connections: f64,
+    programs: Vec<(&'static str, Duration, u64)>,
+}
+
+fn program_totals() -> Vec<(&'static str, Duration, u64)> {
+    // Program names are cut to 15 bytes by the kernel.
+    [("sk_lookup", "connlimit_looku"), ("sock_ops", "connlimit_sock_")]
+        .into_iter()
+        .map(|(label, prefix)| {
+            let (time, count) = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(prefix)))
+                .fold((Duration::ZERO, 0), |(t, c), p| (t + p.run_time(), c + p.run_count()));
+            (label, time, count)
+        })
+        .collect()
+}
+
+fn profile(args: &Args, server: &str) -> Result<Profile> {
+    let env = Env::new(Kind::Connlimit, CHURN_LIMIT, server)?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let before = program_totals();
+    let run = load::churn(&env, 1000, args.clients, args.duration);
+    let after = program_totals();
+    interrupted()?;
+    let programs = before
+        .iter()
+        .zip(&after)
+        .map(|((label, t0, c0), (_, t1, c1))| (*label, *t1 - *t0, c1 - c0))
+        .collect();
+    Ok(Profile { connections: run.per_sec * args.duration.as_secs_f64(), programs })
 }
 
 fn report(
@@ -168,6 +206,7 @@ fn report(
     bursts: &[Vec<usize>],
     floods: &[(Kind, u32, f64, f64)],
     memory: &[memory::Footprint],
+    profile: &Profile,
     took: Duration,
 ) -> Result<String> {
     let mut out = String::new();
@@ -216,6 +255,15 @@ fn report(
                 runs.failed
             )?;
         }
+    }
+
+    writeln!(out, "\nWhere connlimit's time goes (one profiled churn run from 1000 IPs, {:.0} connections, kernel BPF statistics on):\n", profile.connections)?;
+    writeln!(out, "| program | runs per connection | ns per run | ns per connection |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    for (label, time, count) in &profile.programs {
+        let per_run = time.as_nanos() as f64 / (*count).max(1) as f64;
+        let per_conn = time.as_nanos() as f64 / profile.connections.max(1.0);
+        writeln!(out, "| {label} | {:.2} | {per_run:.0} | {per_conn:.0} |", *count as f64 / profile.connections.max(1.0))?;
     }
 
     writeln!(out, "\n### Burst exactness: 200 parallel connects from one IP, limit {BURST_LIMIT}\n")?;
