@@ -6,7 +6,7 @@
 //! | `PORTS` | array, 65536 entries | local port | `u8` (1 = guarded) | user space |
 //! | `EXEMPT` | LPM trie | prefix + [`AddrWords`] | `u8` | user space |
 //! | `CLIENTS` | LRU hash | [`ClientKey`] | [`ClientState`] | kernel |
-//! | `RESERVATIONS` | LRU hash | [`FlowKey`] | [`Reservation`] | kernel |
+//! | `RESERVATIONS` | array, slot = [`FlowKey::slot`] | `u32` | [`Reservation`] | kernel |
 //! | `CONNS` | hash | socket cookie (`u64`) | [`ClientKey`] | kernel |
 //! | `STATS` | per-CPU array | [`Stat`] | `u64` | kernel |
 //! | `INSTANCE` | array, 1 entry | `u32` 0 | [`InstanceInfo`] | user space |
@@ -50,7 +50,8 @@ pub mod capacity {
     pub const EXEMPT: u32 = 4096;
     /// Client keys tracked at once; the least recently seen are evicted.
     pub const CLIENTS: u32 = 1 << 17;
-    /// Handshakes in flight; the oldest are evicted.
+    /// Slots for handshakes in flight (a power of two); a new handshake
+    /// whose flow hashes to a taken slot overwrites it.
     pub const RESERVATIONS: u32 = 1 << 16;
     /// Established connections counted at once.
     pub const CONNS: u32 = 1 << 18;
@@ -117,16 +118,47 @@ pub struct FlowKey {
     pub local_port: u16,
 }
 
-/// A slot reserved at the SYN of an admitted connection.
+impl FlowKey {
+    /// The flow's slot in the `RESERVATIONS` table: a multiplicative hash of
+    /// its words, cheap enough for every SYN.
+    #[inline(always)]
+    pub fn slot(&self) -> u32 {
+        let words = [
+            self.client[0],
+            self.client[1],
+            self.client[2],
+            self.client[3],
+            self.local[3],
+            (self.client_port as u32) << 16 | self.local_port as u32,
+        ];
+        let mut h: u32 = 0;
+        let mut i = 0;
+        while i < words.len() {
+            h = (h.rotate_left(5) ^ words[i]).wrapping_mul(0x9e37_79b9);
+            i += 1;
+        }
+        (h ^ (h >> 16)) & (capacity::RESERVATIONS - 1)
+    }
+}
+
+/// A slot reserved at the SYN of an admitted connection: one entry of the
+/// `RESERVATIONS` table, found by the flow's [`slot`](FlowKey::slot).
+///
+/// The table is direct-mapped, with no lock: two handshakes in flight whose
+/// flows share a slot overwrite each other. A lost reservation only delays
+/// the release of its slot until its epoch expires, so the limit is never
+/// exceeded because of it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reservation {
+    /// The flow holding the slot.
+    pub flow: FlowKey,
     /// The client key the slot was taken from.
     pub client: ClientKey,
     /// The epoch tag the reservation was booked under.
     pub tag: u16,
-    /// Padding; zero.
-    pub _pad: u16,
+    /// 1 while the reservation is held, 0 once claimed or never used.
+    pub held: u16,
 }
 
 /// Indices into the `STATS` per-CPU array.
@@ -191,12 +223,26 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn slots_spread_flows_over_the_table() {
+        let mut seen = [false; capacity::RESERVATIONS as usize];
+        let mut distinct = 0;
+        for port in 1..=1000u16 {
+            let flow = FlowKey { client: [0, 0, 0xffff_0000, 0x0100_007f], client_port: port, local_port: 80, ..FlowKey::default() };
+            let slot = flow.slot() as usize;
+            assert!(slot < seen.len());
+            distinct += usize::from(!seen[slot]);
+            seen[slot] = true;
+        }
+        assert!(distinct > 990, "{distinct} distinct slots for 1000 flows");
+    }
+
+    #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<KernelConfig>(), 16);
         assert_eq!(size_of::<ClientKey>(), 16);
         assert_eq!(size_of::<ClientState>(), 24);
         assert_eq!(size_of::<FlowKey>(), 36);
-        assert_eq!(size_of::<Reservation>(), 20);
+        assert_eq!(size_of::<Reservation>(), 56);
         assert_eq!(size_of::<InstanceInfo>(), 40);
     }
 }

@@ -21,7 +21,7 @@ mod atomic;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -56,12 +56,10 @@ static EXEMPT: LpmTrie<AddrWords, u8> = LpmTrie::with_max_entries(capacity::EXEM
 // LRU: an evicted client is an idle one; its entry is remade on its next SYN.
 #[map]
 static CLIENTS: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(capacity::CLIENTS, 0);
-// LRU: only abandoned handshakes grow old here; the slot they took is freed
-// by the epoch arithmetic, so evicting the entry loses nothing. Per-CPU LRU
-// lists: no lock shared between CPUs on the SYN path.
+// Direct-mapped by `FlowKey::slot`: no hashing helper, no lock, no
+// allocation on the SYN path (see `Reservation` for why collisions are safe).
 #[map]
-static RESERVATIONS: LruHashMap<FlowKey, Reservation> =
-    LruHashMap::with_max_entries(capacity::RESERVATIONS, BPF_F_NO_COMMON_LRU);
+static RESERVATIONS: Array<Reservation> = Array::with_max_entries(capacity::RESERVATIONS, 0);
 // Not LRU: an entry here is the promise that the close will be counted.
 // Keyed by socket cookie: unique per socket, and cheap to hash.
 #[map]
@@ -96,9 +94,11 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
 
     // The context carries no TCP flags. A handshake admitted at its SYN comes
     // back here for its SYN-cookie ACK or a retransmitted SYN: let it through.
-    // SAFETY: entries are plain data; a concurrent update can only tear the tag.
-    if let Some(reservation) = unsafe { RESERVATIONS.get(flow) }
-        && is_live(reservation.tag, now)
+    let slot = flow.slot();
+    if let Some(r) = RESERVATIONS.get(slot)
+        && r.held != 0
+        && r.flow == flow
+        && is_live(r.tag, now)
     {
         return sk_action::SK_PASS;
     }
@@ -113,10 +113,10 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     };
     let limit = config.max_conns_per_client;
     if let Some(tag) = update(state, |o| o.try_reserve(now, limit)) {
-        let reservation = Reservation { client, tag, _pad: 0 };
-        // An LRU insert makes room by itself; should it still fail, the slot
-        // is freed by its epoch and the handshake is counted unreserved.
-        let _ = RESERVATIONS.insert(flow, reservation, 0);
+        if let Some(r) = RESERVATIONS.get_ptr_mut(slot) {
+            // SAFETY: `r` points into the array map's value memory.
+            unsafe { r.write(Reservation { flow, client, tag, held: 1 }) };
+        }
         return sk_action::SK_PASS;
     }
 
@@ -154,10 +154,15 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     };
     let flow = socket_flow(ctx);
-    // Taking the reservation out of the map makes it ours alone.
-    // SAFETY: entries are plain data, copied out before the removal.
-    let reservation = unsafe { RESERVATIONS.get(flow) }.copied();
-    let reservation = reservation.filter(|_| RESERVATIONS.remove(flow).is_ok());
+    // Claim the handshake's reservation, if its slot still holds it.
+    let reservation = RESERVATIONS.get_ptr_mut(flow.slot()).and_then(|r| {
+        // SAFETY: `r` points into the array map's value memory.
+        let r = unsafe { &mut *r };
+        (r.held != 0 && r.flow == flow).then(|| {
+            r.held = 0;
+            *r
+        })
+    });
     let client = match reservation {
         Some(r) => r.client,
         None => ClientKey { addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len) },
