@@ -227,7 +227,12 @@ mod tests {
         let mut seen = [false; capacity::RESERVATIONS as usize];
         let mut distinct = 0;
         for port in 1..=1000u16 {
-            let flow = FlowKey { client: [0, 0, 0xffff_0000, 0x0100_007f], client_port: port, local_port: 80, ..FlowKey::default() };
+            let flow = FlowKey {
+                client: [0, 0, 0xffff_0000, 0x0100_007f],
+                client_port: port,
+                local_port: 80,
+                ..FlowKey::default()
+            };
             let slot = flow.slot() as usize;
             assert!(slot < seen.len());
             distinct += usize::from(!seen[slot]);

@@ -33,8 +33,8 @@ use aya_log_ebpf::warn;
 use connlimit_common::{
     addr::{AddrWords, client_key, v4_mapped},
     maps::{
-        ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT, Reservation, Stat,
-        capacity,
+        ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT,
+        Reservation, Stat, capacity,
     },
     occupancy::{Occupancy, epoch_tag, is_live},
 };

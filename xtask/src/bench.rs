@@ -43,8 +43,9 @@ pub fn run(no_write: bool, args: &[String]) -> Result<()> {
 /// Installs Debian packages whose commands are missing.
 fn ensure_packages(commands: &[(&str, &str)]) -> Result<()> {
     let on_path = |cmd: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).chain(["/usr/sbin".into(), "/sbin".into()]).any(|d| d.join(cmd).is_file()))
+        std::env::var_os("PATH").is_some_and(|p| {
+            std::env::split_paths(&p).chain(["/usr/sbin".into(), "/sbin".into()]).any(|d| d.join(cmd).is_file())
+        })
     };
     let missing: Vec<&str> = commands.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {

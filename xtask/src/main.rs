@@ -90,8 +90,10 @@ fn run(task: Task) -> Result<()> {
             cargo(&test)
         }
         Task::Connlimit { args } => {
-            let args: Vec<&str> = if args.is_empty() { DEMO.to_vec() } else { args.iter().map(String::as_str).collect() };
-            let mut run = vec!["run", "--quiet", "--release", "--package", "connlimit-user", "--bin", "connlimit", "--"];
+            let args: Vec<&str> =
+                if args.is_empty() { DEMO.to_vec() } else { args.iter().map(String::as_str).collect() };
+            let mut run =
+                vec!["run", "--quiet", "--release", "--package", "connlimit-user", "--bin", "connlimit", "--"];
             run.extend(args);
             cargo(&run)
         }

@@ -34,7 +34,7 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { reps: 3, duration: Duration::from_secs(5), clients: 64, burst_runs: 20 };
+    let mut args = Args { reps: 5, duration: Duration::from_secs(5), clients: 64, burst_runs: 20 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"));
@@ -44,7 +44,7 @@ fn parse_args() -> Result<Args> {
             "--clients" => args.clients = value()?.parse()?,
             "--burst-runs" => args.burst_runs = value()?.parse()?,
             "--help" | "-h" => {
-                println!("connlimit-bench [--reps N (3)] [--seconds S (5)] [--clients N (64)] [--burst-runs N (20)]");
+                println!("connlimit-bench [--reps N (5)] [--seconds S (5)] [--clients N (64)] [--burst-runs N (20)]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}; see --help"),
@@ -152,14 +152,29 @@ fn main() -> Result<()> {
         let per10k = |x: f64| if refused == 0 { f64::NAN } else { x * 10_000.0 / f64::from(refused) };
         let cpu_ms = per10k((cpu1 - cpu0).as_secs_f64() * 1e3);
         let accepts = per10k((accepted1 - accepted0).saturating_sub(u64::from(BURST_LIMIT)) as f64);
-        eprintln!("flood {:<20} refused {refused}  server CPU {cpu_ms:.1} ms  accepts {accepts:.0} per 10k", kind.name());
+        eprintln!(
+            "flood {:<20} refused {refused}  server CPU {cpu_ms:.1} ms  accepts {accepts:.0} per 10k",
+            kind.name()
+        );
         floods.push((kind, refused, cpu_ms, accepts));
     }
 
     let memory = memory::measure()?;
     let profile = profile(&args, server)?;
-    print!("{}", report(&args, &churn, &sources, &bursts, &floods, &memory, &profile, started.elapsed())?);
+    let results = Results { churn, sources, bursts, floods, memory, profile, took: started.elapsed() };
+    print!("{}", report(&args, &results)?);
     Ok(())
+}
+
+/// Everything one run measured, for the report.
+struct Results {
+    churn: Vec<Vec<ChurnRuns>>,
+    sources: [u32; 2],
+    bursts: Vec<Vec<usize>>,
+    floods: Vec<(Kind, u32, f64, f64)>,
+    memory: Vec<memory::Footprint>,
+    profile: Profile,
+    took: Duration,
 }
 
 /// Time and calls of connlimit's programs during one churn run from 1000
@@ -191,24 +206,13 @@ fn profile(args: &Args, server: &str) -> Result<Profile> {
     let run = load::churn(&env, 1000, args.clients, args.duration);
     let after = program_totals();
     interrupted()?;
-    let programs = before
-        .iter()
-        .zip(&after)
-        .map(|((label, t0, c0), (_, t1, c1))| (*label, *t1 - *t0, c1 - c0))
-        .collect();
+    let programs =
+        before.iter().zip(&after).map(|((label, t0, c0), (_, t1, c1))| (*label, *t1 - *t0, c1 - c0)).collect();
     Ok(Profile { connections: run.per_sec * args.duration.as_secs_f64(), programs })
 }
 
-fn report(
-    args: &Args,
-    churn: &[Vec<ChurnRuns>],
-    sources: &[u32],
-    bursts: &[Vec<usize>],
-    floods: &[(Kind, u32, f64, f64)],
-    memory: &[memory::Footprint],
-    profile: &Profile,
-    took: Duration,
-) -> Result<String> {
+fn report(args: &Args, results: &Results) -> Result<String> {
+    let Results { churn, sources, bursts, floods, memory, profile, took } = results;
     let mut out = String::new();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -239,7 +243,7 @@ fn report(
     writeln!(out, "|---|---|---|---|---|---|---|---|")?;
     for (ki, kind) in Kind::ALL.iter().enumerate() {
         for (si, n) in sources.iter().enumerate() {
-            let runs = &churn[ki][si];
+            let runs: &ChurnRuns = &churn[ki][si];
             let base = &churn[0][si];
             let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
             writeln!(
@@ -257,17 +261,28 @@ fn report(
         }
     }
 
-    writeln!(out, "\nWhere connlimit's time goes (one profiled churn run from 1000 IPs, {:.0} connections, kernel BPF statistics on):\n", profile.connections)?;
+    writeln!(
+        out,
+        "\nWhere connlimit's time goes (one profiled churn run from 1000 IPs, {:.0} connections, kernel BPF statistics on):\n",
+        profile.connections
+    )?;
     writeln!(out, "| program | runs per connection | ns per run | ns per connection |")?;
     writeln!(out, "|---|---|---|---|")?;
     for (label, time, count) in &profile.programs {
         let per_run = time.as_nanos() as f64 / (*count).max(1) as f64;
         let per_conn = time.as_nanos() as f64 / profile.connections.max(1.0);
-        writeln!(out, "| {label} | {:.2} | {per_run:.0} | {per_conn:.0} |", *count as f64 / profile.connections.max(1.0))?;
+        writeln!(
+            out,
+            "| {label} | {:.2} | {per_run:.0} | {per_conn:.0} |",
+            *count as f64 / profile.connections.max(1.0)
+        )?;
     }
 
     writeln!(out, "\n### Burst exactness: 200 parallel connects from one IP, limit {BURST_LIMIT}\n")?;
-    writeln!(out, "| configuration | runs | established per run (min / median / max) | runs with exactly {BURST_LIMIT} |")?;
+    writeln!(
+        out,
+        "| configuration | runs | established per run (min / median / max) | runs with exactly {BURST_LIMIT} |"
+    )?;
     writeln!(out, "|---|---|---|---|")?;
     for (kind, runs) in Kind::LIMITERS.iter().zip(bursts) {
         let mut sorted = runs.clone();
@@ -286,7 +301,10 @@ fn report(
     }
 
     writeln!(out, "\n### Over-limit flood: a client at its limit keeps connecting\n")?;
-    writeln!(out, "| configuration | refused attempts | server CPU per 10,000 refused | server accept() per 10,000 refused |")?;
+    writeln!(
+        out,
+        "| configuration | refused attempts | server CPU per 10,000 refused | server accept() per 10,000 refused |"
+    )?;
     writeln!(out, "|---|---|---|---|")?;
     for (kind, refused, cpu_ms, accepts) in floods {
         writeln!(out, "| {} | {refused} | {cpu_ms:.1} ms | {accepts:.0} |", kind.name())?;

@@ -45,9 +45,12 @@ pub fn measure() -> Result<Vec<Footprint>> {
         let dir = Instance::dir_of(&name);
         let open = |map: &str| MapData::from_pin(dir.join(map)).with_context(|| format!("opening {map}"));
         // Fill the table as that many clients would.
-        let mut table: HashMap<MapData, ClientKey, ClientState> = Map::from_map_data(open(names::CLIENTS)?)?.try_into()?;
+        let mut table: HashMap<MapData, ClientKey, ClientState> =
+            Map::from_map_data(open(names::CLIENTS)?)?.try_into()?;
         for i in 0..clients {
-            let key = ClientKey { addr: connlimit::addr::to_words(std::net::IpAddr::from((0x0a00_0000u32 + i).to_be_bytes())) };
+            let key = ClientKey {
+                addr: connlimit::addr::to_words(std::net::IpAddr::from((0x0a00_0000u32 + i).to_be_bytes())),
+            };
             table.insert(key, ClientState::default(), 0)?;
         }
         let clients_map_bytes = memlock(&open(names::CLIENTS)?)?;

@@ -72,10 +72,29 @@ impl Env {
             )?),
             Kind::Iptables => {
                 let limit = limit.to_string();
-                run_in(&netns, "iptables", &[
-                    "-A", "INPUT", "-p", "tcp", "--syn", "--dport", &PORT.to_string(), "-m", "connlimit",
-                    "--connlimit-above", &limit, "--connlimit-mask", "32", "-j", "REJECT", "--reject-with", "tcp-reset",
-                ])?;
+                run_in(
+                    &netns,
+                    "iptables",
+                    &[
+                        "-A",
+                        "INPUT",
+                        "-p",
+                        "tcp",
+                        "--syn",
+                        "--dport",
+                        &PORT.to_string(),
+                        "-m",
+                        "connlimit",
+                        "--connlimit-above",
+                        &limit,
+                        "--connlimit-mask",
+                        "32",
+                        "-j",
+                        "REJECT",
+                        "--reject-with",
+                        "tcp-reset",
+                    ],
+                )?;
                 None
             }
             Kind::Nftables => {
