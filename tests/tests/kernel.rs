@@ -466,3 +466,45 @@ fn bad_attach_requests_fail_cleanly() {
     let elsewhere = EbpfLimiter::attach(AttachOptions::new(fresh(), &cgroup).netns(netns2.path()).port(PORT)).unwrap();
     elsewhere.detach().unwrap();
 }
+
+#[test]
+fn full_maps_fail_open_and_say_so() {
+    if !require_root() {
+        return;
+    }
+    // The kernel's warning comes through aya-log and tracing: capture it.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || Capture(sink.clone()))
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+
+    // Room to count a single connection: the others are admitted uncounted.
+    let s = Setup::with(|o| o.config(Config::new(5)).max_connections(1), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let held: Vec<_> = (0..3).map(|_| s.hello(client_v4(1)).unwrap()).collect();
+    assert!(eventually(WAIT, || s.limiter.stats().unwrap().untracked == 2));
+    assert_eq!(s.open(client_v4(1)), 1);
+    assert!(
+        eventually(WAIT, || String::from_utf8_lossy(&log.lock().unwrap()).contains("a connection is not counted")),
+        "kernel warning not forwarded: {}",
+        String::from_utf8_lossy(&log.lock().unwrap())
+    );
+    drop(held);
+}
+
+/// A `tracing` writer appending to a shared buffer.
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
