@@ -181,9 +181,6 @@ pub enum Stat {
 impl Stat {
     /// Number of counters in `STATS`.
     pub const COUNT: u32 = 5;
-    /// Every counter, in index order.
-    pub const ALL: [Stat; Self::COUNT as usize] =
-        [Stat::Accepted, Stat::Refused, Stat::DryRunRefused, Stat::Untracked, Stat::Steered];
 }
 
 /// What an instance guards, written once by the loader into `INSTANCE` so

@@ -160,63 +160,28 @@ fn set_loopback_up() -> Result<()> {
 pub type TestCgroup = connlimit::ebpf::cgroup::Cgroup;
 
 /// An unmodified server process, started inside a namespace and a cgroup.
-pub struct Server {
-    child: Child,
-    accepted: Arc<AtomicUsize>,
-}
+pub struct Server(Background);
 
 impl Server {
     /// Starts the `hold-server` binary (`bin`, i.e. the test's
     /// `env!("CARGO_BIN_EXE_hold-server")`) listening on each of `addrs`.
     pub fn hold(bin: &str, netns: &Netns, cgroup: &TestCgroup, addrs: &[SocketAddr]) -> Result<Self> {
         let mut cmd = Command::new(bin);
-        cmd.args(addrs.iter().map(|a| a.to_string()));
-        Self::start(cmd, netns, cgroup, "listening")
-    }
-
-    /// Starts any command in the namespace and cgroup and waits until a line
-    /// of its output contains `ready`.
-    pub fn start(mut cmd: Command, netns: &Netns, cgroup: &TestCgroup, ready: &str) -> Result<Self> {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        cmd.args(addrs.iter().map(|a| a.to_string())).stdin(Stdio::null());
         // Into the cgroup before the listener exists: accepted sockets
         // inherit the listener's cgroup.
         cgroup.add_on_exec(&mut cmd);
         netns.enter_on_exec(&mut cmd);
-        let mut child = cmd.spawn().context("starting the server")?;
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let counter = accepted.clone();
-        let ready = ready.to_owned();
-        // Python's http.server logs to stderr; ours to stdout. Watch both.
-        for stream in [Box::new(out) as Box<dyn Read + Send>, Box::new(err)] {
-            let (ready_tx, counter, ready) = (ready_tx.clone(), counter.clone(), ready.clone());
-            thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if line.contains(&ready) {
-                        let _ = ready_tx.send(());
-                    }
-                    if line.starts_with("accepted ") {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            });
+        let server = Background::spawn(&mut cmd)?;
+        if !server.wait_for("listening", Duration::from_secs(10)) {
+            bail!("the server did not start: {}", server.log());
         }
-        ready_rx.recv_timeout(Duration::from_secs(10)).context("the server did not become ready")?;
-        Ok(Self { child, accepted })
+        Ok(Self(server))
     }
 
     /// Connections the server process has accepted so far.
     pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.log().lines().filter(|l| l.starts_with("accepted ")).count()
     }
 }
 
