@@ -79,17 +79,18 @@ pub(crate) fn warn_about_others(netns: &File, ours: Option<u32>) {
     }
 }
 
-/// Waits (up to a second) until the kernel has freed the links `ids`: the
-/// last reference to a link is released on a kernel work queue, so a
-/// program can stay attached for a moment after its link was closed.
+/// Waits (up to a second) until the kernel has freed the programs `ids`.
+/// The last reference to a link is released on a kernel work queue, and the
+/// link leaves the ID table before it detaches its program; a program's ID
+/// goes only once nothing holds it, so that is what we watch.
 pub(crate) fn wait_until_freed(ids: &[u32]) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     while std::time::Instant::now() < deadline {
-        let alive = aya::programs::loaded_links().filter_map(Result::ok).any(|link| ids.contains(&link.id()));
+        let alive = aya::programs::loaded_programs().filter_map(Result::ok).any(|prog| ids.contains(&prog.id()));
         if !alive {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    tracing::warn!(?ids, "links still attached a second after their release");
+    tracing::warn!(?ids, "programs still loaded a second after their release");
 }

@@ -179,13 +179,13 @@ impl Instance {
         if !dir.exists() {
             return Err(EbpfError::NoSuchInstance(name.to_owned()));
         }
-        let links: Vec<u32> = LINK_PINS
+        let programs: Vec<u32> = LINK_PINS
             .iter()
             .filter_map(|pin| PinnedLink::from_pin(dir.join(pin)).ok())
-            .filter_map(|link| FdLink::from(link).info().ok().map(|info| info.id()))
+            .filter_map(|link| FdLink::from(link).info().ok().map(|info| info.program_id()))
             .collect();
         Self::unpin(name)?;
-        super::attachments::wait_until_freed(&links);
+        super::attachments::wait_until_freed(&programs);
         Ok(())
     }
 

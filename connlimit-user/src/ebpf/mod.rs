@@ -157,7 +157,7 @@ pub struct EbpfLimiter {
     name: String,
     /// Leave the pins when dropped (persisted, or already removed).
     keep_pins: bool,
-    link_ids: Vec<u32>,
+    program_ids: Vec<u32>,
     _log: Option<log::KernelLog>,
     // While these live, the programs stay attached.
     _links: [FdLink; 2],
@@ -249,12 +249,12 @@ impl EbpfLimiter {
             instance = %name, ?ports, cgroup = %cgroup.display(), netns = %netns.display(),
             limit = config.max_conns_per_client_ip, persist, "connlimit attached"
         );
-        let link_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.id()).collect();
+        let program_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.program_id()).collect();
         Ok(Self {
             instance: Mutex::new(instance),
             name,
             keep_pins: persist,
-            link_ids,
+            program_ids,
             _log: log,
             _links: links,
             _ebpf: ebpf,
@@ -313,7 +313,7 @@ impl EbpfLimiter {
     /// instance stays attached: this process just lets go of it.
     pub fn detach(mut self) -> Result<(), EbpfError> {
         let result = if self.keep_pins { Ok(()) } else { Instance::unpin(&self.name) };
-        let wait_for = if self.keep_pins { Vec::new() } else { std::mem::take(&mut self.link_ids) };
+        let wait_for = if self.keep_pins { Vec::new() } else { std::mem::take(&mut self.program_ids) };
         self.keep_pins = true;
         drop(self);
         attachments::wait_until_freed(&wait_for);
