@@ -516,3 +516,53 @@ impl std::io::Write for Capture {
         Ok(())
     }
 }
+
+#[test]
+fn dry_run_counts_and_refuses_nothing() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(1).with_dry_run(true));
+    let me = client_v4(6);
+    let held: Vec<_> = (0..3).map(|_| s.hello(me).unwrap()).collect();
+    s.wait_open(me, 3);
+    let stats = s.limiter.stats().unwrap();
+    assert_eq!((stats.refused, stats.dry_run_refused), (0, 2));
+    let client = s.limiter.clients().unwrap().into_iter().find(|c| c.client == me).unwrap();
+    assert_eq!(client.refused, 2, "reported per client as would-be refusals");
+    // Leaving dry-run enforces at once.
+    s.limiter.set_config(Config::new(1)).unwrap();
+    assert_refused(s.hello(me));
+    drop(held);
+}
+
+#[test]
+fn instances_side_by_side_keep_their_own_config_and_counts() {
+    if !require_root() {
+        return;
+    }
+    let other_port = PORT + 10;
+    let s = Setup::with(
+        |o| o.config(Config::new(1)),
+        &[SocketAddr::from(([0, 0, 0, 0], PORT)), SocketAddr::from(([0, 0, 0, 0], other_port))],
+    );
+    let second = EbpfLimiter::attach(
+        AttachOptions::new(unique("connlimit-second"), s._cgroup.path())
+            .netns(s.netns.path())
+            .port(other_port)
+            .config(Config::new(3)),
+    )
+    .unwrap();
+    let me = client_v4(8);
+    let other = SocketAddr::from(([127, 0, 0, 1], other_port));
+    let _a = s.hello(me).unwrap();
+    assert_refused(s.hello(me));
+    let b: Vec<_> = (0..3).map(|_| s.netns.hello_from(me, other).unwrap()).collect();
+    assert_refused(s.netns.hello_from(me, other));
+    assert_eq!((s.open(me), second.num_open(&me).unwrap()), (1, 3));
+    second.detach().unwrap();
+    // The first instance is untouched by the second's departure.
+    assert_refused(s.hello(me));
+    assert_eq!(s.open(me), 1);
+    drop(b);
+}
