@@ -59,19 +59,18 @@ pub enum EbpfError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A kernel or file-system operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause:#}")]
     System {
         /// What was being done.
         what: String,
-        /// Why it failed.
-        #[source]
-        source: anyhow::Error,
+        /// Why it failed (shown in the message, so not chained again).
+        cause: anyhow::Error,
     },
 }
 
 impl EbpfError {
     /// Wraps a lower-level failure with what was being done.
-    pub(crate) fn system(what: impl Into<String>, source: impl Into<anyhow::Error>) -> Self {
-        Self::System { what: what.into(), source: source.into() }
+    pub(crate) fn system(what: impl Into<String>, cause: impl Into<anyhow::Error>) -> Self {
+        Self::System { what: what.into(), cause: cause.into() }
     }
 }

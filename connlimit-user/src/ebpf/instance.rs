@@ -82,6 +82,7 @@ impl Instance {
 
     /// Names of the instances pinned on this machine, sorted.
     pub fn list() -> Result<Vec<String>, EbpfError> {
+        host::require_root()?;
         let entries = match fs::read_dir(PIN_ROOT) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
