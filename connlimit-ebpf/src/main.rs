@@ -53,7 +53,8 @@ static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
 #[map]
 static EXEMPT: LpmTrie<AddrWords, u8> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
-// LRU: an evicted client is an idle one; its entry is remade on its next SYN.
+// LRU: the least recently seen client makes room (normally an idle one, whose
+// entry is remade on its next SYN; see the README on capacities).
 #[map]
 static CLIENTS: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(capacity::CLIENTS, 0);
 // Direct-mapped by `FlowKey::slot`: no hashing helper, no lock, no
