@@ -277,18 +277,24 @@ impl Instance {
     /// ones are dropped. Connections already counted on a dropped port are
     /// still counted until they close.
     pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
+        let old = self.ports()?;
+        self.guard_ports(ports)?;
+        for port in old.into_iter().filter(|p| !ports.contains(p)) {
+            self.ports.set(u32::from(port), 0, 0).map_err(sys("writing the ports map"))?;
+        }
+        Ok(())
+    }
+
+    /// Adds `ports` to the guarded ones.
+    pub(crate) fn guard_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
         if ports.is_empty() {
             return Err(EbpfError::NoPorts);
         }
         if ports.contains(&0) {
             return Err(EbpfError::PortZero);
         }
-        let old = self.ports()?;
         for &port in ports {
             self.ports.set(u32::from(port), 1, 0).map_err(sys("writing the ports map"))?;
-        }
-        for port in old.into_iter().filter(|p| !ports.contains(p)) {
-            self.ports.set(u32::from(port), 0, 0).map_err(sys("writing the ports map"))?;
         }
         Ok(())
     }

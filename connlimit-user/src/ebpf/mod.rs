@@ -229,7 +229,8 @@ impl EbpfLimiter {
                 .ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no map {map}")))
         })?;
         instance.write_config(&config, reservation_epoch.as_nanos().clamp(1, u64::MAX as u128) as u64)?;
-        instance.set_ports(&ports)?;
+        // A new instance guards nothing yet: no need to read the port table.
+        instance.guard_ports(&ports)?;
         let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         instance.set_info(InstanceInfo {
             netns_dev: netns_id.dev,
