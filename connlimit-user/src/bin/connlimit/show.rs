@@ -81,8 +81,9 @@ fn client_label(client: IpAddr, config: &Config) -> String {
     if len == full { client.to_string() } else { format!("{client}/{len}") }
 }
 
-fn top_once(args: &TopArgs) -> Result<String> {
-    let instance = Instance::open(&args.name.name)?;
+/// One screen of `top` for `instance`, whose guarded `ports` are given
+/// (reading them walks a 65,536-entry table: done once per command).
+fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> {
     let config = instance.config()?;
     let stats = instance.stats()?;
     let clients: Vec<ClientCount> = instance
@@ -120,7 +121,6 @@ fn top_once(args: &TopArgs) -> Result<String> {
         return Ok(serde_json::to_string_pretty(&value)? + "\n");
     }
     let mut out = String::new();
-    let ports = instance.ports()?.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     writeln!(out, "instance {} · port {ports} · {}", instance.name(), describe(&config))?;
     writeln!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
     for c in shown {
@@ -149,13 +149,15 @@ fn top_once(args: &TopArgs) -> Result<String> {
 }
 
 pub fn top(args: TopArgs) -> Result<()> {
+    let instance = Instance::open(&args.name.name)?;
+    let ports = instance.ports()?.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
     if !args.watch {
-        print!("{}", top_once(&args)?);
+        print!("{}", top_once(&args, &instance, &ports)?);
         return Ok(());
     }
     let interval = Duration::from_secs_f64(args.interval.max(0.1));
     loop {
-        let screen = top_once(&args)?;
+        let screen = top_once(&args, &instance, &ports)?;
         // Clear the screen and home the cursor, as top does.
         print!("\x1b[2J\x1b[H{screen}");
         std::io::stdout().flush()?;
