@@ -157,6 +157,9 @@ pub fn top(args: TopArgs) -> Result<()> {
     }
     let interval = Duration::from_secs_f64(args.interval.max(0.1));
     loop {
+        if !Instance::dir_of(&args.name.name).exists() {
+            anyhow::bail!("instance {:?} was detached", args.name.name);
+        }
         let screen = top_once(&args, &instance, &ports)?;
         // Clear the screen and home the cursor, as top does.
         print!("\x1b[2J\x1b[H{screen}");
