@@ -1,4 +1,5 @@
-//! Client addresses as the kernel sees them, and how they group into keys.
+//! Client addresses as the kernel sees them, and prefix masks over them
+//! (keys are made from them in [`ClientKey`](crate::maps::ClientKey)).
 //!
 //! An address is four `u32` words holding the 16 bytes of an IPv6 address in
 //! network byte order, exactly as `bpf_sk_lookup.remote_ip6` and
@@ -53,21 +54,13 @@ pub const fn mask(addr: &AddrWords, prefix_len: u32) -> AddrWords {
     out
 }
 
-/// The key a client address is counted under: the address cut to the
-/// configured prefix length of its family (IPv4 /`ipv4_prefix_len`, IPv6
-/// /`ipv6_prefix_len`). IPv4-mapped IPv6 addresses group as IPv4.
-#[inline(always)]
-pub const fn client_key(addr: &AddrWords, ipv4_prefix_len: u8, ipv6_prefix_len: u8) -> AddrWords {
-    if is_v4_mapped(addr) {
-        mask(addr, V4_MAPPED_PREFIX_LEN + ipv4_prefix_len as u32)
-    } else {
-        mask(addr, ipv6_prefix_len as u32)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client_key(addr: &AddrWords, v4: u8, v6: u8) -> AddrWords {
+        crate::maps::ClientKey::grouped(addr, v4, v6).addr
+    }
 
     fn words(bytes: [u8; 16]) -> AddrWords {
         let mut w = [0u32; 4];

@@ -4,14 +4,23 @@
 //! |---|---|---|---|---|
 //! | `CONFIG` | array, 1 entry | `u32` 0 | [`KernelConfig`] | user space |
 //! | `PORTS` | array, 65536 entries | local port | `u8` (1 = guarded) | user space |
-//! | `EXEMPT` | LPM trie | prefix + [`AddrWords`] | `u8` | user space |
-//! | `CLIENTS` | LRU hash | [`ClientKey`] | [`ClientState`] | kernel |
-//! | `RESERVATIONS` | array, slot = [`FlowKey::slot`] | `u32` | [`Reservation`] | kernel |
+//! | `EXEMPT` | LPM trie | [`ExemptKey`] | `u8` | user space |
+//! | `CLIENTS` | hash | [`ClientKey`] | [`ClientState`]: established connections | kernel, at handshake completion and close |
+//! | `PENDING` | LRU hash | [`ClientKey`] | [`PendingState`]: handshakes in flight, refusals | kernel, at SYN |
+//! | `HANDSHAKES` | LRU hash | [`FlowKey`] | [`Handshake`] | kernel, at SYN |
+//! | `LAST_SYN` | per-CPU array, 1 entry | `u32` 0 | [`LastSyn`] | kernel, at SYN |
 //! | `CONNS` | hash | socket cookie (`u64`) | [`ClientKey`] | kernel |
+//! | `ENDINGS` | ring buffer | | [`Ending`] | kernel → user space |
 //! | `STATS` | per-CPU array | [`Stat`] | `u64` | kernel |
 //! | `INSTANCE` | array, 1 entry | `u32` 0 | [`InstanceInfo`] | user space |
+//!
+//! Counts that must never be forgotten (`CLIENTS`, `CONNS`) live in plain
+//! hash maps whose entries only a completed handshake creates; what a SYN
+//! creates (`PENDING`, `HANDSHAKES`) lives apart, in bounded LRU maps, so a
+//! flood of SYNs from any number of addresses can evict only handshake
+//! state, never a count.
 
-use crate::addr::AddrWords;
+use crate::addr::{AddrWords, V4_MAPPED_PREFIX_LEN, is_v4_mapped, mask};
 
 /// Map names, as the kernel object declares them and user space opens them.
 pub mod names {
@@ -21,18 +30,25 @@ pub mod names {
     pub const PORTS: &str = "PORTS";
     /// Exempt client prefixes.
     pub const EXEMPT: &str = "EXEMPT";
-    /// Per-client occupancy and counters.
+    /// Established connections per client key.
     pub const CLIENTS: &str = "CLIENTS";
-    /// Admitted handshakes not yet established.
-    pub const RESERVATIONS: &str = "RESERVATIONS";
+    /// Handshakes in flight and refusals per client key.
+    pub const PENDING: &str = "PENDING";
+    /// Admitted handshakes not yet established, by flow.
+    pub const HANDSHAKES: &str = "HANDSHAKES";
+    /// The last SYN each CPU admitted, until a listener takes it.
+    pub const LAST_SYN: &str = "LAST_SYN";
     /// Counted established connections, by socket cookie.
     pub const CONNS: &str = "CONNS";
+    /// Connections the kernel asks user space to end.
+    pub const ENDINGS: &str = "ENDINGS";
     /// Global counters.
     pub const STATS: &str = "STATS";
     /// What this instance guards, for other processes to read.
     pub const INSTANCE: &str = "INSTANCE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 8] = [CONFIG, PORTS, EXEMPT, CLIENTS, RESERVATIONS, CONNS, STATS, INSTANCE];
+    pub const ALL: [&str; 11] =
+        [CONFIG, PORTS, EXEMPT, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, ENDINGS, STATS, INSTANCE];
 }
 
 /// Program names, as the kernel object declares them.
@@ -48,13 +64,16 @@ pub mod programs {
 pub mod capacity {
     /// Exempt prefixes.
     pub const EXEMPT: u32 = 4096;
-    /// Client keys tracked at once; the least recently seen are evicted.
+    /// Client keys holding established connections at once.
     pub const CLIENTS: u32 = 1 << 17;
-    /// Slots for handshakes in flight (a power of two); a new handshake
-    /// whose flow hashes to a taken slot overwrites it.
-    pub const RESERVATIONS: u32 = 1 << 16;
+    /// Client keys with handshakes in flight or recent refusals (LRU).
+    pub const PENDING: u32 = 1 << 17;
+    /// Handshakes in flight (LRU).
+    pub const HANDSHAKES: u32 = 1 << 16;
     /// Established connections counted at once.
     pub const CONNS: u32 = 1 << 18;
+    /// Bytes of the `ENDINGS` ring buffer (a power of two, whole pages).
+    pub const ENDINGS_BYTES: u32 = 1 << 16;
 }
 
 /// `KernelConfig::flags`: count and report what would be refused, refuse nothing.
@@ -62,6 +81,10 @@ pub const FLAG_DRY_RUN: u16 = 1;
 /// `KernelConfig::flags`: the `EXEMPT` trie has entries (when clear, the
 /// lookup program skips it).
 pub const FLAG_EXEMPT: u16 = 1 << 1;
+/// `KernelConfig::flags`: when `CLIENTS` or `CONNS` is full, end the
+/// connection that cannot be counted (fail closed) instead of admitting it
+/// uncounted (fail open).
+pub const FLAG_FULL_CLOSED: u16 = 1 << 2;
 
 /// Entries in the `PORTS` array: one per TCP port.
 pub const PORT_COUNT: u32 = 1 << 16;
@@ -76,31 +99,117 @@ pub struct KernelConfig {
     pub ipv4_prefix_len: u8,
     /// IPv6 clients are grouped by this many leading bits (0..=128).
     pub ipv6_prefix_len: u8,
-    /// [`FLAG_DRY_RUN`], [`FLAG_EXEMPT`].
+    /// [`FLAG_DRY_RUN`], [`FLAG_EXEMPT`], [`FLAG_FULL_CLOSED`].
     pub flags: u16,
-    /// Length of a reservation epoch: a reservation whose handshake never
-    /// completes is released between one and two epochs after its SYN.
+    /// Length of a reservation epoch, at least
+    /// [`MIN_EPOCH_NS`](crate::pending::MIN_EPOCH_NS): a reservation whose
+    /// handshake never completes is released one to two epochs after its SYN.
     pub epoch_ns: u64,
+    /// Cookie of the guarded network namespace: sock_ops ignores sockets of
+    /// other namespaces (a cgroup can span several). 0 = no filter.
+    pub netns_cookie: u64,
 }
 
-/// A client key: a client address cut to the configured prefix length
-/// (see [`crate::addr::client_key`]).
+/// A client key: a client address cut to a prefix length (see
+/// [`ClientKey::grouped`]), or a whole exempt address ([`ClientKey::exempt`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     /// The masked address.
     pub addr: AddrWords,
+    /// How many leading bits of the 128-bit form `addr` keeps (IPv4 keys
+    /// count the 96 bits of the `::ffff:` prefix), so keys of different
+    /// groupings never mix.
+    pub prefix_len: u32,
 }
 
-/// What the kernel keeps per client key.
+impl ClientKey {
+    /// The key a client address is counted under: the address cut to the
+    /// prefix length of its family (IPv4 /`ipv4_prefix_len`, IPv6
+    /// /`ipv6_prefix_len`). IPv4-mapped IPv6 addresses group as IPv4.
+    #[inline(always)]
+    pub const fn grouped(addr: &AddrWords, ipv4_prefix_len: u8, ipv6_prefix_len: u8) -> Self {
+        let prefix_len = if is_v4_mapped(addr) {
+            V4_MAPPED_PREFIX_LEN + if ipv4_prefix_len > 32 { 32 } else { ipv4_prefix_len as u32 }
+        } else if ipv6_prefix_len > 128 {
+            128
+        } else {
+            ipv6_prefix_len as u32
+        };
+        Self { addr: mask(addr, prefix_len), prefix_len }
+    }
+
+    /// The key of an exempt client: its whole address. Exempt connections
+    /// are counted for the record but never refused, and never use up the
+    /// allowance of the network they are in.
+    #[inline(always)]
+    pub const fn exempt(addr: &AddrWords) -> Self {
+        Self { addr: *addr, prefix_len: EXEMPT_KEY }
+    }
+
+    /// Whether this is an exempt client's key.
+    #[inline(always)]
+    pub const fn is_exempt(&self) -> bool {
+        self.prefix_len == EXEMPT_KEY
+    }
+}
+
+/// `ClientKey::prefix_len` of exempt keys: out of the range of real prefix
+/// lengths, so an exempt key never equals a grouped one.
+const EXEMPT_KEY: u32 = 0xff;
+
+/// The `EXEMPT` trie's key data: the address family ahead of the address,
+/// so an IPv6 prefix (even `::/0`) never matches an IPv4 client through its
+/// mapped form.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExemptKey {
+    /// 4 or 6, big-endian (the trie matches bytes in order).
+    pub family: u32,
+    /// The address (IPv4 in its mapped form).
+    pub addr: AddrWords,
+}
+
+impl ExemptKey {
+    /// Leading bits of the family word, always part of a prefix.
+    pub const FAMILY_BITS: u32 = 32;
+
+    /// The key of a client address, looked up with the full length.
+    #[inline(always)]
+    pub const fn of(addr: &AddrWords) -> Self {
+        let family: u32 = if is_v4_mapped(addr) { 4 } else { 6 };
+        Self { family: family.to_be(), addr: *addr }
+    }
+
+    /// The trie prefix length of a CIDR of `prefix_len` bits within its
+    /// own family (0..=32 for IPv4, 0..=128 for IPv6).
+    #[inline(always)]
+    pub const fn prefix_len(addr: &AddrWords, prefix_len: u32) -> u32 {
+        let family_len = if is_v4_mapped(addr) { V4_MAPPED_PREFIX_LEN } else { 0 };
+        Self::FAMILY_BITS + family_len + prefix_len
+    }
+
+    /// The trie prefix length that matches one whole address.
+    pub const FULL_LEN: u32 = Self::FAMILY_BITS + 128;
+}
+
+/// Established connections of one client key (`CLIENTS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientState {
-    /// A packed [`Occupancy`](crate::occupancy::Occupancy) word, updated atomically.
-    pub occupancy: u64,
-    /// Connections of this client that completed their handshake.
+    /// The count word (see [`crate::established`]), updated atomically.
+    pub established: u64,
+    /// Connections counted under this key since its entry was made.
     pub accepted: u64,
-    /// Connections of this client refused (or, in dry-run, that would have been).
+}
+
+/// Handshake-time state of one client key (`PENDING`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingState {
+    /// A packed [`Pending`](crate::pending::Pending) word, updated atomically.
+    pub reservations: u64,
+    /// Connections of this key refused (or, in dry-run, that would have been).
     pub refused: u64,
 }
 
@@ -118,47 +227,49 @@ pub struct FlowKey {
     pub local_port: u16,
 }
 
-impl FlowKey {
-    /// The flow's slot in the `RESERVATIONS` table: a multiplicative hash of
-    /// its words, cheap enough for every SYN.
-    #[inline(always)]
-    pub fn slot(&self) -> u32 {
-        let words = [
-            self.client[0],
-            self.client[1],
-            self.client[2],
-            self.client[3],
-            self.local[3],
-            (self.client_port as u32) << 16 | self.local_port as u32,
-        ];
-        let mut h: u32 = 0;
-        let mut i = 0;
-        while i < words.len() {
-            h = (h.rotate_left(5) ^ words[i]).wrapping_mul(0x9e37_79b9);
-            i += 1;
-        }
-        (h ^ (h >> 16)) & (capacity::RESERVATIONS - 1)
-    }
-}
-
-/// A slot reserved at the SYN of an admitted connection: one entry of the
-/// `RESERVATIONS` table, found by the flow's [`slot`](FlowKey::slot).
-///
-/// The table is direct-mapped, with no lock: two handshakes in flight whose
-/// flows share a slot overwrite each other. A lost reservation only delays
-/// the release of its slot until its epoch expires, so the limit is never
-/// exceeded because of it.
+/// An admitted handshake holding a reservation (`HANDSHAKES`, by flow).
+/// Whoever deletes the entry owns the reservation: the completed handshake
+/// that turns it into its connection's slot, or the next SYN on the same CPU
+/// that finds no listener took it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Reservation {
-    /// The flow holding the slot.
-    pub flow: FlowKey,
+pub struct Handshake {
     /// The client key the slot was taken from.
     pub client: ClientKey,
-    /// The epoch tag the reservation was booked under.
-    pub tag: u16,
-    /// 1 while the reservation is held, 0 once claimed or never used.
-    pub held: u16,
+    /// Padding; zero.
+    pub _pad: u32,
+    /// The epoch the reservation was booked in.
+    pub epoch: u64,
+}
+
+/// The last SYN a CPU admitted (`LAST_SYN`, per CPU). A SYN that a listener
+/// of the guarded cgroup takes is seen by sock_ops on the same CPU before
+/// that CPU looks up another packet; one that no listener takes (no server
+/// yet, or a stray ACK that only looked like a new connection) is released
+/// by the next lookup, so only real SYNs to real listeners hold reservations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastSyn {
+    /// The flow.
+    pub flow: FlowKey,
+    /// 1 until a listener of the guarded cgroup takes the SYN.
+    pub unconfirmed: u32,
+    /// When it was admitted (monotonic ns).
+    pub at_ns: u64,
+}
+
+/// A connection the kernel asks user space to end (`ENDINGS`): it completed
+/// its handshake without a live reservation while its client was at the
+/// limit (or, failing closed, could not be counted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ending {
+    /// The server-side socket's cookie.
+    pub cookie: u64,
+    /// Its flow.
+    pub flow: FlowKey,
+    /// Padding; zero.
+    pub _pad: u32,
 }
 
 /// Indices into the `STATS` per-CPU array.
@@ -167,20 +278,30 @@ pub struct Reservation {
 pub enum Stat {
     /// Connections counted at handshake completion.
     Accepted = 0,
-    /// Connections refused with a reset.
+    /// Connections refused with a reset at their SYN.
     Refused = 1,
     /// Connections that dry-run mode let through over the limit.
     DryRunRefused = 2,
-    /// Connections not counted because a map was full (fail open).
+    /// Connections admitted uncounted because a map was full (failing open).
     Untracked = 3,
     /// Lookups where another sk_lookup program had already selected a socket,
     /// so a refusal by this one would not hold.
     Steered = 4,
+    /// Connections ended after their handshake: over the limit with no live
+    /// reservation (a handshake completed too late), or, failing closed,
+    /// not countable because a map was full.
+    Ended = 5,
+    /// Reservations released because no listener of the guarded cgroup took
+    /// their packet (no server yet, a stray packet, or a listener in another
+    /// cgroup).
+    Unconfirmed = 6,
+    /// Endings user space was not told of because `ENDINGS` was full.
+    EndingsLost = 7,
 }
 
 impl Stat {
     /// Number of counters in `STATS`.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
 }
 
 /// What an instance guards, written once by the loader into `INSTANCE` so
@@ -210,41 +331,53 @@ mod pod {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ClientState {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::Reservation {}
+    unsafe impl aya::Pod for super::PendingState {}
+    unsafe impl aya::Pod for super::ExemptKey {}
+    unsafe impl aya::Pod for super::Handshake {}
+    unsafe impl aya::Pod for super::LastSyn {}
+    unsafe impl aya::Pod for super::Ending {}
     unsafe impl aya::Pod for super::InstanceInfo {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::v4_mapped;
     use core::mem::size_of;
 
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> AddrWords {
+        v4_mapped(u32::from_ne_bytes([a, b, c, d]))
+    }
+
     #[test]
-    fn slots_spread_flows_over_the_table() {
-        let mut seen = [false; capacity::RESERVATIONS as usize];
-        let mut distinct = 0;
-        for port in 1..=1000u16 {
-            let flow = FlowKey {
-                client: [0, 0, 0xffff_0000, 0x0100_007f],
-                client_port: port,
-                local_port: 80,
-                ..FlowKey::default()
-            };
-            let slot = flow.slot() as usize;
-            assert!(slot < seen.len());
-            distinct += usize::from(!seen[slot]);
-            seen[slot] = true;
-        }
-        assert!(distinct > 990, "{distinct} distinct slots for 1000 flows");
+    fn keys_of_different_groupings_and_exempt_keys_never_mix() {
+        let a = v4(10, 1, 2, 0);
+        assert_eq!(ClientKey::grouped(&v4(10, 1, 2, 3), 24, 128), ClientKey { addr: a, prefix_len: 120 });
+        assert_ne!(ClientKey::grouped(&a, 24, 128), ClientKey::grouped(&a, 32, 128));
+        assert_ne!(ClientKey::exempt(&a), ClientKey::grouped(&a, 32, 128));
+        assert!(ClientKey::exempt(&a).is_exempt() && !ClientKey::grouped(&a, 32, 128).is_exempt());
+        assert_eq!(ClientKey::grouped(&a, 200, 200).prefix_len, 128, "lengths are clamped");
+    }
+
+    #[test]
+    fn exempt_keys_carry_the_family() {
+        let mapped = v4(192, 0, 2, 1);
+        assert_ne!(ExemptKey::of(&mapped).family, ExemptKey::of(&[0, 0, 0, 1u32.to_be()]).family);
+        assert_eq!(ExemptKey::prefix_len(&mapped, 24), 32 + 96 + 24);
+        assert_eq!(ExemptKey::prefix_len(&[0; 4], 0), 32);
     }
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<KernelConfig>(), 16);
-        assert_eq!(size_of::<ClientKey>(), 16);
-        assert_eq!(size_of::<ClientState>(), 24);
+        assert_eq!(size_of::<KernelConfig>(), 24);
+        assert_eq!(size_of::<ClientKey>(), 20);
+        assert_eq!(size_of::<ExemptKey>(), 20);
+        assert_eq!(size_of::<ClientState>(), 16);
+        assert_eq!(size_of::<PendingState>(), 16);
         assert_eq!(size_of::<FlowKey>(), 36);
-        assert_eq!(size_of::<Reservation>(), 56);
+        assert_eq!(size_of::<Handshake>(), 32);
+        assert_eq!(size_of::<LastSyn>(), 48);
+        assert_eq!(size_of::<Ending>(), 48);
         assert_eq!(size_of::<InstanceInfo>(), 40);
     }
 }

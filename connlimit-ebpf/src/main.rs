@@ -1,15 +1,18 @@
 //! connlimit's kernel side: two small programs around shared maps.
 //!
 //! - `connlimit_lookup` (sk_lookup, per network namespace) runs when a packet
-//!   for a guarded port finds no established socket: in practice a SYN. It
-//!   reserves a slot for the client or, when the client is at its limit,
-//!   returns `SK_DROP`, which makes the kernel answer the SYN with a RST.
+//!   for a guarded port finds no established socket: a SYN, or a stray
+//!   packet. It reserves a slot for the client or, when the client is at its
+//!   limit, returns `SK_DROP`, which makes the kernel answer a SYN with a RST.
 //! - `connlimit_sock_ops` (sock_ops, per cgroup v2) sees the server's sockets:
-//!   it turns the reservation into an established count when the handshake
-//!   completes and gives the slot back, exactly once, when the socket closes.
+//!   it confirms that a listener took an admitted SYN, counts the connection
+//!   when its handshake completes (re-checking the limit when the
+//!   handshake's reservation is gone), and gives the slot back, exactly once,
+//!   when the socket closes.
 //!
-//! All arithmetic on a client's slots lives in `connlimit_common::occupancy`;
-//! this file only wires kernel events to it.
+//! The arithmetic lives in `connlimit_common` (`pending`, `established`);
+//! this file only wires kernel events to it. The README's threat model says
+//! what each step defends against.
 // Built for the BPF target by connlimit-user's build script. On the host it
 // builds as an empty program, so `cargo clippy --workspace` checks it too.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -21,50 +24,66 @@ mod atomic;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sk_lookup, bpf_sock_ops, sk_action,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem},
     macros::{map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SkLookupContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use connlimit_common::{
-    addr::{AddrWords, client_key, v4_mapped},
+    addr::{AddrWords, v4_mapped},
+    established::{self, Step},
     maps::{
-        ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, FlowKey, InstanceInfo, KernelConfig, PORT_COUNT,
-        Reservation, Stat, capacity,
+        ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FlowKey, Handshake,
+        InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, Stat, capacity,
     },
-    occupancy::{Occupancy, epoch_tag, is_live},
+    pending::{Pending, epoch_of, is_live},
 };
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
-/// Compare-and-swap retries on a client's word. Each failure means another
-/// CPU's update went through, so this is only reached under a contention no
+/// Compare-and-swap retries on a word. Each failure means another CPU's
+/// update went through, so this is only reached under a contention no
 /// machine of a few dozen CPUs produces.
 const CAS_ATTEMPTS: u32 = 64;
+/// Attempts to find a live `CLIENTS` entry while another CPU removes a
+/// retired one.
+const ENTRY_ATTEMPTS: u32 = 8;
+/// An unconfirmed SYN older than this on another CPU was not taken by a
+/// listener (a listener takes a SYN microseconds after its lookup).
+const STALE_SYN_NS: u64 = 10_000_000;
+/// CPUs whose unconfirmed SYNs a refusal looks at; on bigger machines the
+/// rest expire with their epoch.
+const MAX_CPUS: u32 = 64;
 
 #[map]
 static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
 #[map]
-static EXEMPT: LpmTrie<AddrWords, u8> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
-// LRU: the least recently seen client makes room (normally an idle one, whose
-// entry is remade on its next SYN; see the README on capacities).
+static EXEMPT: LpmTrie<ExemptKey, u8> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
+// Not LRU: an entry is a live count, made by a completed handshake and
+// removed when its count returns to zero. Nothing a SYN does can evict it.
 #[map]
-static CLIENTS: LruHashMap<ClientKey, ClientState> = LruHashMap::with_max_entries(capacity::CLIENTS, 0);
-// Direct-mapped by `FlowKey::slot`: no hashing helper, no lock, no
-// allocation on the SYN path (see `Reservation` for why collisions are safe).
+static CLIENTS: HashMap<ClientKey, ClientState> = HashMap::with_max_entries(capacity::CLIENTS, BPF_F_NO_PREALLOC);
+// LRU: made by SYNs, so bounded and evictable. Losing an entry loses only
+// reservations (the handshake is then judged again when it completes).
 #[map]
-static RESERVATIONS: Array<Reservation> = Array::with_max_entries(capacity::RESERVATIONS, 0);
+static PENDING: LruHashMap<ClientKey, PendingState> = LruHashMap::with_max_entries(capacity::PENDING, 0);
+#[map]
+static HANDSHAKES: LruHashMap<FlowKey, Handshake> = LruHashMap::with_max_entries(capacity::HANDSHAKES, 0);
+#[map]
+static LAST_SYN: PerCpuArray<LastSyn> = PerCpuArray::with_max_entries(1, 0);
 // Not LRU: an entry here is the promise that the close will be counted.
 // Keyed by socket cookie: unique per socket, and cheap to hash.
 #[map]
 static CONNS: HashMap<u64, ClientKey> = HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
+#[map]
+static ENDINGS: RingBuf = RingBuf::with_byte_size(capacity::ENDINGS_BYTES, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 #[map]
@@ -83,46 +102,50 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     if config.max_conns_per_client == 0 {
         return sk_action::SK_PASS;
     }
-    // Every context field is read once, unconditionally: were the compiler
-    // to pick the field by family, it would compute a context offset at run
-    // time, which the verifier rejects.
-    let (family, remote_port) = (read(&lookup.family), read(&lookup.remote_port));
-    let (remote4, local4) = (read(&lookup.remote_ip4), read(&lookup.local_ip4));
-    let (remote6, local6) = (read(&lookup.remote_ip6), read(&lookup.local_ip6));
-    let (client, local) = if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
-    let flow = FlowKey { client, local, client_port: u16::from_be(remote_port), local_port: lookup.local_port as u16 };
-    let now = epoch_tag(now_ns(), config.epoch_ns);
+    let flow = lookup_flow(lookup);
+    let now_ns = now_ns();
+    let epoch = epoch_of(now_ns, config.epoch_ns);
+    release_unconfirmed_syn(epoch);
 
     // The context carries no TCP flags. A handshake admitted at its SYN comes
     // back here for its SYN-cookie ACK or a retransmitted SYN: let it through.
-    let slot = flow.slot();
-    if let Some(r) = RESERVATIONS.get(slot)
-        && r.held != 0
-        && r.flow == flow
-        && is_live(r.tag, now)
-    {
+    // SAFETY: entries are plain data.
+    if unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch)) {
         return sk_action::SK_PASS;
     }
-    if config.flags & FLAG_EXEMPT != 0 && EXEMPT.get(Key::new(128, flow.client)).is_some() {
+    let client = client_key(config, &flow.client);
+    if client.is_exempt() {
         return sk_action::SK_PASS;
     }
+    admit(lookup, config, &flow, &client, epoch, now_ns)
+}
 
-    let client = ClientKey { addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len) };
-    let Some(state) = client_state(&client) else {
-        count(Stat::Untracked);
+/// Reserves a slot for a new connection of `client`, or refuses it.
+fn admit(lookup: &bpf_sk_lookup, config: &KernelConfig, flow: &FlowKey, client: &ClientKey, epoch: u64, now_ns: u64) -> u32 {
+    let Some(pending) = pending_state(client) else {
+        // No handshake state: admit, and judge the connection when it completes.
         return sk_action::SK_PASS;
     };
     let limit = config.max_conns_per_client;
-    if let Some(tag) = update(state, |o| o.try_reserve(now, limit)) {
-        if let Some(r) = RESERVATIONS.get_ptr_mut(slot) {
-            // SAFETY: `r` points into the array map's value memory.
-            unsafe { r.write(Reservation { flow, client, tag, held: 1 }) };
+    let mut booked = reserve(pending, client, epoch, limit);
+    if booked.is_none() && release_stale_syns(epoch, now_ns) {
+        booked = reserve(pending, client, epoch, limit);
+    }
+    if let Some(booked) = booked {
+        let handshake = Handshake { client: *client, _pad: 0, epoch: booked };
+        if HANDSHAKES.insert(flow, handshake, 0).is_ok() {
+            if let Some(last) = LAST_SYN.get_ptr_mut(0) {
+                // SAFETY: this CPU's value of a per-CPU array.
+                unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
+            }
+        } else {
+            release_reservation(client, epoch, booked);
         }
         return sk_action::SK_PASS;
     }
 
-    // SAFETY: `state` points into a live map entry.
-    add(unsafe { &raw mut (*state).refused }, 1);
+    // SAFETY: `pending` points into a live map entry.
+    add(unsafe { &raw mut (*pending).refused }, 1);
     if config.flags & FLAG_DRY_RUN != 0 {
         count(Stat::DryRunRefused);
         return sk_action::SK_PASS;
@@ -136,14 +159,104 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     sk_action::SK_DROP
 }
 
+/// Takes a slot for `client` if it holds fewer than `limit`; returns the
+/// epoch it was booked in.
+fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u32) -> Option<u64> {
+    let established = established_count(client);
+    // SAFETY: `pending` points into a live map entry.
+    compare_and_swap(unsafe { &raw mut (*pending).reservations }, |w| {
+        Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
+    })
+}
+
+/// Gives back a reservation booked in epoch `booked`.
+fn release_reservation(client: &ClientKey, epoch: u64, booked: u64) {
+    if let Some(pending) = PENDING.get_ptr_mut(client) {
+        // SAFETY: `pending` points into a live map entry.
+        compare_and_swap(unsafe { &raw mut (*pending).reservations }, |w| {
+            Some((Pending(w).release(epoch, booked).0, ()))
+        });
+    }
+}
+
+/// Ends the handshake of `flow` and returns its reservation, if no one else
+/// did first: whoever deletes the entry owns it.
+fn claim_handshake(flow: &FlowKey) -> Option<Handshake> {
+    // SAFETY: entries are plain data, copied out before the removal.
+    let handshake = unsafe { HANDSHAKES.get(flow) }.copied()?;
+    HANDSHAKES.remove(flow).is_ok().then_some(handshake)
+}
+
+/// Releases the reservation of a handshake no listener took.
+fn release_unclaimed(flow: &FlowKey, epoch: u64) {
+    if let Some(h) = claim_handshake(flow) {
+        release_reservation(&h.client, epoch, h.epoch);
+        count(Stat::Unconfirmed);
+    }
+}
+
+/// The previous SYN this CPU admitted was not taken by a listener of the
+/// guarded cgroup (or sock_ops would have confirmed it before this lookup):
+/// it holds no slot.
+fn release_unconfirmed_syn(epoch: u64) {
+    let Some(last) = LAST_SYN.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value of a per-CPU array.
+    let last = unsafe { &mut *last };
+    if last.unconfirmed != 0 {
+        last.unconfirmed = 0;
+        release_unclaimed(&last.flow, epoch);
+    }
+}
+
+/// At the limit: releases other CPUs' SYNs that no listener took (each
+/// CPU's is normally released by its own next lookup). Returns whether any
+/// was released.
+fn release_stale_syns(epoch: u64, now_ns: u64) -> bool {
+    let map = (&raw const LAST_SYN).cast_mut().cast();
+    let key = 0u32;
+    let mut released = false;
+    for cpu in 0..MAX_CPUS {
+        // SAFETY: a helper reading another CPU's value of our per-CPU array;
+        // it returns null past the last CPU.
+        let last = unsafe { bpf_map_lookup_percpu_elem(map, (&raw const key).cast(), cpu) }.cast::<LastSyn>();
+        if last.is_null() {
+            break;
+        }
+        // SAFETY: non-null pointers from the helper point at a map value.
+        let last = unsafe { &mut *last };
+        if last.unconfirmed != 0 && now_ns.saturating_sub(last.at_ns) > STALE_SYN_NS {
+            last.unconfirmed = 0;
+            release_unclaimed(&last.flow, epoch);
+            released = true;
+        }
+    }
+    released
+}
+
 #[sock_ops]
 pub fn connlimit_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
+        BPF_SOCK_OPS_RWND_INIT => on_syn_taken(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
         _ => {}
     }
     1
+}
+
+/// A listener of the cgroup took a SYN (it made a request socket or a SYN
+/// cookie): if it is the one this CPU just admitted, its reservation stands.
+fn on_syn_taken(ctx: &SockOpsContext) {
+    let Some(last) = LAST_SYN.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value of a per-CPU array.
+    let last = unsafe { &mut *last };
+    if last.unconfirmed != 0 && last.flow == socket_flow(ctx) {
+        last.unconfirmed = 0;
+    }
 }
 
 /// A server-side handshake completed on a socket of the cgroup.
@@ -154,39 +267,129 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(config) = CONFIG.get(0) else {
         return;
     };
+    // SAFETY: a helper taking the program's own context.
+    if config.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != config.netns_cookie {
+        return; // a socket of the cgroup in another network namespace
+    }
     let flow = socket_flow(ctx);
-    // Claim the handshake's reservation, if its slot still holds it.
-    let reservation = RESERVATIONS.get_ptr_mut(flow.slot()).and_then(|r| {
-        // SAFETY: `r` points into the array map's value memory.
-        let r = unsafe { &mut *r };
-        (r.held != 0 && r.flow == flow).then(|| {
-            r.held = 0;
-            *r
-        })
-    });
-    let client = match reservation {
-        Some(r) => r.client,
-        None => ClientKey { addr: client_key(&flow.client, config.ipv4_prefix_len, config.ipv6_prefix_len) },
+    let epoch = epoch_of(now_ns(), config.epoch_ns);
+    let handshake = claim_handshake(&flow);
+    let client = match handshake {
+        Some(h) => h.client,
+        None => client_key(config, &flow.client),
     };
-    let Some(state) = client_state(&client) else {
-        return untracked(ctx);
+    // A claimed reservation is this connection's slot. Without one (it
+    // expired, or was evicted), the handshake is judged now: counting it
+    // within the limit is one atomic step.
+    let limit = config.max_conns_per_client;
+    let cap = match handshake {
+        None if limit != 0 && !client.is_exempt() => {
+            let reserved = PENDING.get_ptr(client).map_or(0, |p| {
+                // SAFETY: `p` points into a live map entry.
+                Pending(unsafe { (*p).reservations }).reserved(epoch)
+            });
+            Some(limit.saturating_sub(reserved))
+        }
+        _ => None,
     };
-    let cookie = socket_cookie(ctx);
+    let counted = count_connection(ctx, &client, cap);
+    // Counted before released: a concurrent SYN sees the slot taken throughout.
+    if let Some(h) = handshake {
+        release_reservation(&h.client, epoch, h.epoch);
+    }
+    match counted {
+        Ok(true) => count(Stat::Accepted),
+        Ok(false) => {
+            count(Stat::Accepted);
+            if let Some(pending) = pending_state(&client) {
+                // SAFETY: `pending` points into a live map entry.
+                add(unsafe { &raw mut (*pending).refused }, 1);
+            }
+            if config.flags & FLAG_DRY_RUN != 0 {
+                count(Stat::DryRunRefused);
+            } else {
+                end(ctx, &flow);
+            }
+        }
+        Err(()) if config.flags & FLAG_FULL_CLOSED != 0 && !client.is_exempt() => end(ctx, &flow),
+        Err(()) => {
+            count(Stat::Untracked);
+            warn!(ctx, "connlimit: a map is full; a connection is not counted");
+        }
+    }
+}
+
+/// Counts a new connection of `client` and asks to see it close. Returns
+/// whether it was within `cap` (connections the key may already hold), or
+/// an error when it cannot be counted (a map is full).
+fn count_connection(ctx: &SockOpsContext, client: &ClientKey, cap: Option<u32>) -> Result<bool, ()> {
     // Ask to hear of this socket's state changes, to see it close.
-    if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_err()
-        || CONNS.insert(cookie, client, BPF_NOEXIST as u64).is_err()
-    {
-        return untracked(ctx);
+    ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).map_err(|_| ())?;
+    let within = add_established(client, cap).ok_or(())?;
+    if CONNS.insert(socket_cookie(ctx), client, BPF_NOEXIST as u64).is_err() {
+        remove_established(client);
+        return Err(());
     }
-    let now = epoch_tag(now_ns(), config.epoch_ns);
-    let tag = reservation.map(|r| r.tag);
-    if update(state, |o| Some((o.establish(now, tag), ()))).is_none() {
-        let _ = CONNS.remove(cookie);
-        return untracked(ctx);
+    Ok(within)
+}
+
+/// One more established connection for `client`, in an entry made if it is
+/// new; returns whether the key held fewer than `cap` before. `None` when
+/// no entry can be had (the map is full).
+fn add_established(client: &ClientKey, cap: Option<u32>) -> Option<bool> {
+    for _ in 0..ENTRY_ATTEMPTS {
+        let state = match CLIENTS.get_ptr_mut(client) {
+            Some(state) => state,
+            None => {
+                // Losing a race to create it is fine: the winner's entry is used.
+                let _ = CLIENTS.insert(client, ClientState::default(), BPF_NOEXIST as u64);
+                CLIENTS.get_ptr_mut(client)?
+            }
+        };
+        // SAFETY: `state` points into a live map entry.
+        let word = unsafe { &raw mut (*state).established };
+        let within = compare_and_swap(word, |w| match established::increment(w) {
+            Step::Write(next) => Some((next, Some(cap.is_none_or(|c| established::count(w) < c)))),
+            Step::Retired => Some((w, None)),
+        })?;
+        if let Some(within) = within {
+            // SAFETY: as above.
+            add(unsafe { &raw mut (*state).accepted }, 1);
+            return Some(within);
+        }
+        // The entry is being removed by the close of its last connection.
     }
+    None
+}
+
+/// One established connection fewer for `client`; the entry goes when its
+/// count reaches zero.
+fn remove_established(client: &ClientKey) {
+    let Some(state) = CLIENTS.get_ptr_mut(client) else {
+        return;
+    };
     // SAFETY: `state` points into a live map entry.
-    add(unsafe { &raw mut (*state).accepted }, 1);
-    count(Stat::Accepted);
+    let word = unsafe { &raw mut (*state).established };
+    let Some(left) = compare_and_swap(word, |w| {
+        let next = established::decrement(w);
+        Some((next, next))
+    }) else {
+        return;
+    };
+    // Retire the word only if nothing was added since: then the removal
+    // cannot lose a count.
+    if left == 0 && compare_and_swap(word, |w| (w == 0).then_some((established::RETIRED, ()))).is_some() {
+        let _ = CLIENTS.remove(client);
+    }
+}
+
+/// Asks user space to end a connection the server must not hold.
+fn end(ctx: &SockOpsContext, flow: &FlowKey) {
+    count(Stat::Ended);
+    let ending = Ending { cookie: socket_cookie(ctx), flow: *flow, _pad: 0 };
+    if ENDINGS.output::<Ending>(&ending, 0).is_err() {
+        count(Stat::EndingsLost);
+    }
 }
 
 /// A socket of the cgroup reached TCP_CLOSE, by whatever path: FIN from
@@ -198,26 +401,57 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     };
     // Whoever removes the entry gives the slot back: exactly once.
-    if CONNS.remove(cookie).is_err() {
-        return;
-    }
-    if let Some(state) = CLIENTS.get_ptr_mut(client) {
-        update(state, |o| Some((o.close(), ())));
+    if CONNS.remove(cookie).is_ok() {
+        remove_established(&client);
     }
 }
 
-fn untracked(ctx: &SockOpsContext) {
-    count(Stat::Untracked);
-    warn!(ctx, "connlimit: a map is full; a connection is not counted");
+/// The key `addr` is counted under: its own if exempt, else its group's.
+fn client_key(config: &KernelConfig, addr: &AddrWords) -> ClientKey {
+    if config.flags & FLAG_EXEMPT != 0 && EXEMPT.get(Key::new(ExemptKey::FULL_LEN, ExemptKey::of(addr))).is_some() {
+        return ClientKey::exempt(addr);
+    }
+    ClientKey::grouped(addr, config.ipv4_prefix_len, config.ipv6_prefix_len)
 }
 
+/// Established connections counted under `client`.
+fn established_count(client: &ClientKey) -> u32 {
+    CLIENTS.get_ptr(client).map_or(0, |state| {
+        // SAFETY: `state` points into a live map entry; an aligned 64-bit
+        // load is atomic on BPF.
+        established::count(unsafe { (&raw const (*state).established).read_volatile() })
+    })
+}
+
+/// The client's handshake state, made if it is new.
+fn pending_state(client: &ClientKey) -> Option<*mut PendingState> {
+    if let Some(state) = PENDING.get_ptr_mut(client) {
+        return Some(state);
+    }
+    let _ = PENDING.insert(client, PendingState::default(), BPF_NOEXIST as u64);
+    PENDING.get_ptr_mut(client)
+}
+
+/// The flow a lookup is for.
+fn lookup_flow(lookup: &bpf_sk_lookup) -> FlowKey {
+    // Every context field is read once, unconditionally: were the compiler
+    // to pick the field by family, it would compute a context offset at run
+    // time, which the verifier rejects.
+    let (family, remote_port) = (read_ctx(&lookup.family), read_ctx(&lookup.remote_port));
+    let (remote4, local4) = (read_ctx(&lookup.remote_ip4), read_ctx(&lookup.local_ip4));
+    let (remote6, local6) = (read_ctx(&lookup.remote_ip6), read_ctx(&lookup.local_ip6));
+    let (client, local) = if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
+    FlowKey { client, local, client_port: u16::from_be(remote_port), local_port: lookup.local_port as u16 }
+}
+
+/// The flow of a socket (or request socket) sock_ops is called for.
 fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
     // SAFETY: the kernel hands the program a valid context.
-    let ops = unsafe { &*ctx.ops };
-    // Read every field unconditionally (see `connlimit_lookup`).
-    let (family, remote_port, local_port) = (read(&ops.family), read(&ops.remote_port), read(&ops.local_port));
-    let (remote4, local4) = (read(&ops.remote_ip4), read(&ops.local_ip4));
-    let (remote6, local6) = (read(&ops.remote_ip6), read(&ops.local_ip6));
+    let ops: &bpf_sock_ops = unsafe { &*ctx.ops };
+    // Read every field unconditionally (see `lookup_flow`).
+    let (family, remote_port, local_port) = (read_ctx(&ops.family), read_ctx(&ops.remote_port), read_ctx(&ops.local_port));
+    let (remote4, local4) = (read_ctx(&ops.remote_ip4), read_ctx(&ops.local_ip4));
+    let (remote6, local6) = (read_ctx(&ops.remote_ip6), read_ctx(&ops.local_ip6));
     // A dual-stack socket of an IPv4 client holds the mapped form already.
     let (client, local) = if family == AF_INET { (v4_mapped(remote4), v4_mapped(local4)) } else { (remote6, local6) };
     // `remote_port` is big-endian in the low 16 bits of the word on some
@@ -236,9 +470,9 @@ fn socket_cookie(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
-/// A context field, read exactly where it is written in the source.
+/// A context field, read with one load exactly where the source reads it.
 #[inline(always)]
-fn read<T: Copy>(field: &T) -> T {
+fn read_ctx<T: Copy>(field: &T) -> T {
     // SAFETY: a reference is valid to read.
     unsafe { core::ptr::read_volatile(field) }
 }
@@ -247,28 +481,21 @@ fn is_guarded(local_port: u32) -> bool {
     local_port < PORT_COUNT && PORTS.get(local_port).is_some_and(|&on| on != 0)
 }
 
-/// The client's entry, made if it is new.
-fn client_state(client: &ClientKey) -> Option<*mut ClientState> {
-    if let Some(state) = CLIENTS.get_ptr_mut(client) {
-        return Some(state);
-    }
-    // Losing a race to create it is fine: the winner's entry is used.
-    let _ = CLIENTS.insert(client, ClientState::default(), BPF_NOEXIST as u64);
-    CLIENTS.get_ptr_mut(client)
-}
-
-/// Applies `f` to the client's occupancy word atomically; `None` if `f`
-/// refuses or the word kept changing under us.
-fn update<T>(state: *mut ClientState, f: impl Fn(Occupancy) -> Option<(Occupancy, T)>) -> Option<T> {
-    // SAFETY: `state` points into a live map entry, 8-byte aligned; every
-    // writer of this field goes through atomics.
-    let word = unsafe { &raw mut (*state).occupancy };
-    // An aligned 64-bit load is atomic on BPF; a stale value costs a retry.
+/// Applies `f` to the 64-bit word at `word` atomically: `f` returns the new
+/// value and a result, or `None` to leave the word alone. `None` also when
+/// the word kept changing under us.
+fn compare_and_swap<T>(word: *mut u64, f: impl Fn(u64) -> Option<(u64, T)>) -> Option<T> {
+    // SAFETY: callers pass pointers into live map entries, 8-byte aligned,
+    // whose every writer goes through atomics. An aligned 64-bit load is
+    // atomic on BPF; a stale value costs a retry.
     let mut seen = unsafe { word.read_volatile() };
     for _ in 0..CAS_ATTEMPTS {
-        let (next, out) = f(Occupancy(seen))?;
+        let (next, out) = f(seen)?;
+        if next == seen {
+            return Some(out);
+        }
         // SAFETY: as above.
-        match unsafe { atomic::compare_exchange(word, seen, next.0) } {
+        match unsafe { atomic::compare_exchange(word, seen, next) } {
             Ok(()) => return Some(out),
             Err(actual) => seen = actual,
         }
@@ -276,6 +503,7 @@ fn update<T>(state: *mut ClientState, f: impl Fn(Occupancy) -> Option<(Occupancy
     None
 }
 
+/// Adds `n` to a counter in map memory.
 fn add(counter: *mut u64, n: u64) {
     // SAFETY: callers pass pointers into live map entries, 8-byte aligned.
     unsafe { atomic::add(counter, n) }

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use connlimit_common::addr::{self as kernel, AddrWords};
+use connlimit_common::addr::AddrWords;
 
 /// The address as one client: IPv4-mapped IPv6 becomes the IPv4 address.
 pub fn canonical(ip: IpAddr) -> IpAddr {
@@ -50,7 +50,7 @@ pub fn mask(ip: IpAddr, prefix_len: u8) -> IpAddr {
 
 /// The key a client is counted under, exactly as the kernel computes it.
 pub fn client_key(ip: IpAddr, ipv4_prefix_len: u8, ipv6_prefix_len: u8) -> IpAddr {
-    from_words(kernel::client_key(&to_words(ip), ipv4_prefix_len, ipv6_prefix_len))
+    from_words(connlimit_common::maps::ClientKey::grouped(&to_words(ip), ipv4_prefix_len, ipv6_prefix_len).addr)
 }
 
 #[cfg(test)]

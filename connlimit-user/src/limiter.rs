@@ -46,7 +46,7 @@ pub struct Limiter {
 
 struct Inner {
     config: ArcSwap<Config>,
-    shards: Box<[Mutex<HashMap<IpAddr, u32>>]>,
+    shards: Box<[Mutex<HashMap<Key, u32>>]>,
     shard_hasher: RandomState,
     accepted: AtomicU64,
     refused: AtomicU64,
@@ -81,6 +81,17 @@ pub struct Stats {
     /// Kernel limiter only: refusals another sk_lookup program overrode by
     /// steering the connection to a socket.
     pub steered: u64,
+    /// Kernel limiter only: connections ended right after their handshake,
+    /// because it completed with no live reservation while the client was at
+    /// its limit (or, with `WhenFull::Closed`, because a map was full).
+    pub ended: u64,
+    /// Kernel limiter only: reservations released because no listener of
+    /// the guarded cgroup took their packet (nothing listening yet, stray
+    /// packets, or a listener outside the cgroup).
+    pub unconfirmed: u64,
+    /// Kernel limiter only: connections to end that user space was not told
+    /// of (the ring buffer was full).
+    pub endings_lost: u64,
 }
 
 impl Limiter {
@@ -95,23 +106,25 @@ impl Limiter {
     /// holds, or [`Error::LimitReached`] when the client already holds the
     /// maximum. Over the limit nothing is counted.
     ///
-    /// Exempt clients are counted but never refused; in dry-run mode nobody
-    /// is refused and [`Stats::dry_run_refused`] records who would have been.
+    /// Exempt clients are counted under their own address, never refused,
+    /// and never use up the allowance of the network they are in (as in the
+    /// kernel limiter). In dry-run mode nobody is refused and
+    /// [`Stats::dry_run_refused`] records who would have been.
     pub fn accept(&self, conn: &impl PeerAddr) -> Result<Slot, Error> {
         let ip = conn.peer_ip().map_err(Error::PeerAddr)?;
         let config = self.inner.config.load();
-        let key = config.client_key(ip);
+        let key = Key::of(&config, ip);
         let mut shard = self.inner.shard(key);
         let open = shard.entry(key).or_insert(0);
-        if config.is_limited() && *open >= config.max_conns_per_client_ip && !config.is_exempt(ip) {
+        if config.is_limited() && *open >= config.max_conns_per_client_ip && !key.exempt {
             if !config.dry_run {
                 drop(shard);
                 self.inner.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client = %key, "connection refused: client at its limit");
+                tracing::debug!(client = %key.addr, "connection refused: client at its limit");
                 return Err(Error::LimitReached);
             }
             self.inner.dry_run_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(client = %key, "dry run: connection over the limit admitted");
+            tracing::debug!(client = %key.addr, "dry run: connection over the limit admitted");
         }
         *open += 1;
         drop(shard);
@@ -134,18 +147,22 @@ impl Limiter {
         self.inner.config.load_full()
     }
 
-    /// Connections currently counted under the client key of `peer`
-    /// (0 if its address cannot be read).
+    /// Connections currently counted under the client key of `peer` (its
+    /// own address if it is exempt; 0 if its address cannot be read).
     pub fn num_open(&self, peer: &impl PeerAddr) -> u32 {
         let Ok(ip) = peer.peer_ip() else { return 0 };
-        let key = self.inner.config.load().client_key(ip);
+        let key = Key::of(&self.inner.config.load(), ip);
         self.inner.shard(key).get(&key).copied().unwrap_or(0)
     }
 
     /// Every client key holding connections now, with its count, most first.
     pub fn clients(&self) -> Vec<(IpAddr, u32)> {
-        let mut all: Vec<_> =
-            self.inner.shards.iter().flat_map(|s| lock(s).iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>()).collect();
+        let mut all: Vec<_> = self
+            .inner
+            .shards
+            .iter()
+            .flat_map(|s| lock(s).iter().map(|(k, v)| (k.addr, *v)).collect::<Vec<_>>())
+            .collect();
         all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         all
     }
@@ -167,13 +184,31 @@ impl fmt::Debug for Limiter {
     }
 }
 
+/// What a connection is counted under: its group's key, or an exempt
+/// client's own address (the flag keeps the two apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    addr: IpAddr,
+    exempt: bool,
+}
+
+impl Key {
+    fn of(config: &Config, ip: IpAddr) -> Self {
+        if config.is_exempt(ip) {
+            Self { addr: crate::addr::canonical(ip), exempt: true }
+        } else {
+            Self { addr: config.client_key(ip), exempt: false }
+        }
+    }
+}
+
 impl Inner {
-    fn shard(&self, key: IpAddr) -> MutexGuard<'_, HashMap<IpAddr, u32>> {
+    fn shard(&self, key: Key) -> MutexGuard<'_, HashMap<Key, u32>> {
         let index = self.shard_hasher.hash_one(key) as usize % SHARDS;
         lock(&self.shards[index])
     }
 
-    fn release(&self, key: IpAddr) {
+    fn release(&self, key: Key) {
         let mut shard = self.shard(key);
         if let Some(open) = shard.get_mut(&key) {
             *open -= 1;
@@ -198,7 +233,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// ([`Slot::empty`]) frees nothing.
 #[must_use = "dropping a Slot frees it at once"]
 pub struct Slot {
-    held: Option<(Arc<Inner>, IpAddr)>,
+    held: Option<(Arc<Inner>, Key)>,
 }
 
 impl Slot {
@@ -216,7 +251,7 @@ impl Slot {
 
     /// The client key this slot is counted under, while it is held.
     pub fn client(&self) -> Option<IpAddr> {
-        self.held.as_ref().map(|(_, key)| *key)
+        self.held.as_ref().map(|(_, key)| key.addr)
     }
 }
 
@@ -289,6 +324,17 @@ mod tests {
         let slots: Vec<_> = (0..5).map(|_| limiter.accept(&ip("10.9.1.1")).unwrap()).collect();
         assert_eq!(limiter.num_open(&ip("10.9.1.1")), 5);
         drop(slots);
+    }
+
+    #[test]
+    fn exempt_clients_leave_their_network_its_allowance() {
+        let config = Config::new(1).with_ipv4_prefix_len(24).with_exempt(["10.9.1.1".parse().unwrap()]);
+        let limiter = Limiter::new(config).unwrap();
+        let _lb: Vec<_> = (0..3).map(|_| limiter.accept(&ip("10.9.1.1")).unwrap()).collect();
+        let neighbour = limiter.accept(&ip("10.9.1.2")).expect("the /24 still has its one slot");
+        assert_eq!(neighbour.client(), Some(ip("10.9.1.0")));
+        assert!(limiter.accept(&ip("10.9.1.3")).is_err());
+        assert_eq!((limiter.num_open(&ip("10.9.1.1")), limiter.num_open(&ip("10.9.1.2"))), (3, 1));
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub enum EbpfError {
     /// Port 0 cannot be guarded.
     #[error("port 0 cannot be guarded; give the port the server listens on")]
     PortZero,
+    /// The reservation epoch is out of range.
+    #[error("a reservation epoch of {0:?} is out of range; give 10 ms to 60 s (default 1 s)")]
+    BadEpoch(std::time::Duration),
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),

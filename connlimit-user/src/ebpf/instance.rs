@@ -10,16 +10,19 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::links::{FdLink, PinnedLink},
 };
 use connlimit_common::{
-    addr::AddrWords,
-    maps::{ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, InstanceInfo, KernelConfig, Stat, names},
-    occupancy::{Occupancy, epoch_tag},
+    established,
+    maps::{
+        ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, InstanceInfo, KernelConfig,
+        PendingState, Stat, names,
+    },
+    pending::{Pending, epoch_of},
 };
 
-use super::{EbpfError, host};
+use super::{EbpfError, WhenFull, host};
 use crate::{Cidr, Config, Stats, addr};
 
 /// Directory holding one subdirectory of pins per instance.
@@ -31,8 +34,13 @@ pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientCount {
     /// The client key: the address cut to the prefix length in force when
-    /// it was first seen.
+    /// it was first seen (see `prefix_len`).
     pub client: IpAddr,
+    /// The key's prefix length within its family (32 or 128 for a single
+    /// address).
+    pub prefix_len: u8,
+    /// An exempt client, counted under its own address and never refused.
+    pub exempt: bool,
     /// Established connections now.
     pub open: u32,
     /// Handshakes admitted and not yet established.
@@ -48,8 +56,9 @@ pub struct Instance {
     name: String,
     config: Array<MapData, KernelConfig>,
     ports: Array<MapData, u8>,
-    exempt: LpmTrie<MapData, AddrWords, u8>,
+    exempt: LpmTrie<MapData, ExemptKey, u8>,
     clients: HashMap<MapData, ClientKey, ClientState>,
+    pending: HashMap<MapData, ClientKey, PendingState>,
     conns: HashMap<MapData, u64, ClientKey>,
     stats: PerCpuArray<MapData, u64>,
     info: Array<MapData, InstanceInfo>,
@@ -125,6 +134,7 @@ impl Instance {
             ports: typed!(names::PORTS),
             exempt: typed!(names::EXEMPT),
             clients: typed!(names::CLIENTS),
+            pending: typed!(names::PENDING),
             conns: typed!(names::CONNS),
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
@@ -205,8 +215,9 @@ impl Instance {
         let mut exempt = Vec::new();
         for entry in self.exempt.keys() {
             let key = entry.map_err(sys("reading the exempt map"))?;
-            let addr = addr::from_words(key.data());
-            let len = key.prefix_len().saturating_sub(if addr.is_ipv4() { 96 } else { 0 });
+            let words = key.data().addr;
+            let addr = addr::from_words(words);
+            let len = key.prefix_len() - ExemptKey::prefix_len(&words, 0);
             exempt.push(Cidr::new(addr, len as u8).map_err(|e| EbpfError::system("reading the exempt map", e))?);
         }
         exempt.sort_by_key(|c| (c.addr(), c.prefix_len()));
@@ -224,18 +235,33 @@ impl Instance {
     /// ever limited in between.
     pub fn set_config(&mut self, config: &Config) -> Result<(), EbpfError> {
         config.validate()?;
-        let epoch_ns = self.kernel_config()?.epoch_ns;
-        self.write_config(config, epoch_ns)
+        let kernel = self.kernel_config()?;
+        self.write_config(config, kernel)
     }
 
-    pub(crate) fn write_config(&mut self, config: &Config, epoch_ns: u64) -> Result<(), EbpfError> {
-        let old: Vec<Key<AddrWords>> = self.exempt.keys().filter_map(Result::ok).collect();
-        let new: Vec<Key<AddrWords>> = config
+    /// What the kernel does when a count cannot be kept because a map is full.
+    pub fn when_full(&self) -> Result<WhenFull, EbpfError> {
+        let closed = self.kernel_config()?.flags & FLAG_FULL_CLOSED != 0;
+        Ok(if closed { WhenFull::Closed } else { WhenFull::Open })
+    }
+
+    /// Changes what the kernel does when a map is full.
+    pub fn set_when_full(&mut self, when_full: WhenFull) -> Result<(), EbpfError> {
+        let mut kernel = self.kernel_config()?;
+        kernel.flags = (kernel.flags & !FLAG_FULL_CLOSED) | when_full.flag();
+        self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
+    }
+
+    /// Writes `config`, keeping the other fields of `base` (epoch, namespace,
+    /// full-map policy).
+    pub(crate) fn write_config(&mut self, config: &Config, base: KernelConfig) -> Result<(), EbpfError> {
+        let old: Vec<Key<ExemptKey>> = self.exempt.keys().filter_map(Result::ok).collect();
+        let new: Vec<Key<ExemptKey>> = config
             .exempt
             .iter()
             .map(|c| {
-                let (len, words) = c.to_kernel();
-                Key::new(len, words)
+                let words = addr::to_words(c.addr());
+                Key::new(ExemptKey::prefix_len(&words, u32::from(c.prefix_len())), ExemptKey::of(&words))
             })
             .collect();
         for key in &new {
@@ -245,11 +271,13 @@ impl Instance {
             max_conns_per_client: config.max_conns_per_client_ip,
             ipv4_prefix_len: config.ipv4_prefix_len,
             ipv6_prefix_len: config.ipv6_prefix_len,
-            flags: if config.dry_run { FLAG_DRY_RUN } else { 0 } | if new.is_empty() { 0 } else { FLAG_EXEMPT },
-            epoch_ns,
+            flags: (base.flags & FLAG_FULL_CLOSED)
+                | if config.dry_run { FLAG_DRY_RUN } else { 0 }
+                | if new.is_empty() { 0 } else { FLAG_EXEMPT },
+            ..base
         };
         self.config.set(0, kernel, 0).map_err(sys("writing the config map"))?;
-        let same = |a: &Key<AddrWords>, b: &Key<AddrWords>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+        let same = |a: &Key<ExemptKey>, b: &Key<ExemptKey>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
         for key in old.iter().filter(|k| !new.iter().any(|n| same(k, n))) {
             let _ = self.exempt.remove(key);
         }
@@ -319,40 +347,82 @@ impl Instance {
         self.info.set(0, info, 0).map_err(sys("writing the instance map"))
     }
 
-    /// Established connections counted under the client key of `ip`.
+    /// Established connections counted under the client key of `ip` (its
+    /// own address if it is exempt).
     pub fn num_open(&self, ip: IpAddr) -> Result<u32, EbpfError> {
-        let k = self.kernel_config()?;
-        let key = ClientKey { addr: addr::to_words(addr::client_key(ip, k.ipv4_prefix_len, k.ipv6_prefix_len)) };
+        let config = self.config()?;
+        let words = addr::to_words(ip);
+        let key = if config.is_exempt(ip) {
+            ClientKey::exempt(&words)
+        } else {
+            ClientKey::grouped(&words, config.ipv4_prefix_len, config.ipv6_prefix_len)
+        };
         match self.clients.get(&key, 0) {
-            Ok(state) => Ok(Occupancy(state.occupancy).established()),
+            Ok(state) => Ok(established::count(state.established)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(0),
             Err(e) => Err(EbpfError::system("reading the clients map", e)),
         }
     }
 
     /// Every tracked client key with its figures, most open connections
-    /// first (then most refused).
+    /// first (then most refused): keys holding connections, and keys with
+    /// handshakes in flight or refusals on record.
     pub fn clients(&self) -> Result<Vec<ClientCount>, EbpfError> {
-        let now = epoch_tag(host::monotonic_ns(), self.kernel_config()?.epoch_ns);
-        let mut all = Vec::new();
+        let now = epoch_of(host::monotonic_ns(), self.kernel_config()?.epoch_ns);
+        let mut all: std::collections::HashMap<ClientKey, ClientCount> = std::collections::HashMap::new();
+        let blank = |key: &ClientKey| {
+            let addr = addr::from_words(key.addr);
+            let family_bits = if addr.is_ipv4() { 96 } else { 0 };
+            ClientCount {
+                client: addr,
+                prefix_len: if key.is_exempt() { 128 - family_bits } else { key.prefix_len.saturating_sub(family_bits) }
+                    as u8,
+                exempt: key.is_exempt(),
+                open: 0,
+                reserved: 0,
+                accepted: 0,
+                refused: 0,
+            }
+        };
         for entry in self.clients.iter() {
             let (key, state) = match entry {
                 Ok(kv) => kv,
-                // An entry evicted while we walk the map.
+                // An entry removed while we walk the map.
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(EbpfError::system("reading the clients map", e)),
             };
-            let o = Occupancy(state.occupancy);
-            all.push(ClientCount {
-                client: addr::from_words(key.addr),
-                open: o.established(),
-                reserved: o.reserved(now),
-                accepted: state.accepted,
-                refused: state.refused,
-            });
+            let c = all.entry(key).or_insert_with(|| blank(&key));
+            c.open = established::count(state.established);
+            c.accepted = state.accepted;
         }
+        for entry in self.pending.iter() {
+            let (key, state) = match entry {
+                Ok(kv) => kv,
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(EbpfError::system("reading the pending map", e)),
+            };
+            let c = all.entry(key).or_insert_with(|| blank(&key));
+            c.reserved = Pending(state.reservations).reserved(now);
+            c.refused = state.refused;
+        }
+        let mut all: Vec<ClientCount> = all.into_values().collect();
         all.sort_by(|a, b| b.open.cmp(&a.open).then(b.refused.cmp(&a.refused)).then(a.client.cmp(&b.client)));
         Ok(all)
+    }
+
+    /// Starts ending the connections the kernel asks to end (see
+    /// [`EndingsWorker`](super::EndingsWorker)), in the network namespace
+    /// `netns` the instance guards. The process owning an instance runs one;
+    /// [`EbpfLimiter`](super::EbpfLimiter) does so itself.
+    pub fn start_endings_worker(&self, netns: &Path) -> Result<super::EndingsWorker, EbpfError> {
+        super::EndingsWorker::start(self.endings()?, netns, &self.name)
+    }
+
+    fn endings(&self) -> Result<RingBuf<MapData>, EbpfError> {
+        let path = Self::dir_of(&self.name).join(names::ENDINGS);
+        let data = MapData::from_pin(&path).map_err(sys(format!("opening {}", path.display())))?;
+        RingBuf::try_from(Map::from_map_data(data).map_err(sys(format!("opening {}", path.display())))?)
+            .map_err(sys(format!("opening {}", path.display())))
     }
 
     /// Connections the kernel is tracking to their close.
@@ -372,6 +442,9 @@ impl Instance {
             dry_run_refused: total(Stat::DryRunRefused)?,
             untracked: total(Stat::Untracked)?,
             steered: total(Stat::Steered)?,
+            ended: total(Stat::Ended)?,
+            unconfirmed: total(Stat::Unconfirmed)?,
+            endings_lost: total(Stat::EndingsLost)?,
         })
     }
 }

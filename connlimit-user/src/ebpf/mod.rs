@@ -31,10 +31,13 @@
 
 pub mod attachments;
 pub mod cgroup;
+mod endings;
 mod error;
 pub mod host;
 mod instance;
+pub mod listeners;
 mod log;
+pub mod sock_diag;
 
 use std::{
     fs::File,
@@ -48,8 +51,13 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, SkLookup, SockOps, links::FdLink},
 };
-use connlimit_common::maps::{InstanceInfo, names, programs};
+use aya::maps::RingBuf;
+use connlimit_common::{
+    maps::{FLAG_FULL_CLOSED, InstanceInfo, KernelConfig, names, programs},
+    pending::{MAX_EPOCH_NS, MIN_EPOCH_NS},
+};
 
+pub use endings::EndingsWorker;
 pub use error::EbpfError;
 pub use instance::{ClientCount, Instance, PIN_ROOT};
 
@@ -60,6 +68,60 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 
 /// The default reservation epoch (see [`AttachOptions::reservation_epoch`]).
 pub const DEFAULT_RESERVATION_EPOCH: Duration = Duration::from_secs(1);
+/// The shortest reservation epoch accepted: below it, a burst of SYNs from
+/// one client on a slow path could outlive its reservations.
+pub const MIN_RESERVATION_EPOCH: Duration = Duration::from_millis(10);
+/// The longest reservation epoch accepted (a spoofed SYN holds a slot for
+/// up to two).
+pub const MAX_RESERVATION_EPOCH: Duration = Duration::from_nanos(MAX_EPOCH_NS);
+const _: () = assert!(MIN_RESERVATION_EPOCH.as_nanos() >= MIN_EPOCH_NS as u128);
+
+/// What the kernel does with a connection it cannot count because a map is
+/// full (more client keys with open connections, or more connections, than
+/// the maps hold; see [`AttachOptions::max_clients`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WhenFull {
+    /// Admit it uncounted (`Stats::untracked`): availability first. Anyone
+    /// who can hold more open connections from distinct client keys than the
+    /// map holds then escapes the limit for the excess.
+    Open,
+    /// End it right after its handshake (`Stats::ended`): the limit holds.
+    /// The map fills only with keys that hold live connections (SYNs cannot
+    /// fill it), so this refuses new clients only while that many hold
+    /// connections at once.
+    #[default]
+    Closed,
+}
+
+impl WhenFull {
+    pub(crate) fn flag(self) -> u16 {
+        match self {
+            Self::Open => 0,
+            Self::Closed => FLAG_FULL_CLOSED,
+        }
+    }
+}
+
+impl std::fmt::Display for WhenFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Open => "open",
+            Self::Closed => "closed",
+        })
+    }
+}
+
+impl std::str::FromStr for WhenFull {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            _ => Err(format!("{s:?} is not a full-map policy; use `open` (admit uncounted) or `closed` (end the connection)")),
+        }
+    }
+}
 
 /// What to attach to and how.
 #[derive(Clone, Debug)]
@@ -71,6 +133,7 @@ pub struct AttachOptions {
     config: Config,
     persist: bool,
     reservation_epoch: Duration,
+    when_full: WhenFull,
     max_clients: Option<u32>,
     max_connections: Option<u32>,
 }
@@ -88,6 +151,7 @@ impl AttachOptions {
             config: Config::default(),
             persist: false,
             reservation_epoch: DEFAULT_RESERVATION_EPOCH,
+            when_full: WhenFull::default(),
             max_clients: None,
             max_connections: None,
         }
@@ -129,21 +193,32 @@ impl AttachOptions {
 
     /// How long an admitted handshake holds its slot before completing: a
     /// SYN that never completes (spoofed, or abandoned) frees its slot
-    /// between one and two epochs after it arrived. Default: 1 s.
+    /// between one and two epochs after it arrived; a handshake completing
+    /// later is judged again then. Default: 1 s; from
+    /// [`MIN_RESERVATION_EPOCH`] to [`MAX_RESERVATION_EPOCH`].
     pub fn reservation_epoch(mut self, epoch: Duration) -> Self {
         self.reservation_epoch = epoch;
         self
     }
 
-    /// How many client keys the kernel tracks at once (default 131072); the
-    /// least recently seen idle ones make room for new ones.
+    /// What to do with a connection that cannot be counted because a map is
+    /// full. Default: [`WhenFull::Closed`].
+    pub fn when_full(mut self, when_full: WhenFull) -> Self {
+        self.when_full = when_full;
+        self
+    }
+
+    /// How many client keys the kernel tracks at once (default 131072), both
+    /// those holding connections and those with handshakes in flight. Past
+    /// it, a new client holding connections meets the [`WhenFull`] policy;
+    /// handshake state is evicted least recently used first.
     pub fn max_clients(mut self, max: u32) -> Self {
         self.max_clients = Some(max);
         self
     }
 
     /// How many established connections the kernel can count at once
-    /// (default 262144); past that, new ones are admitted uncounted.
+    /// (default 262144); past that, new ones meet the [`WhenFull`] policy.
     pub fn max_connections(mut self, max: u32) -> Self {
         self.max_connections = Some(max);
         self
@@ -158,6 +233,7 @@ pub struct EbpfLimiter {
     /// Leave the pins when dropped (persisted, or already removed).
     keep_pins: bool,
     program_ids: Vec<u32>,
+    _endings: EndingsWorker,
     _log: Option<log::KernelLog>,
     // While these live, the programs stay attached.
     _links: [FdLink; 2],
@@ -187,11 +263,15 @@ impl EbpfLimiter {
             config,
             persist,
             reservation_epoch,
+            when_full,
             max_clients,
             max_connections,
         } = options;
         Instance::validate_name(&name)?;
         config.validate()?;
+        if !(MIN_RESERVATION_EPOCH..=MAX_RESERVATION_EPOCH).contains(&reservation_epoch) {
+            return Err(EbpfError::BadEpoch(reservation_epoch));
+        }
         ports.sort_unstable();
         ports.dedup();
         if ports.is_empty() {
@@ -215,6 +295,7 @@ impl EbpfLimiter {
         let mut loader = EbpfLoader::new();
         if let Some(max) = max_clients {
             loader.map_max_entries(names::CLIENTS, max);
+            loader.map_max_entries(names::PENDING, max);
         }
         if let Some(max) = max_connections {
             loader.map_max_entries(names::CONNS, max);
@@ -224,11 +305,19 @@ impl EbpfLimiter {
 
         Instance::pin_new(&name, ebpf.maps().filter(|(n, _)| names::ALL.contains(n)))?;
         let mut guard = PinGuard(Some(name.clone()));
-        let mut instance = Instance::from_maps(&name, |map| {
+        let mut take = |map: &str| {
             ebpf.take_map(map)
                 .ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no map {map}")))
-        })?;
-        instance.write_config(&config, reservation_epoch.as_nanos().clamp(1, u64::MAX as u128) as u64)?;
+        };
+        let endings = RingBuf::try_from(take(names::ENDINGS)?).map_err(|e| EbpfError::system("map ENDINGS", e))?;
+        let mut instance = Instance::from_maps(&name, take)?;
+        let base = KernelConfig {
+            epoch_ns: reservation_epoch.as_nanos() as u64,
+            netns_cookie: host::netns_cookie(&netns),
+            flags: when_full.flag(),
+            ..KernelConfig::default()
+        };
+        instance.write_config(&config, base)?;
         // A new instance guards nothing yet: no need to read the port table.
         instance.guard_ports(&ports)?;
         let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -241,6 +330,7 @@ impl EbpfLimiter {
             _pad: 0,
         })?;
 
+        let endings = EndingsWorker::start(endings, &netns, &name)?;
         let mut links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
         if persist {
             links = pin_links(&name, links)?;
@@ -250,12 +340,14 @@ impl EbpfLimiter {
             instance = %name, ?ports, cgroup = %cgroup.display(), netns = %netns.display(),
             limit = config.max_conns_per_client_ip, persist, "connlimit attached"
         );
+        listeners::warn_about(&netns, &ports, &cgroup);
         let program_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.program_id()).collect();
         Ok(Self {
             instance: Mutex::new(instance),
             name,
             keep_pins: persist,
             program_ids,
+            _endings: endings,
             _log: log,
             _links: links,
             _ebpf: ebpf,

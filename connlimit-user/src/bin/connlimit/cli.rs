@@ -3,7 +3,7 @@
 use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP};
+use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP, ebpf::WhenFull};
 
 /// Limits concurrent TCP connections per client IP, in the kernel, for any server.
 #[derive(Parser, Debug)]
@@ -112,6 +112,9 @@ pub struct LimitArgs {
     /// Milliseconds an unfinished handshake may hold a slot: a spoofed SYN blocks a slot for 1-2 of these
     #[arg(long, default_value_t = 1000, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub reservation_epoch_ms: u64,
+    /// When a connection cannot be counted because a map is full: `closed` ends it, `open` admits it uncounted
+    #[arg(long, default_value_t = WhenFull::Closed, value_name = "POLICY")]
+    pub when_full: WhenFull,
 }
 
 fn port(s: &str) -> Result<u16, String> {
@@ -167,6 +170,9 @@ pub struct SetArgs {
     /// Turn dry-run mode on or off
     #[arg(long, value_name = "BOOL")]
     pub dry_run: Option<bool>,
+    /// New full-map policy: `closed` ends a connection that cannot be counted, `open` admits it uncounted
+    #[arg(long, value_name = "POLICY")]
+    pub when_full: Option<WhenFull>,
     /// Replace the guarded ports with these (repeat for several)
     #[arg(long = "port", short = 'p', value_name = "PORT", value_parser = port)]
     pub ports: Vec<u16>,

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, cgroup::Cgroup, host},
+    ebpf::{AttachOptions, EbpfError, EbpfLimiter, EndingsWorker, Instance, cgroup::Cgroup, host},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -32,6 +32,7 @@ impl LimitArgs {
             .ports(self.ports.iter().copied())
             .config(self.config())
             .reservation_epoch(Duration::from_millis(self.reservation_epoch_ms))
+            .when_full(self.when_full)
             .persist(persist)
     }
 }
@@ -43,6 +44,7 @@ enum Enforcement {
     Adopted {
         instance: Instance,
         persist: bool,
+        _endings: EndingsWorker,
     },
 }
 
@@ -70,8 +72,10 @@ impl Enforcement {
                 }
                 instance.set_ports(&args.ports)?;
                 instance.set_config(&args.config())?;
+                instance.set_when_full(args.when_full)?;
+                let endings = instance.start_endings_worker(netns)?;
                 tracing::info!(instance = %name, ports = ?args.ports, "adopted the persisted instance");
-                Ok(Self::Adopted { instance, persist })
+                Ok(Self::Adopted { instance, persist, _endings: endings })
             }
             Err(e) => Err(e.into()),
         }
@@ -101,11 +105,11 @@ impl Enforcement {
                     tracing::info!(instance = %name, "detached");
                 }
             }
-            Self::Adopted { instance, persist: true } => {
+            Self::Adopted { instance, persist: true, .. } => {
                 let name = instance.name();
                 tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach {name}`");
             }
-            Self::Adopted { instance, persist: false } => {
+            Self::Adopted { instance, persist: false, .. } => {
                 let name = instance.name().to_owned();
                 drop(instance);
                 Instance::remove(&name)?;

@@ -28,7 +28,7 @@ pub fn set(args: SetArgs) -> Result<()> {
     if let Some(dry_run) = args.dry_run {
         config.dry_run = dry_run;
     }
-    if config == before && args.ports.is_empty() {
+    if config == before && args.ports.is_empty() && args.when_full.is_none() {
         bail!(
             "nothing to change; give at least one field, e.g. --max-conns-per-client-ip 20 (see `connlimit set --help`)"
         );
@@ -37,6 +37,9 @@ pub fn set(args: SetArgs) -> Result<()> {
         instance.set_ports(&args.ports)?;
     }
     instance.set_config(&config)?;
+    if let Some(when_full) = args.when_full {
+        instance.set_when_full(when_full)?;
+    }
     eprintln!("{}: {}", instance.name(), crate::show::describe(&config));
     Ok(())
 }

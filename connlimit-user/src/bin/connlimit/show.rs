@@ -1,11 +1,11 @@
 //! `config`, `top` and `status`: reading instances, for people and machines.
 
-use std::{fmt::Write as _, io::Write as _, net::IpAddr, time::Duration};
+use std::{fmt::Write as _, io::Write as _, path::Path, time::Duration};
 
 use anyhow::Result;
 use connlimit::{
     Config,
-    ebpf::{ClientCount, Instance},
+    ebpf::{ClientCount, Instance, host, listeners},
 };
 use serde_json::json;
 
@@ -40,6 +40,7 @@ fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value
         "exempt": config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "dry_run": config.dry_run,
         "reservation_epoch_ms": instance.reservation_epoch()?.as_millis() as u64,
+        "when_full": instance.when_full()?.to_string(),
     }))
 }
 
@@ -68,6 +69,7 @@ pub fn config(name: &str, json: bool) -> Result<()> {
         ("exempt", if exempt.is_empty() { "none".into() } else { exempt }),
         ("dry run", if config.dry_run { "on".into() } else { "off".into() }),
         ("reservation epoch", format!("{} ms", instance.reservation_epoch()?.as_millis())),
+        ("when a map is full", instance.when_full()?.to_string()),
     ];
     for (key, value) in rows {
         println!("{key:<24} {value}");
@@ -75,10 +77,12 @@ pub fn config(name: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A client key as people write it: the address, with its prefix when grouped.
-fn client_label(client: IpAddr, config: &Config) -> String {
-    let (len, full) = if client.is_ipv4() { (config.ipv4_prefix_len, 32) } else { (config.ipv6_prefix_len, 128) };
-    if len == full { client.to_string() } else { format!("{client}/{len}") }
+/// A client key as people write it: the address, with its prefix when
+/// grouped, marked when exempt.
+fn client_label(c: &ClientCount) -> String {
+    let full = if c.client.is_ipv4() { 32 } else { 128 };
+    let label = if c.prefix_len == full { c.client.to_string() } else { format!("{}/{}", c.client, c.prefix_len) };
+    if c.exempt { format!("{label} (exempt)") } else { label }
 }
 
 /// One screen of `top` for `instance`, whose guarded `ports` are given
@@ -98,7 +102,7 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> 
             .iter()
             .map(|c| {
                 json!({
-                    "client": client_label(c.client, &config),
+                    "client": client_label(c),
                     "open": c.open,
                     "reserved": c.reserved,
                     "refused": c.refused,
@@ -127,7 +131,7 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> 
         writeln!(
             out,
             "{:<40} {:>6} {:>9} {:>9} {:>9}",
-            client_label(c.client, &config),
+            client_label(c),
             c.open,
             c.reserved,
             c.refused,
@@ -184,15 +188,29 @@ struct InstanceStatus {
     dry_run_refused: u64,
     steered: u64,
     untracked: u64,
+    ended: u64,
+    unconfirmed: u64,
+    endings_lost: u64,
+    /// Problems with the guarded ports' listeners (checked when the
+    /// instance guards this process's network namespace).
+    listener_problems: Vec<String>,
 }
 
 impl InstanceStatus {
     fn read(name: &str) -> Result<Self> {
         let instance = Instance::open(name)?;
         let (config, info, stats) = (instance.config()?, instance.info()?, instance.stats()?);
+        let ports = instance.ports()?;
+        let here = Path::new("/proc/self/ns/net");
+        let listener_problems = match host::NetnsId::of(here) {
+            Ok(id) if (id.dev, id.ino) == (info.netns_dev, info.netns_ino) => {
+                listeners::check(here, &ports, info.cgroup_ino).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
         Ok(Self {
             name: name.to_owned(),
-            ports: instance.ports()?,
+            ports,
             max_conns_per_client_ip: config.max_conns_per_client_ip,
             dry_run: config.dry_run,
             persistent: instance.is_persistent(),
@@ -204,6 +222,10 @@ impl InstanceStatus {
             dry_run_refused: stats.dry_run_refused,
             steered: stats.steered,
             untracked: stats.untracked,
+            ended: stats.ended,
+            unconfirmed: stats.unconfirmed,
+            endings_lost: stats.endings_lost,
+            listener_problems: listener_problems.iter().map(ToString::to_string).collect(),
         })
     }
 
@@ -218,6 +240,15 @@ impl InstanceStatus {
         }
         if self.untracked > 0 {
             let _ = write!(mode, ", {} connections untracked (maps full)", self.untracked);
+        }
+        if self.ended > 0 {
+            let _ = write!(mode, ", {} connections ended after their handshake", self.ended);
+        }
+        if self.endings_lost > 0 {
+            let _ = write!(mode, ", {} endings lost (ring buffer full)", self.endings_lost);
+        }
+        for problem in &self.listener_problems {
+            let _ = write!(mode, "; {problem}");
         }
         mode
     }
