@@ -47,9 +47,14 @@ const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 /// Compare-and-swap retries on a word. Each failure means another CPU's
-/// update went through, so this is only reached under a contention no
-/// machine of a few dozen CPUs produces.
-const CAS_ATTEMPTS: u32 = 64;
+/// update went through, so running out takes that many other updates of the
+/// same client's word during one attempt. The lookup program, which has
+/// several such loops, gets fewer tries to stay within the verifier's
+/// budget; running out there refuses a SYN (a client whose own SYNs contend
+/// that hard is flooding), while sock_ops, counting a real connection,
+/// tries longer.
+const LOOKUP_CAS_ATTEMPTS: u32 = 16;
+const SOCK_OPS_CAS_ATTEMPTS: u32 = 64;
 /// Attempts to find a live `CLIENTS` entry while another CPU removes a
 /// retired one.
 const ENTRY_ATTEMPTS: u32 = 8;
@@ -128,7 +133,7 @@ fn admit(lookup: &bpf_sk_lookup, config: &KernelConfig, flow: &FlowKey, client: 
     };
     let limit = config.max_conns_per_client;
     let mut booked = reserve(pending, client, epoch, limit);
-    if booked.is_none() && release_stale_syns(epoch, now_ns) {
+    if booked.is_none() && release_stale_syn(epoch, now_ns) {
         booked = reserve(pending, client, epoch, limit);
     }
     if let Some(booked) = booked {
@@ -164,7 +169,7 @@ fn admit(lookup: &bpf_sk_lookup, config: &KernelConfig, flow: &FlowKey, client: 
 fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u32) -> Option<u64> {
     let established = established_count(client);
     // SAFETY: `pending` points into a live map entry.
-    compare_and_swap(unsafe { &raw mut (*pending).reservations }, |w| {
+    compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
         Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
     })
 }
@@ -173,7 +178,7 @@ fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u3
 fn release_reservation(client: &ClientKey, epoch: u64, booked: u64) {
     if let Some(pending) = PENDING.get_ptr_mut(client) {
         // SAFETY: `pending` points into a live map entry.
-        compare_and_swap(unsafe { &raw mut (*pending).reservations }, |w| {
+        compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
             Some((Pending(w).release(epoch, booked).0, ()))
         });
     }
@@ -210,13 +215,15 @@ fn release_unconfirmed_syn(epoch: u64) {
     }
 }
 
-/// At the limit: releases other CPUs' SYNs that no listener took (each
-/// CPU's is normally released by its own next lookup). Returns whether any
-/// was released.
-fn release_stale_syns(epoch: u64, now_ns: u64) -> bool {
+/// At the limit: releases one SYN another CPU admitted that no listener
+/// took (each CPU's is normally released by its own next lookup). Returns
+/// whether one was released.
+fn release_stale_syn(epoch: u64, now_ns: u64) -> bool {
     let map = (&raw const LAST_SYN).cast_mut().cast();
     let key = 0u32;
-    let mut released = false;
+    // The scan only finds; the release, with its compare-and-swap loop, runs
+    // once after it, which keeps the program small for the verifier.
+    let mut stale: Option<FlowKey> = None;
     for cpu in 0..MAX_CPUS {
         // SAFETY: a helper reading another CPU's value of our per-CPU array;
         // it returns null past the last CPU.
@@ -228,11 +235,17 @@ fn release_stale_syns(epoch: u64, now_ns: u64) -> bool {
         let last = unsafe { &mut *last };
         if last.unconfirmed != 0 && now_ns.saturating_sub(last.at_ns) > STALE_SYN_NS {
             last.unconfirmed = 0;
-            release_unclaimed(&last.flow, epoch);
-            released = true;
+            stale = Some(last.flow);
+            break;
         }
     }
-    released
+    match stale {
+        Some(flow) => {
+            release_unclaimed(&flow, epoch);
+            true
+        }
+        None => false,
+    }
 }
 
 #[sock_ops]
@@ -288,9 +301,9 @@ fn on_established(ctx: &SockOpsContext) {
                 // SAFETY: `p` points into a live map entry.
                 Pending(unsafe { (*p).reservations }).reserved(epoch)
             });
-            Some(limit.saturating_sub(reserved))
+            limit.saturating_sub(reserved)
         }
-        _ => None,
+        _ => NO_CAP,
     };
     let counted = count_connection(ctx, &client, cap);
     // Counted before released: a concurrent SYN sees the slot taken throughout.
@@ -319,10 +332,15 @@ fn on_established(ctx: &SockOpsContext) {
     }
 }
 
+/// `cap` of a connection counted with no limit check.
+// Not an `Option`: the compiler may pass a `None` with an unset register,
+// which the verifier rejects.
+const NO_CAP: u32 = u32::MAX;
+
 /// Counts a new connection of `client` and asks to see it close. Returns
 /// whether it was within `cap` (connections the key may already hold), or
 /// an error when it cannot be counted (a map is full).
-fn count_connection(ctx: &SockOpsContext, client: &ClientKey, cap: Option<u32>) -> Result<bool, ()> {
+fn count_connection(ctx: &SockOpsContext, client: &ClientKey, cap: u32) -> Result<bool, ()> {
     // Ask to hear of this socket's state changes, to see it close.
     ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).map_err(|_| ())?;
     let within = add_established(client, cap).ok_or(())?;
@@ -336,7 +354,7 @@ fn count_connection(ctx: &SockOpsContext, client: &ClientKey, cap: Option<u32>) 
 /// One more established connection for `client`, in an entry made if it is
 /// new; returns whether the key held fewer than `cap` before. `None` when
 /// no entry can be had (the map is full).
-fn add_established(client: &ClientKey, cap: Option<u32>) -> Option<bool> {
+fn add_established(client: &ClientKey, cap: u32) -> Option<bool> {
     for _ in 0..ENTRY_ATTEMPTS {
         let state = match CLIENTS.get_ptr_mut(client) {
             Some(state) => state,
@@ -348,8 +366,8 @@ fn add_established(client: &ClientKey, cap: Option<u32>) -> Option<bool> {
         };
         // SAFETY: `state` points into a live map entry.
         let word = unsafe { &raw mut (*state).established };
-        let within = compare_and_swap(word, |w| match established::increment(w) {
-            Step::Write(next) => Some((next, Some(cap.is_none_or(|c| established::count(w) < c)))),
+        let within = compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| match established::increment(w) {
+            Step::Write(next) => Some((next, Some(cap == NO_CAP || established::count(w) < cap))),
             Step::Retired => Some((w, None)),
         })?;
         if let Some(within) = within {
@@ -370,7 +388,7 @@ fn remove_established(client: &ClientKey) {
     };
     // SAFETY: `state` points into a live map entry.
     let word = unsafe { &raw mut (*state).established };
-    let Some(left) = compare_and_swap(word, |w| {
+    let Some(left) = compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| {
         let next = established::decrement(w);
         Some((next, next))
     }) else {
@@ -378,7 +396,7 @@ fn remove_established(client: &ClientKey) {
     };
     // Retire the word only if nothing was added since: then the removal
     // cannot lose a count.
-    if left == 0 && compare_and_swap(word, |w| (w == 0).then_some((established::RETIRED, ()))).is_some() {
+    if left == 0 && compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| (w == 0).then_some((established::RETIRED, ()))).is_some() {
         let _ = CLIENTS.remove(client);
     }
 }
@@ -484,12 +502,12 @@ fn is_guarded(local_port: u32) -> bool {
 /// Applies `f` to the 64-bit word at `word` atomically: `f` returns the new
 /// value and a result, or `None` to leave the word alone. `None` also when
 /// the word kept changing under us.
-fn compare_and_swap<T>(word: *mut u64, f: impl Fn(u64) -> Option<(u64, T)>) -> Option<T> {
+fn compare_and_swap<const ATTEMPTS: u32, T>(word: *mut u64, f: impl Fn(u64) -> Option<(u64, T)>) -> Option<T> {
     // SAFETY: callers pass pointers into live map entries, 8-byte aligned,
     // whose every writer goes through atomics. An aligned 64-bit load is
     // atomic on BPF; a stale value costs a retry.
     let mut seen = unsafe { word.read_volatile() };
-    for _ in 0..CAS_ATTEMPTS {
+    for _ in 0..ATTEMPTS {
         let (next, out) = f(seen)?;
         if next == seen {
             return Some(out);

@@ -316,7 +316,7 @@ fn report(args: &Args, results: &Results) -> Result<String> {
         "From the kernel's own accounting (`memlock` in the maps' fdinfo), with the `CLIENTS` map sized for and \
          filled with that many client keys.\n"
     )?;
-    writeln!(out, "| tracked clients | CLIENTS map | per client | all maps of the instance |")?;
+    writeln!(out, "| tracked clients | CLIENTS + PENDING maps | per client | all maps of the instance |")?;
     writeln!(out, "|---|---|---|---|")?;
     for m in memory {
         writeln!(

@@ -9,7 +9,7 @@ use connlimit::{
     Config,
     ebpf::{AttachOptions, EbpfLimiter, Instance},
 };
-use connlimit_common::maps::{ClientKey, ClientState, capacity, names};
+use connlimit_common::maps::{ClientKey, ClientState, PendingState, capacity, names};
 use harness::{Netns, TestCgroup, unique};
 
 pub struct Footprint {
@@ -44,23 +44,26 @@ pub fn measure() -> Result<Vec<Footprint>> {
         )?;
         let dir = Instance::dir_of(&name);
         let open = |map: &str| MapData::from_pin(dir.join(map)).with_context(|| format!("opening {map}"));
-        // Fill the table as that many clients would.
+        // Fill the tables as that many clients holding connections would
+        // (each has counts and handshake state).
         let mut table: HashMap<MapData, ClientKey, ClientState> =
             Map::from_map_data(open(names::CLIENTS)?)?.try_into()?;
+        let mut pending: HashMap<MapData, ClientKey, PendingState> =
+            Map::from_map_data(open(names::PENDING)?)?.try_into()?;
         for i in 0..clients {
-            let key = ClientKey {
-                addr: connlimit::addr::to_words(std::net::IpAddr::from((0x0a00_0000u32 + i).to_be_bytes())),
-            };
+            let addr = connlimit::addr::to_words(std::net::IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()));
+            let key = ClientKey::grouped(&addr, 32, 128);
             table.insert(key, ClientState::default(), 0)?;
+            pending.insert(key, PendingState::default(), 0)?;
         }
-        let clients_map_bytes = memlock(&open(names::CLIENTS)?)?;
+        let clients_map_bytes = memlock(&open(names::CLIENTS)?)? + memlock(&open(names::PENDING)?)?;
         let mut all_maps_bytes = 0;
         for map in names::ALL {
             all_maps_bytes += memlock(&open(map)?)?;
         }
         eprintln!("memory {clients} clients: CLIENTS {clients_map_bytes} B, all maps {all_maps_bytes} B");
         out.push(Footprint { clients, is_default, clients_map_bytes, all_maps_bytes });
-        drop(table);
+        drop((table, pending));
         limiter.detach()?;
     }
     Ok(out)
