@@ -149,12 +149,13 @@ fn admit(lookup: &bpf_sk_lookup, config: &KernelConfig, flow: &FlowKey, client: 
         return sk_action::SK_PASS;
     }
 
-    // SAFETY: `pending` points into a live map entry.
-    add(unsafe { &raw mut (*pending).refused }, 1);
     if config.flags & FLAG_DRY_RUN != 0 {
-        count(Stat::DryRunRefused);
+        // Admitted without a reservation: sock_ops judges it when its
+        // handshake completes, and records the would-be refusal then.
         return sk_action::SK_PASS;
     }
+    // SAFETY: `pending` points into a live map entry.
+    add(unsafe { &raw mut (*pending).refused }, 1);
     count(Stat::Refused);
     // SAFETY: reading the union's pointer member, which the kernel sets.
     if !unsafe { lookup.__bindgen_anon_1.__bindgen_anon_1.sk }.is_null() {

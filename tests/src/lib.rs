@@ -214,14 +214,35 @@ pub fn command(conn: &mut TcpStream, what: u8) {
 /// socket in the namespace, as an attacker or a lost client would: the
 /// handshake can never complete.
 pub fn spoofed_syn(netns: &Netns, source: std::net::Ipv4Addr, source_port: u16, server: std::net::SocketAddrV4) {
+    raw_segment(netns, source, source_port, server, TCP_SYN);
+}
+
+/// TCP flags for [`raw_segment`].
+pub const TCP_SYN: u8 = 0x02;
+/// See [`TCP_SYN`].
+pub const TCP_ACK: u8 = 0x10;
+
+/// Sends one bare TCP segment with `flags` from `source` to `server` (IPv4)
+/// through a raw socket in the namespace: a spoofed SYN, or a stray ACK of
+/// a connection the server no longer knows.
+pub fn raw_segment(
+    netns: &Netns,
+    source: std::net::Ipv4Addr,
+    source_port: u16,
+    server: std::net::SocketAddrV4,
+    flags: u8,
+) {
     netns.run(move || {
         let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).expect("raw socket");
         let mut tcp = [0u8; 20];
         tcp[0..2].copy_from_slice(&source_port.to_be_bytes());
         tcp[2..4].copy_from_slice(&server.port().to_be_bytes());
         tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // sequence
+        if flags & TCP_ACK != 0 {
+            tcp[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes()); // acknowledgment
+        }
         tcp[12] = 5 << 4; // header length: 5 words
-        tcp[13] = 0x02; // SYN
+        tcp[13] = flags;
         tcp[14..16].copy_from_slice(&65535u16.to_be_bytes()); // window
         let mut pseudo = Vec::with_capacity(32);
         pseudo.extend_from_slice(&source.octets());
@@ -233,8 +254,19 @@ pub fn spoofed_syn(netns: &Netns, source: std::net::Ipv4Addr, source_port: u16, 
         // With IPPROTO_TCP raw sockets the kernel writes the IP header, using
         // the bound address as the source.
         raw.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(source), 0))).expect("bind raw");
-        raw.send_to(&tcp, &SockAddr::from(SocketAddr::V4(server))).expect("send SYN");
+        raw.send_to(&tcp, &SockAddr::from(SocketAddr::V4(server))).expect("send segment");
     });
+}
+
+/// Established server-side connections on `port` from `client`, as the
+/// kernel lists them in the namespace: what the server holds, whatever it
+/// has accepted.
+pub fn server_connections(netns: &Netns, port: u16, client: IpAddr) -> usize {
+    use connlimit::ebpf::sock_diag::{SockDiag, TCP_ESTABLISHED};
+    netns.run(move || {
+        let sockets = SockDiag::open().and_then(|d| d.sockets(1 << TCP_ESTABLISHED)).expect("sock_diag dump");
+        sockets.iter().filter(|s| s.local_port == port && connlimit::addr::canonical(s.remote) == client).count()
+    })
 }
 
 fn internet_checksum(bytes: &[u8]) -> u16 {

@@ -12,69 +12,12 @@ use std::{
 
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance},
+    ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, WhenFull},
 };
 use harness::{Netns, Server, TestCgroup, client_v4, command, eventually, require_root, spoofed_syn, unique};
 
-const PORT: u16 = 8080;
-const WAIT: Duration = Duration::from_secs(5);
-
-/// A namespace, a cgroup, a hold-server in both, and a limiter guarding it.
-struct Setup {
-    limiter: EbpfLimiter,
-    server: Server,
-    netns: Netns,
-    _cgroup: TestCgroup,
-}
-
-impl Setup {
-    fn new(config: Config) -> Self {
-        Self::with(|o| o.config(config), &[SocketAddr::from(([0, 0, 0, 0], PORT))])
-    }
-
-    fn with(options: impl FnOnce(AttachOptions) -> AttachOptions, listen: &[SocketAddr]) -> Self {
-        let name = unique("connlimit-test");
-        let netns = Netns::new().unwrap();
-        let cgroup = TestCgroup::create(&name).unwrap();
-        let limiter =
-            EbpfLimiter::attach(options(AttachOptions::new(&name, cgroup.path()).netns(netns.path()).port(PORT)))
-                .unwrap();
-        let server = Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns, &cgroup, listen).unwrap();
-        Self { limiter, server, netns, _cgroup: cgroup }
-    }
-
-    fn hello(&self, source: IpAddr) -> std::io::Result<std::net::TcpStream> {
-        self.netns.hello_from(source, SocketAddr::new(loopback_like(source), PORT))
-    }
-
-    fn open(&self, client: IpAddr) -> u32 {
-        self.limiter.num_open(&client).unwrap()
-    }
-
-    /// Waits until the kernel counts `n` open for `client`.
-    fn wait_open(&self, client: IpAddr, n: u32) {
-        assert!(eventually(WAIT, || self.open(client) == n), "{client}: {} open, want {n}", self.open(client));
-    }
-}
-
-/// The server reports each accept on its output, read asynchronously: wait
-/// for `n`, then make sure no more arrive.
-fn assert_accepted(server: &Server, n: usize) {
-    assert!(eventually(WAIT, || server.accepted() >= n), "server accepted {}, want {n}", server.accepted());
-    thread::sleep(Duration::from_millis(100));
-    assert_eq!(server.accepted(), n, "the server accepted more than was admitted");
-}
-
-fn loopback_like(source: IpAddr) -> IpAddr {
-    if source.is_ipv6() { IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]) } else { IpAddr::from([127, 0, 0, 1]) }
-}
-
-fn assert_refused(result: std::io::Result<std::net::TcpStream>) {
-    match result {
-        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
-        Ok(_) => panic!("connection admitted over the limit"),
-    }
-}
+mod common;
+use common::{PORT, Setup, WAIT, assert_accepted, assert_refused};
 
 /// go-connlimit's TestLimiterDenies, against an unmodified server process.
 #[test]
@@ -394,7 +337,7 @@ fn pins_are_root_only_and_gone_after_drop() {
         assert_eq!(mode, 0o600);
     }
     assert!(Instance::list().unwrap().contains(&name));
-    let cgroup = s._cgroup.path().to_owned();
+    let cgroup = s.cgroup.path().to_owned();
     assert_eq!(attached(&s.netns, &cgroup), (1, 1));
 
     // Another process's view: the CLI opens the same maps by name.
@@ -406,7 +349,7 @@ fn pins_are_root_only_and_gone_after_drop() {
     assert_refused(s.hello(client_v4(1)));
     drop(other);
 
-    let Setup { limiter, netns, server, _cgroup } = s;
+    let Setup { limiter, netns, server, cgroup: _cgroup } = s;
     limiter.detach().unwrap();
     assert!(!dir.exists());
     assert_eq!(attached(&netns, &cgroup), (0, 0));
@@ -420,7 +363,7 @@ fn persisted_enforcement_outlives_the_limiter_until_removed() {
     }
     let s = Setup::with(|o| o.config(Config::new(1)).persist(true), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
     let name = s.limiter.name().to_owned();
-    let Setup { limiter, netns, server, _cgroup: cgroup } = s;
+    let Setup { limiter, netns, server, cgroup } = s;
     drop(limiter);
     let me = client_v4(1);
     let server_addr = SocketAddr::from(([127, 0, 0, 1], PORT));
@@ -442,7 +385,7 @@ fn bad_attach_requests_fail_cleanly() {
         return;
     }
     let s = Setup::new(Config::new(1));
-    let cgroup = s._cgroup.path().to_owned();
+    let cgroup = s.cgroup.path().to_owned();
     let attach = |o: AttachOptions| EbpfLimiter::attach(o.netns(s.netns.path()));
     let fresh = || unique("connlimit-bad");
 
@@ -476,7 +419,7 @@ fn bad_attach_requests_fail_cleanly() {
 }
 
 #[test]
-fn full_maps_fail_open_and_say_so() {
+fn full_maps_fail_open_on_request_and_say_so() {
     if !require_root() {
         return;
     }
@@ -491,7 +434,10 @@ fn full_maps_fail_open_and_say_so() {
     let _ = tracing::subscriber::set_global_default(subscriber);
 
     // Room to count a single connection: the others are admitted uncounted.
-    let s = Setup::with(|o| o.config(Config::new(5)).max_connections(1), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let s = Setup::with(
+        |o| o.config(Config::new(5)).max_connections(1).when_full(WhenFull::Open),
+        &[SocketAddr::from(([0, 0, 0, 0], PORT))],
+    );
     let held: Vec<_> = (0..3).map(|_| s.hello(client_v4(1)).unwrap()).collect();
     assert!(eventually(WAIT, || s.limiter.stats().unwrap().untracked == 2));
     assert_eq!(s.open(client_v4(1)), 1);
@@ -547,7 +493,7 @@ fn instances_side_by_side_keep_their_own_config_and_counts() {
         &[SocketAddr::from(([0, 0, 0, 0], PORT)), SocketAddr::from(([0, 0, 0, 0], other_port))],
     );
     let second = EbpfLimiter::attach(
-        AttachOptions::new(unique("connlimit-second"), s._cgroup.path())
+        AttachOptions::new(unique("connlimit-second"), s.cgroup.path())
             .netns(s.netns.path())
             .port(other_port)
             .config(Config::new(3)),

@@ -12,7 +12,7 @@ const BEGIN: &str = "<!-- cargo xtask bench: begin -->";
 const END: &str = "<!-- cargo xtask bench: end -->";
 
 pub fn run(no_write: bool, args: &[String]) -> Result<()> {
-    ensure_packages(&[("iptables", "iptables"), ("nft", "nftables")])?;
+    crate::packages::ensure(&[("iptables", "iptables"), ("nft", "nftables")])?;
     crate::cargo(&["build", "--release", "--package", "connlimit-tests", "--bins"])?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
@@ -38,29 +38,4 @@ pub fn run(no_write: bool, args: &[String]) -> Result<()> {
     std::fs::write(&path, updated)?;
     eprintln!("xtask: BENCHMARKS.md updated");
     Ok(())
-}
-
-/// Installs Debian packages whose commands are missing.
-fn ensure_packages(commands: &[(&str, &str)]) -> Result<()> {
-    let on_path = |cmd: &str| {
-        std::env::var_os("PATH").is_some_and(|p| {
-            std::env::split_paths(&p).chain(["/usr/sbin".into(), "/sbin".into()]).any(|d| d.join(cmd).is_file())
-        })
-    };
-    let missing: Vec<&str> = commands.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing {}", missing.join(", "));
-    let apt = |args: &[&str]| -> Result<()> {
-        let status = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status}); install {} yourself", args.join(" "), missing.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update", "-qq"])?;
-    let mut install = vec!["install", "-y", "-qq"];
-    install.extend(&missing);
-    apt(&install)
 }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bootstrap;
+mod packages;
 
 use std::process::{Command, ExitCode};
 
@@ -84,6 +85,7 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Bootstrap => Ok(()),
         Task::Test { args } => {
+            packages::ensure(packages::FOR_TESTS)?;
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));

@@ -47,7 +47,7 @@ pub fn check(netns: &Path, ports: &[u16], cgroup_id: u64) -> std::io::Result<Vec
     let listeners = sock_diag::in_netns(netns, || sock_diag::SockDiag::open()?.listeners())?;
     let mut problems = Vec::new();
     for &port in ports {
-        let on_port: Vec<_> = listeners.iter().filter(|l| l.port == port).collect();
+        let on_port: Vec<_> = listeners.iter().filter(|l| l.local_port == port).collect();
         if on_port.is_empty() {
             problems.push(ListenerProblem::NoListener { port });
         }

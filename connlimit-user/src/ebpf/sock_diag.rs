@@ -62,16 +62,25 @@ struct Answer {
     inode: u32,
 }
 
-/// A TCP listener.
+/// A TCP socket, as the kernel describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Listener {
-    /// The address it is bound to.
-    pub addr: IpAddr,
-    /// Its port.
-    pub port: u16,
+pub struct TcpSocket {
+    /// Its TCP state (`TCP_ESTABLISHED` = 1, `TCP_LISTEN` = 10, ...).
+    pub state: u8,
+    /// The local address.
+    pub local: IpAddr,
+    /// The local port.
+    pub local_port: u16,
+    /// The peer's address (unspecified for a listener).
+    pub remote: IpAddr,
+    /// The peer's port.
+    pub remote_port: u16,
     /// The id (cgroupfs inode) of the cgroup v2 it belongs to.
     pub cgroup_id: u64,
 }
+
+/// `TcpSocket::state` of an established connection.
+pub const TCP_ESTABLISHED: u8 = 1;
 
 /// A `NETLINK_SOCK_DIAG` socket.
 #[derive(Debug)]
@@ -155,15 +164,17 @@ impl SockDiag {
     }
 
     /// Every TCP listener of the namespace (IPv4 and IPv6).
-    pub fn listeners(&self) -> io::Result<Vec<Listener>> {
+    pub fn listeners(&self) -> io::Result<Vec<TcpSocket>> {
+        self.sockets(1 << TCP_LISTEN)
+    }
+
+    /// Every TCP socket of the namespace in one of `states` (a bit mask:
+    /// `1 << state`), IPv4 and IPv6.
+    pub fn sockets(&self, states: u32) -> io::Result<Vec<TcpSocket>> {
         let mut found = Vec::new();
         for family in [libc::AF_INET, libc::AF_INET6] {
-            let request = Request {
-                family: family as u8,
-                protocol: libc::IPPROTO_TCP as u8,
-                states: 1 << TCP_LISTEN,
-                ..Request::default()
-            };
+            let request =
+                Request { family: family as u8, protocol: libc::IPPROTO_TCP as u8, states, ..Request::default() };
             self.send(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, &request)?;
             let mut buf = vec![0u8; 64 * 1024];
             'dump: loop {
@@ -175,7 +186,7 @@ impl SockDiag {
                             let errno = payload.get(..4).map_or(0, |e| -i32::from_ne_bytes(e.try_into().expect("4")));
                             return Err(io::Error::from_raw_os_error(errno));
                         }
-                        SOCK_DIAG_BY_FAMILY => found.extend(listener(payload)),
+                        SOCK_DIAG_BY_FAMILY => found.extend(socket(payload)),
                         _ => {}
                     }
                 }
@@ -237,17 +248,14 @@ fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-fn listener(payload: &[u8]) -> Option<Listener> {
+fn socket(payload: &[u8]) -> Option<TcpSocket> {
     if payload.len() < size_of::<Answer>() {
         return None;
     }
     // SAFETY: `Answer` is plain integers; the length was checked.
     let answer: Answer = unsafe { payload.as_ptr().cast::<Answer>().read_unaligned() };
-    let words = if u32::from(answer.family) == libc::AF_INET as u32 {
-        connlimit_common::addr::v4_mapped(answer.id.src[0])
-    } else {
-        answer.id.src
-    };
+    let v4 = u32::from(answer.family) == libc::AF_INET as u32;
+    let ip = |words: [u32; 4]| addr::from_words(if v4 { connlimit_common::addr::v4_mapped(words[0]) } else { words });
     let mut cgroup_id = 0;
     let mut attrs = &payload[size_of::<Answer>()..];
     while attrs.len() >= 4 {
@@ -261,7 +269,14 @@ fn listener(payload: &[u8]) -> Option<Listener> {
         }
         attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
     }
-    Some(Listener { addr: addr::from_words(words), port: u16::from_be(answer.id.sport), cgroup_id })
+    Some(TcpSocket {
+        state: answer.state,
+        local: ip(answer.id.src),
+        local_port: u16::from_be(answer.id.sport),
+        remote: ip(answer.id.dst),
+        remote_port: u16::from_be(answer.id.dport),
+        cgroup_id,
+    })
 }
 
 fn as_bytes<T: Copy>(value: &T) -> &[u8] {
@@ -283,6 +298,6 @@ mod tests {
     #[test]
     fn truncated_answers_are_skipped() {
         assert_eq!(messages(&[1, 2, 3]).count(), 0);
-        assert!(listener(&[0; 10]).is_none());
+        assert!(socket(&[0; 10]).is_none());
     }
 }

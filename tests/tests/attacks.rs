@@ -1,0 +1,279 @@
+//! The limit against clients that try to get around it (the README's threat
+//! model), each attack in a namespace and a cgroup of its own. In every
+//! test the attacked client is refused at L+1 and every count is exact
+//! once everything has closed.
+
+use std::{
+    io::Write,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use connlimit::{
+    Config,
+    ebpf::{AttachOptions, EbpfLimiter, host::monotonic_ns},
+};
+use harness::{
+    Netns, Server, TCP_ACK, TestCgroup, client_v4, eventually, raw_segment, require_root, server_connections,
+    spoofed_syn, unique,
+};
+
+mod common;
+use common::{PORT, Setup, WAIT, assert_refused};
+
+fn server() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], PORT))
+}
+
+fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => unreachable!("IPv4 clients only"),
+    }
+}
+
+/// Once every connection has closed, nothing is counted any more.
+fn assert_all_released(s: &Setup) {
+    assert!(
+        eventually(WAIT, || s.limiter.tracked_connections().unwrap() == 0
+            && s.limiter.clients().unwrap().iter().all(|c| c.open == 0)),
+        "counts left after everything closed: {:?}",
+        s.limiter.clients().unwrap()
+    );
+}
+
+/// Runs iptables inside the test's namespace.
+fn iptables(netns: &Netns, args: &[&str]) {
+    let mut cmd = Command::new("iptables");
+    cmd.args(args);
+    netns.enter_on_exec(&mut cmd);
+    let status = cmd.status().expect("iptables (cargo xtask test installs it)");
+    assert!(status.success(), "iptables {args:?}: {status}");
+}
+
+#[test]
+fn withheld_final_acks_cannot_take_the_server_past_the_limit() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 3;
+    let epoch = Duration::from_millis(50);
+    let s = Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let me = client_v4(21);
+    // The client's own host drops its pure ACKs to the server, so each
+    // handshake stays half-open on the server for as long as the client
+    // likes, well past its reservation.
+    let port = PORT.to_string();
+    let rule = ["OUTPUT", "-p", "tcp", "--dport", &port, "--tcp-flags", "SYN,ACK,FIN,RST,PSH", "ACK", "-j", "DROP"];
+    iptables(&s.netns, &[&["-A"], &rule[..]].concat());
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.extend((0..5).filter_map(|_| s.netns.connect_from(me, server()).ok()));
+        thread::sleep(epoch * 3);
+    }
+    assert_eq!(conns.len(), 4 * L as usize, "each round, L handshakes were admitted at their SYN");
+    iptables(&s.netns, &[&["-D"], &rule[..]].concat());
+    // The client's data completes every handshake the server still holds.
+    for conn in &mut conns {
+        let _ = conn.write_all(b"h");
+    }
+    assert!(
+        eventually(WAIT, || s.limiter.stats().unwrap().ended == 3 * u64::from(L)
+            && server_connections(&s.netns, PORT, me) == L as usize),
+        "the server holds {} connections from the client (limit {L}); {:?}",
+        server_connections(&s.netns, PORT, me),
+        s.limiter.stats().unwrap()
+    );
+    s.wait_open(me, L);
+    assert_refused(s.hello(me));
+    drop(conns);
+    assert_all_released(&s);
+}
+
+#[test]
+fn a_spoofed_flood_cannot_erase_a_count() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 3;
+    const CAPACITY: u32 = 64;
+    let s = Setup::with(|o| o.config(Config::new(L)).max_clients(CAPACITY), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let holder = client_v4(30);
+    let held: Vec<_> = (0..L).map(|_| s.hello(holder).unwrap()).collect();
+    s.wait_open(holder, L);
+    let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
+    for i in 0..4 * CAPACITY {
+        let source = Ipv4Addr::new(127, 200, (i >> 8) as u8, i as u8);
+        spoofed_syn(&s.netns, source, 20_000 + i as u16, target);
+    }
+    assert_eq!(s.open(holder), L, "the flood evicted the holder's count");
+    assert_refused(s.hello(holder));
+    drop(held);
+    assert_all_released(&s);
+}
+
+#[test]
+fn more_clients_than_the_map_holds_meet_the_full_map_policy() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 2;
+    const CAPACITY: u32 = 8;
+    let s = Setup::with(|o| o.config(Config::new(L)).max_clients(CAPACITY), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let holder = client_v4(40);
+    let held: Vec<_> = (0..L).map(|_| s.hello(holder).unwrap()).collect();
+    // Twelve more clients, one connection each: seven fit beside the holder.
+    let others: Vec<_> = (41..53).map(|i| s.netns.connect_from(client_v4(i), server()).unwrap()).collect();
+    assert!(
+        eventually(WAIT, || s.limiter.stats().unwrap().ended == 5),
+        "by default a connection that cannot be counted is ended: {:?}",
+        s.limiter.stats().unwrap()
+    );
+    let counted: Vec<_> = s.limiter.clients().unwrap().into_iter().filter(|c| c.open > 0).collect();
+    assert_eq!(counted.len(), CAPACITY as usize);
+    let held_by_others: usize = (41..53).map(|i| server_connections(&s.netns, PORT, client_v4(i))).sum();
+    assert!(eventually(WAIT, || (41..53).map(|i| server_connections(&s.netns, PORT, client_v4(i))).sum::<usize>() == 7), "{held_by_others}");
+    assert_refused(s.hello(holder));
+    drop((held, others));
+    assert_all_released(&s);
+}
+
+/// An epoch length that puts `now / epoch`, taken modulo 2^16 as the old
+/// 16-bit tag did, in its upper (or lower) half for the next seconds.
+fn epoch_in_half(upper: bool) -> Duration {
+    let now = monotonic_ns();
+    let half = |ns: u64, epoch: u64| (ns / epoch) % 65_536 >= 32_768;
+    (50..400u64)
+        .map(|ms| ms * 1_000_000)
+        .find(|&e| half(now, e) == upper && half(now + 20_000_000_000, e) == upper)
+        .map(Duration::from_nanos)
+        .expect("some epoch from 50 to 400 ms lands in each half")
+}
+
+#[test]
+fn abandoned_handshakes_expire_at_every_clock_value() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 2;
+    for upper in [true, false] {
+        let epoch = epoch_in_half(upper);
+        let s =
+            Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+        let me = client_v4(if upper { 60 } else { 61 });
+        // Handshakes that can never complete: no socket of the client's
+        // host owns these ports, so it answers the SYN-ACK with a RST.
+        for port in 0..L {
+            spoofed_syn(&s.netns, v4(me), 45_000 + port as u16, SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT));
+        }
+        assert_refused(s.hello(me));
+        thread::sleep(epoch * 3);
+        let held: Vec<_> = (0..L).map(|_| s.hello(me).expect("abandoned handshakes still hold slots")).collect();
+        assert_refused(s.hello(me));
+        drop(held);
+        assert_all_released(&s);
+    }
+}
+
+#[test]
+fn probes_before_the_server_listens_take_no_slot() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 2;
+    let name = unique("connlimit-probes");
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&name).unwrap();
+    let limiter = EbpfLimiter::attach(
+        AttachOptions::new(&name, cgroup.path()).netns(netns.path()).port(PORT).config(Config::new(L)),
+    )
+    .unwrap();
+    let me = client_v4(70);
+    // A readiness probe retrying while the server starts: nothing listens.
+    for _ in 0..20 {
+        assert!(netns.connect_from(me, server()).is_err());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let server =
+        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
+            .unwrap();
+    let s = Setup { limiter, server, netns, cgroup };
+    let held: Vec<_> = (0..L).map(|_| s.hello(me).expect("a probe still holds a slot")).collect();
+    assert_refused(s.hello(me));
+    assert!(s.limiter.stats().unwrap().unconfirmed > 0);
+    drop(held);
+    assert_all_released(&s);
+}
+
+#[test]
+fn stray_packets_of_dead_connections_take_no_slot() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 2;
+    let s = Setup::new(Config::new(L));
+    let me = client_v4(80);
+    // ACKs of connections the (restarted) server no longer knows.
+    for port in 0..50 {
+        raw_segment(&s.netns, v4(me), 46_000 + port, SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT), TCP_ACK);
+    }
+    let held: Vec<_> = (0..L).map(|_| s.hello(me).expect("a stray ACK still holds a slot")).collect();
+    assert_refused(s.hello(me));
+    drop(held);
+    assert_all_released(&s);
+}
+
+#[test]
+fn exempting_all_of_ipv6_exempts_no_ipv4_client() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(1).with_exempt(["::/0".parse().unwrap()]));
+    let me = client_v4(90);
+    let _held = s.hello(me).unwrap();
+    assert_refused(s.hello(me));
+    let v6 = IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]);
+    let exempt: Vec<_> = (0..3).map(|_| s.hello(v6).unwrap()).collect();
+    drop((exempt, _held));
+    assert_all_released(&s);
+}
+
+#[test]
+fn an_exempt_client_leaves_its_network_its_allowance() {
+    if !require_root() {
+        return;
+    }
+    let lb = client_v4(0x0901);
+    let config = Config::new(1).with_ipv4_prefix_len(24).with_exempt([lb.to_string().parse().unwrap()]);
+    let s = Setup::new(config);
+    let exempt: Vec<_> = (0..3).map(|_| s.hello(lb).unwrap()).collect();
+    let neighbour = s.hello(client_v4(0x0902)).expect("the /24's one slot is free");
+    assert_refused(s.hello(client_v4(0x0903)));
+    let rows = s.limiter.clients().unwrap();
+    assert!(rows.iter().any(|c| c.exempt && c.client == lb && c.open == 3 && c.prefix_len == 32), "{rows:?}");
+    drop((exempt, neighbour));
+    assert_all_released(&s);
+}
+
+#[test]
+fn connections_of_the_cgroup_in_other_namespaces_are_not_counted() {
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new(Config::new(1));
+    let me = client_v4(100);
+    let _held = s.hello(me).unwrap();
+    // The same cgroup, the same port, another namespace.
+    let elsewhere = Netns::new().unwrap();
+    let _server2 =
+        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &elsewhere, &s.cgroup, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
+            .unwrap();
+    let there: Vec<_> = (0..3).map(|_| elsewhere.hello_from(me, server()).unwrap()).collect();
+    assert_eq!(s.open(me), 1);
+    assert_eq!(s.limiter.stats().unwrap().ended, 0);
+    assert_refused(s.hello(me));
+    drop((there, _held));
+    assert_all_released(&s);
+}
