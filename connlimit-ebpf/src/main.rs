@@ -54,13 +54,14 @@ const TCP_CLOSE: u32 = 7;
 /// that hard is flooding), while sock_ops, counting a real connection,
 /// tries longer.
 const LOOKUP_CAS_ATTEMPTS: u32 = 16;
-const SOCK_OPS_CAS_ATTEMPTS: u32 = 64;
+const SOCK_OPS_CAS_ATTEMPTS: u32 = 16;
 /// Attempts to find a live `CLIENTS` entry while another CPU removes a
 /// retired one.
-const ENTRY_ATTEMPTS: u32 = 8;
+const ENTRY_ATTEMPTS: u32 = 4;
 /// An unconfirmed SYN older than this on another CPU was not taken by a
-/// listener (a listener takes a SYN microseconds after its lookup).
-const STALE_SYN_NS: u64 = 10_000_000;
+/// listener (a listener takes a SYN microseconds after its lookup, on the
+/// same CPU, in the same softirq).
+const STALE_SYN_NS: u64 = 1_000_000;
 /// CPUs whose unconfirmed SYNs a refusal looks at; on bigger machines the
 /// rest expire with their epoch.
 const MAX_CPUS: u32 = 64;
@@ -287,7 +288,9 @@ fn on_established(ctx: &SockOpsContext) {
     }
     let flow = socket_flow(ctx);
     let epoch = epoch_of(now_ns(), config.epoch_ns);
-    let handshake = claim_handshake(&flow);
+    // A reservation that expired (the client held back its final ACK) no
+    // longer holds a slot: such a handshake is judged like an unreserved one.
+    let handshake = claim_handshake(&flow).filter(|h| is_live(h.epoch, epoch));
     let client = match handshake {
         Some(h) => h.client,
         None => client_key(config, &flow.client),

@@ -125,7 +125,8 @@ fn more_clients_than_the_map_holds_meet_the_full_map_policy() {
     let holder = client_v4(40);
     let held: Vec<_> = (0..L).map(|_| s.hello(holder).unwrap()).collect();
     // Twelve more clients, one connection each: seven fit beside the holder.
-    let others: Vec<_> = (41..53).map(|i| s.netns.connect_from(client_v4(i), server()).unwrap()).collect();
+    // Those that cannot be counted may see the RST before connect() returns.
+    let others: Vec<_> = (41..53).filter_map(|i| s.netns.connect_from(client_v4(i), server()).ok()).collect();
     assert!(
         eventually(WAIT, || s.limiter.stats().unwrap().ended == 5),
         "by default a connection that cannot be counted is ended: {:?}",
@@ -133,8 +134,8 @@ fn more_clients_than_the_map_holds_meet_the_full_map_policy() {
     );
     let counted: Vec<_> = s.limiter.clients().unwrap().into_iter().filter(|c| c.open > 0).collect();
     assert_eq!(counted.len(), CAPACITY as usize);
-    let held_by_others: usize = (41..53).map(|i| server_connections(&s.netns, PORT, client_v4(i))).sum();
-    assert!(eventually(WAIT, || (41..53).map(|i| server_connections(&s.netns, PORT, client_v4(i))).sum::<usize>() == 7), "{held_by_others}");
+    let held_by_others = || (41..53).map(|i| server_connections(&s.netns, PORT, client_v4(i))).sum::<usize>();
+    assert!(eventually(WAIT, || held_by_others() == 7), "the server holds {} of theirs", held_by_others());
     assert_refused(s.hello(holder));
     drop((held, others));
     assert_all_released(&s);
@@ -145,11 +146,13 @@ fn more_clients_than_the_map_holds_meet_the_full_map_policy() {
 fn epoch_in_half(upper: bool) -> Duration {
     let now = monotonic_ns();
     let half = |ns: u64, epoch: u64| (ns / epoch) % 65_536 >= 32_768;
-    (50..400u64)
+    (10..2_000u64)
         .map(|ms| ms * 1_000_000)
         .find(|&e| half(now, e) == upper && half(now + 20_000_000_000, e) == upper)
         .map(Duration::from_nanos)
-        .expect("some epoch from 50 to 400 ms lands in each half")
+        .unwrap_or_else(|| {
+            panic!("no epoch of 10 ms to 2 s puts the old tag in the {} half: uptime {} s", ["lower", "upper"][upper as usize], now / 1_000_000_000)
+        })
 }
 
 #[test]
@@ -168,7 +171,10 @@ fn abandoned_handshakes_expire_at_every_clock_value() {
         for port in 0..L {
             spoofed_syn(&s.netns, v4(me), 45_000 + port as u16, SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT));
         }
-        assert_refused(s.hello(me));
+        if epoch >= Duration::from_millis(50) {
+            // Both slots are reserved for at least one epoch.
+            assert_refused(s.hello(me));
+        }
         thread::sleep(epoch * 3);
         let held: Vec<_> = (0..L).map(|_| s.hello(me).expect("abandoned handshakes still hold slots")).collect();
         assert_refused(s.hello(me));
@@ -219,6 +225,9 @@ fn stray_packets_of_dead_connections_take_no_slot() {
     for port in 0..50 {
         raw_segment(&s.netns, v4(me), 46_000 + port, SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT), TCP_ACK);
     }
+    // Each was released by the next lookup on its CPU, or is released by a
+    // refusal once a millisecond old.
+    thread::sleep(Duration::from_millis(2));
     let held: Vec<_> = (0..L).map(|_| s.hello(me).expect("a stray ACK still holds a slot")).collect();
     assert_refused(s.hello(me));
     drop(held);
@@ -230,7 +239,11 @@ fn exempting_all_of_ipv6_exempts_no_ipv4_client() {
     if !require_root() {
         return;
     }
-    let s = Setup::new(Config::new(1).with_exempt(["::/0".parse().unwrap()]));
+    // A dual-stack listener.
+    let s = Setup::with(
+        |o| o.config(Config::new(1).with_exempt(["::/0".parse().unwrap()])),
+        &[SocketAddr::from(([0u16; 8], PORT))],
+    );
     let me = client_v4(90);
     let _held = s.hello(me).unwrap();
     assert_refused(s.hello(me));
