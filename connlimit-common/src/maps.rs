@@ -200,6 +200,9 @@ pub struct InstanceInfo {
     pub pid: u32,
     /// Padding; zero.
     pub _pad: u32,
+    /// The first 8 bytes of the SHA-256 of the kernel object the instance
+    /// runs (what `connlimit --version` shows); zero if not recorded.
+    pub object_hash: [u8; 8],
 }
 
 #[cfg(feature = "user")]
@@ -245,6 +248,6 @@ mod tests {
         assert_eq!(size_of::<ClientState>(), 24);
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<Reservation>(), 56);
-        assert_eq!(size_of::<InstanceInfo>(), 40);
+        assert_eq!(size_of::<InstanceInfo>(), 48);
     }
 }

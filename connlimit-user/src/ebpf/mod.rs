@@ -35,6 +35,7 @@ mod error;
 pub mod host;
 mod instance;
 mod log;
+mod object;
 
 use std::{
     fs::File,
@@ -55,8 +56,8 @@ pub use instance::{ClientCount, Instance, PIN_ROOT};
 
 use crate::{Config, PeerAddr, Stats};
 
-/// The kernel programs, built for the BPF target by this crate's build script.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connlimit.bpf.o"));
+use object::OBJECT;
+pub use object::{OBJECT_HASH, OBJECT_SHA256, hash_hex};
 
 /// The default reservation epoch (see [`AttachOptions::reservation_epoch`]).
 pub const DEFAULT_RESERVATION_EPOCH: Duration = Duration::from_secs(1);
@@ -226,7 +227,7 @@ impl EbpfLimiter {
         let mut guard = PinGuard(Some(name.clone()));
         let mut instance = Instance::from_maps(&name, |map| {
             ebpf.take_map(map)
-                .ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no map {map}")))
+                .ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no map {map}")))
         })?;
         instance.write_config(&config, reservation_epoch.as_nanos().clamp(1, u64::MAX as u128) as u64)?;
         // A new instance guards nothing yet: no need to read the port table.
@@ -239,6 +240,7 @@ impl EbpfLimiter {
             started_unix_secs: started.as_secs(),
             pid: std::process::id(),
             _pad: 0,
+            object_hash: OBJECT_HASH,
         })?;
 
         let mut links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
@@ -375,7 +377,7 @@ fn pin_links(name: &str, [lookup, sock_ops]: [FdLink; 2]) -> Result<[FdLink; 2],
 fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLink; 2], EbpfError> {
     fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, EbpfError> {
         ebpf.program_mut(name)
-            .ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no program {name}")))
+            .ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no program {name}")))
     }
 
     let sock_ops: &mut SockOps = program(ebpf, programs::SOCK_OPS)?
