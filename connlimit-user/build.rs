@@ -12,6 +12,7 @@
 //! Without the `ebpf` feature, or on targets other than Linux, there is no
 //! kernel limiter and nothing is built.
 
+#[cfg(feature = "ebpf")]
 #[path = "build_bpf.rs"]
 mod build_bpf;
 
@@ -21,13 +22,20 @@ use std::{
     process::Command,
 };
 
-use sha2::{Digest, Sha256};
-
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let workspace = manifest_dir.parent().unwrap_or(&manifest_dir).to_owned();
     println!("cargo:rustc-env=CONNLIMIT_GIT_COMMIT={}", git_commit(&manifest_dir));
+    #[cfg(feature = "ebpf")]
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        kernel_object(&manifest_dir);
+    }
+}
 
+/// Puts the kernel object in `OUT_DIR` and tells the crate its hash and
+/// where it came from.
+#[cfg(feature = "ebpf")]
+fn kernel_object(manifest_dir: &Path) {
+    let workspace = manifest_dir.parent().unwrap_or(manifest_dir);
     let kept = manifest_dir.join(build_bpf::KEPT_OBJECT);
     // Paths that do not exist would make cargo rerun this script every time.
     for watched in [
@@ -44,9 +52,6 @@ fn main() {
     println!("cargo:rerun-if-changed=build_bpf.rs");
     println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rerun-if-env-changed=CONNLIMIT_BPF_OBJECT");
-    if env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") || env::var_os("CARGO_FEATURE_EBPF").is_none() {
-        return;
-    }
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let object = out_dir.join("connlimit.bpf.o");
@@ -55,11 +60,11 @@ fn main() {
     let missing = if wanted == "kept" {
         Some("CONNLIMIT_BPF_OBJECT=kept".to_owned())
     } else {
-        build_bpf::missing_toolchain(&workspace, &path)
+        build_bpf::missing_toolchain(workspace, &path)
     };
     let source = match missing {
         None => {
-            let built = build_bpf::build(&workspace, &out_dir.join("ebpf-target"), &path).unwrap_or_else(|stderr| {
+            let built = build_bpf::build(workspace, &out_dir.join("ebpf-target"), &path).unwrap_or_else(|stderr| {
                 for line in stderr.lines() {
                     println!("cargo:warning={line}");
                 }
@@ -81,12 +86,21 @@ fn main() {
             format!("kept ({why})")
         }
     };
-    let bytes = fs::read(&object).unwrap_or_else(|e| fail(&format!("reading {}: {e}", object.display())));
-    let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-    println!("cargo:rustc-env=CONNLIMIT_BPF_OBJECT_SHA256={digest}");
+    let sha256 = sha256_hex(&object);
+    println!("cargo:rustc-env=CONNLIMIT_BPF_OBJECT_SHA256={sha256}");
+    // What --version and status show.
+    println!("cargo:rustc-env=CONNLIMIT_BPF_OBJECT_HASH={}", &sha256[..16]);
     println!("cargo:rustc-env=CONNLIMIT_BPF_OBJECT_SOURCE={source}");
 }
 
+#[cfg(feature = "ebpf")]
+fn sha256_hex(file: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = fs::read(file).unwrap_or_else(|e| fail(&format!("reading {}: {e}", file.display())));
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(feature = "ebpf")]
 fn copy(from: &Path, to: &Path) {
     fs::copy(from, to).unwrap_or_else(|e| fail(&format!("copying {} to {}: {e}", from.display(), to.display())));
 }
@@ -124,6 +138,7 @@ fn git_commit(manifest_dir: &Path) -> String {
         .map_or_else(|| "unknown".to_owned(), |sha| sha[..12].to_owned())
 }
 
+#[cfg(feature = "ebpf")]
 fn fail(what: &str) -> ! {
     panic!(
         "\n\nconnlimit cannot get its eBPF programs: {what}.\n\

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, io::Write as _, net::IpAddr, time::Duration};
 use anyhow::Result;
 use connlimit::{
     Config,
-    ebpf::{ClientCount, Instance},
+    ebpf::{ClientCount, Instance, hash_hex},
 };
 use serde_json::json;
 
@@ -184,6 +184,8 @@ struct InstanceStatus {
     dry_run_refused: u64,
     steered: u64,
     untracked: u64,
+    /// Short hash of the kernel object the instance runs (`connlimit --version`).
+    object: String,
 }
 
 impl InstanceStatus {
@@ -204,6 +206,7 @@ impl InstanceStatus {
             dry_run_refused: stats.dry_run_refused,
             steered: stats.steered,
             untracked: stats.untracked,
+            object: hash_hex(info.object_hash),
         })
     }
 
@@ -240,13 +243,13 @@ pub fn status(json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  MODE",
-        "NAME", "PORTS", "LIMIT", "OPEN", "ACCEPTED", "REFUSED", "PID", "SINCE (UTC)"
+        "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  {:<16}  MODE",
+        "NAME", "PORTS", "LIMIT", "OPEN", "ACCEPTED", "REFUSED", "PID", "SINCE (UTC)", "OBJECT"
     );
     for r in &rows {
         let ports = r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         println!(
-            "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  {}",
+            "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  {:<16}  {}",
             r.name,
             ports,
             r.max_conns_per_client_ip,
@@ -255,6 +258,7 @@ pub fn status(json: bool) -> Result<()> {
             r.refused,
             r.pid,
             utc(r.started_unix_secs),
+            r.object,
             r.mode()
         );
     }
