@@ -114,8 +114,9 @@ fn git_commit(manifest_dir: &Path) -> String {
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     };
     // Only this crate's repository, not one it happens to be vendored into.
-    let ours = git(&["rev-parse", "--show-toplevel"])
-        .is_some_and(|top| manifest_dir.starts_with(Path::new(&top)) && Path::new(&top).join("connlimit-user").is_dir());
+    let ours = git(&["rev-parse", "--show-toplevel"]).is_some_and(|top| {
+        manifest_dir.starts_with(Path::new(&top)) && Path::new(&top).join("connlimit-user").is_dir()
+    });
     if ours {
         if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
             for file in ["HEAD", "logs/HEAD"] {

@@ -24,9 +24,7 @@ pub const KEPT_OBJECT: &str = "bpf/connlimit.bpf.o";
 
 /// `$CARGO_HOME`, or `~/.cargo`.
 pub fn cargo_home() -> Option<PathBuf> {
-    env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+    env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
 }
 
 /// PATH, plus cargo's own bin directory, where `cargo install` puts

@@ -56,8 +56,9 @@ fn stock_cargo(args: &[&str]) -> Command {
             .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cargo"));
         std::os::unix::fs::symlink(real_home.join("registry"), &registry).unwrap();
     }
-    let path = std::env::join_paths([toolchain_bin, Path::new("/usr/local/bin"), Path::new("/usr/bin"), Path::new("/bin")])
-        .unwrap();
+    let path =
+        std::env::join_paths([toolchain_bin, Path::new("/usr/local/bin"), Path::new("/usr/bin"), Path::new("/bin")])
+            .unwrap();
     let mut cmd = Command::new(&cargo);
     cmd.args(args)
         .args(["--offline", "--locked"])
@@ -112,14 +113,18 @@ fn binary_builds_on_stable_with_the_kept_kernel_object() {
     let kept = fs::read(workspace().join("connlimit-user/bpf/connlimit.bpf.o")).unwrap();
     let hash: String = Sha256::digest(&kept)[..8].iter().map(|b| format!("{b:02x}")).collect();
     let binary = target_dir().join("stock-toolchain/target/debug/connlimit");
-    let version = String::from_utf8(run(&mut Command::new(&binary).arg("--version")).stdout).unwrap();
+    let version = String::from_utf8(run(Command::new(&binary).arg("--version")).stdout).unwrap();
     assert!(version.lines().any(|l| l == format!("kernel object {hash}")), "{version}");
 }
 
 /// The CLI binary the suite built (see cli.rs).
 fn connlimit_bin() -> PathBuf {
     let bin = target_dir().join("debug").join("connlimit");
-    assert!(bin.exists(), "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
+        bin.display()
+    );
     bin
 }
 

@@ -36,7 +36,17 @@ const TARBALL_FILES: &[(&str, &str)] = &[
 
 pub fn run(root: &Path) -> Result<()> {
     ensure_target()?;
-    crate::cargo(&["build", "--release", "--locked", "--package", "connlimit-user", "--bin", "connlimit", "--target", TARGET])?;
+    crate::cargo(&[
+        "build",
+        "--release",
+        "--locked",
+        "--package",
+        "connlimit-user",
+        "--bin",
+        "connlimit",
+        "--target",
+        TARGET,
+    ])?;
     let target = target_dir(root);
     let binary = target.join(TARGET).join("release").join("connlimit");
     require_static(&binary)?;
@@ -211,6 +221,7 @@ fn build_deb(root: &Path, binary: &Path, output: &Path, fast: bool) -> Result<Pa
     }
     // cargo-deb prints the package's path.
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = stdout.lines().map(str::trim).rfind(|l| l.ends_with(".deb")).context("cargo deb printed no .deb path")?;
+    let path =
+        stdout.lines().map(str::trim).rfind(|l| l.ends_with(".deb")).context("cargo deb printed no .deb path")?;
     Ok(PathBuf::from(path))
 }

@@ -124,7 +124,9 @@ fn run(task: Task) -> Result<()> {
         Task::Bench { no_write, args } => bench::run(no_write, &args),
         Task::BpfObject { check } => bpf_object::run(&workspace_root(), check),
         Task::Dist => dist::run(&workspace_root()),
-        Task::Deb { binary, output } => dist::deb(&workspace_root(), &binary, &output).map(|deb| println!("{}", deb.display())),
+        Task::Deb { binary, output } => {
+            dist::deb(&workspace_root(), &binary, &output).map(|deb| println!("{}", deb.display()))
+        }
         // The reference test rewrites docs/CLI.md when asked to.
         Task::Docs => cargo_with_env(
             &["test", "--package", "connlimit-user", "--test", "cli_reference"],

@@ -226,8 +226,7 @@ impl EbpfLimiter {
         Instance::pin_new(&name, ebpf.maps().filter(|(n, _)| names::ALL.contains(n)))?;
         let mut guard = PinGuard(Some(name.clone()));
         let mut instance = Instance::from_maps(&name, |map| {
-            ebpf.take_map(map)
-                .ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no map {map}")))
+            ebpf.take_map(map).ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no map {map}")))
         })?;
         instance.write_config(&config, reservation_epoch.as_nanos().clamp(1, u64::MAX as u128) as u64)?;
         // A new instance guards nothing yet: no need to read the port table.
@@ -376,8 +375,7 @@ fn pin_links(name: &str, [lookup, sock_ops]: [FdLink; 2]) -> Result<[FdLink; 2],
 /// detached from the programs' ownership, for pinning.
 fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLink; 2], EbpfError> {
     fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, EbpfError> {
-        ebpf.program_mut(name)
-            .ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no program {name}")))
+        ebpf.program_mut(name).ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no program {name}")))
     }
 
     let sock_ops: &mut SockOps = program(ebpf, programs::SOCK_OPS)?
