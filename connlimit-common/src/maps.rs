@@ -321,6 +321,9 @@ pub struct InstanceInfo {
     pub pid: u32,
     /// Padding; zero.
     pub _pad: u32,
+    /// The first 8 bytes of the SHA-256 of the kernel object the instance
+    /// runs (what `connlimit --version` shows); zero if not recorded.
+    pub object_hash: [u8; 8],
 }
 
 #[cfg(feature = "user")]
@@ -378,6 +381,6 @@ mod tests {
         assert_eq!(size_of::<Handshake>(), 32);
         assert_eq!(size_of::<LastSyn>(), 48);
         assert_eq!(size_of::<Ending>(), 48);
-        assert_eq!(size_of::<InstanceInfo>(), 40);
+        assert_eq!(size_of::<InstanceInfo>(), 48);
     }
 }

@@ -12,6 +12,12 @@
 //! - [`LimitedListener`]: a tokio listener that applies a limiter and hands
 //!   out [`Limited`] streams; over-limit connections are closed or answered
 //!   with go-connlimit's exact [HTTP 429](http::TOO_MANY_CONNECTIONS_RESPONSE).
+//! - `ebpf::EbpfLimiter` (Linux, default feature `ebpf`): the same limits
+//!   enforced by the kernel for any server process.
+//!
+//! Features: `ebpf` (the kernel limiter) and `cli` (what only the `connlimit`
+//! binary needs) are on by default. With `default-features = false` the crate
+//! is the user-space limiter alone and builds with stable Rust on any OS.
 //!
 //! ```
 //! use connlimit::{Config, LimitedListener, Limiter};
@@ -45,7 +51,7 @@
 pub mod addr;
 mod cidr;
 mod config;
-#[cfg(target_os = "linux")]
+#[cfg(all(feature = "ebpf", target_os = "linux"))]
 pub mod ebpf;
 mod error;
 pub mod http;
@@ -61,7 +67,7 @@ struct ReadmeDoctests;
 
 pub use cidr::{Cidr, CidrError};
 pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_EXEMPT};
-#[cfg(target_os = "linux")]
+#[cfg(all(feature = "ebpf", target_os = "linux"))]
 pub use ebpf::EbpfLimiter;
 pub use error::Error;
 pub use limited::Limited;

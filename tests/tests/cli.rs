@@ -120,6 +120,11 @@ fn operator_walkthrough_exec_set_top_status_detach() {
     assert_eq!(mine["refused"], 1);
     assert_eq!(mine["ports"], serde_json::json!([8080]));
     assert_eq!(mine["persistent"], false);
+    // Each instance shows the hash of the kernel object it runs, as `--version` does.
+    let version = String::from_utf8(connlimit(&netns, &["--version"]).stdout).unwrap();
+    let object = mine["object"].as_str().unwrap();
+    assert_eq!(object.len(), 16, "{object}");
+    assert!(version.lines().any(|l| l == format!("kernel object {object}")), "{version}");
     drop(exempt);
 
     // Mistakes get one clear line and the right exit code, and change nothing.

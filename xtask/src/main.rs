@@ -5,6 +5,8 @@
 
 mod bench;
 mod bootstrap;
+mod bpf_object;
+mod dist;
 mod packages;
 
 use std::process::{Command, ExitCode};
@@ -41,6 +43,28 @@ enum Task {
     },
     /// Regenerate docs/CLI.md from the CLI's --help.
     Docs,
+    /// Rebuild the kernel object kept in the repository
+    /// (connlimit-user/bpf/connlimit.bpf.o), which lets a stock stable
+    /// toolchain build connlimit; commit the result.
+    BpfObject {
+        /// Only check that the kept object matches a fresh build.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the release artifacts under target/dist/: a static (musl)
+    /// x86_64 `connlimit` in a tarball, a Debian package, and SHA-256 sums.
+    Dist,
+    /// Package a built `connlimit` binary as a Debian package (what `dist`
+    /// does; the package test uses it on the binary the suite built).
+    #[command(hide = true)]
+    Deb {
+        /// The `connlimit` binary to package.
+        #[arg(long)]
+        binary: std::path::PathBuf,
+        /// Folder to write the .deb to.
+        #[arg(long)]
+        output: std::path::PathBuf,
+    },
     /// Benchmark connlimit against no limiter, iptables, nftables and the
     /// userspace core, side by side (as root; installs iptables and nftables
     /// if missing), print the report and put it in BENCHMARKS.md.
@@ -100,12 +124,23 @@ fn run(task: Task) -> Result<()> {
             cargo(&run)
         }
         Task::Bench { no_write, args } => bench::run(no_write, &args),
+        Task::BpfObject { check } => bpf_object::run(&workspace_root(), check),
+        Task::Dist => dist::run(&workspace_root()),
+        Task::Deb { binary, output } => {
+            dist::deb(&workspace_root(), &binary, &output).map(|deb| println!("{}", deb.display()))
+        }
         // The reference test rewrites docs/CLI.md when asked to.
         Task::Docs => cargo_with_env(
             &["test", "--package", "connlimit-user", "--test", "cli_reference"],
             &[("CONNLIMIT_UPDATE_DOCS", "1")],
         ),
     }
+}
+
+/// The workspace this xtask belongs to.
+pub(crate) fn workspace_root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_owned()
 }
 
 /// Runs the same cargo that runs us, with bpf-linker reachable.

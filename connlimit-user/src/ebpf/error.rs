@@ -1,6 +1,6 @@
 //! What can go wrong attaching or driving the kernel limiter, and how to fix it.
 
-use std::{io, path::PathBuf};
+use std::{fmt, io, path::PathBuf};
 
 use crate::ConfigError;
 
@@ -62,18 +62,41 @@ pub enum EbpfError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A kernel or file-system operation failed.
-    #[error("{what}: {cause:#}")]
+    #[error("{what}: {}", Chain(&**.cause))]
     System {
         /// What was being done.
         what: String,
-        /// Why it failed (shown in the message, so not chained again).
-        cause: anyhow::Error,
+        /// Why it failed (shown in the message with its sources, so not
+        /// chained again).
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
 impl EbpfError {
-    /// Wraps a lower-level failure with what was being done.
-    pub(crate) fn system(what: impl Into<String>, cause: impl Into<anyhow::Error>) -> Self {
+    /// Wraps a lower-level failure (an error, or a message) with what was
+    /// being done.
+    pub(crate) fn system(what: impl Into<String>, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::System { what: what.into(), cause: cause.into() }
+    }
+}
+
+/// An error and its sources, "a: b: c", skipping a source whose message the
+/// error already shows.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut next = self.0.source();
+        while let Some(source) = next {
+            let message = source.to_string();
+            if !shown.contains(&message) {
+                write!(f, ": {message}")?;
+            }
+            shown = message;
+            next = source.source();
+        }
+        Ok(())
     }
 }

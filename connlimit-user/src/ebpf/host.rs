@@ -89,9 +89,10 @@ pub fn require_cgroup2_dir(dir: &Path) -> Result<(), EbpfError> {
 pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf, EbpfError> {
     let file = format!("/proc/{pid}/cgroup");
     let text = fs::read_to_string(&file).map_err(|e| EbpfError::system(format!("reading {file}"), e))?;
-    let relative = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| {
-        EbpfError::system(format!("reading {file}"), anyhow::anyhow!("process {pid} is in no cgroup v2"))
-    })?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| EbpfError::system(format!("reading {file}"), format!("process {pid} is in no cgroup v2")))?;
     Ok(cgroup2_mount()?.join(relative.trim_start_matches('/')))
 }
 

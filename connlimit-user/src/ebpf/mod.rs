@@ -37,6 +37,7 @@ pub mod host;
 mod instance;
 pub mod listeners;
 mod log;
+mod object;
 pub mod sock_diag;
 
 use std::{
@@ -63,8 +64,8 @@ pub use instance::{ClientCount, Instance, PIN_ROOT};
 
 use crate::{Config, PeerAddr, Stats};
 
-/// The kernel programs, built for the BPF target by this crate's build script.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connlimit.bpf.o"));
+use object::OBJECT;
+pub use object::{OBJECT_HASH, OBJECT_SHA256, hash_hex};
 
 /// The default reservation epoch (see [`AttachOptions::reservation_epoch`]).
 pub const DEFAULT_RESERVATION_EPOCH: Duration = Duration::from_secs(1);
@@ -306,8 +307,7 @@ impl EbpfLimiter {
         Instance::pin_new(&name, ebpf.maps().filter(|(n, _)| names::ALL.contains(n)))?;
         let mut guard = PinGuard(Some(name.clone()));
         let mut take = |map: &str| {
-            ebpf.take_map(map)
-                .ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no map {map}")))
+            ebpf.take_map(map).ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no map {map}")))
         };
         let endings = RingBuf::try_from(take(names::ENDINGS)?).map_err(|e| EbpfError::system("map ENDINGS", e))?;
         let mut instance = Instance::from_maps(&name, take)?;
@@ -328,6 +328,7 @@ impl EbpfLimiter {
             started_unix_secs: started.as_secs(),
             pid: std::process::id(),
             _pad: 0,
+            object_hash: OBJECT_HASH,
         })?;
 
         let endings = EndingsWorker::start(endings, &netns, &name)?;
@@ -466,8 +467,7 @@ fn pin_links(name: &str, [lookup, sock_ops]: [FdLink; 2]) -> Result<[FdLink; 2],
 /// detached from the programs' ownership, for pinning.
 fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLink; 2], EbpfError> {
     fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, EbpfError> {
-        ebpf.program_mut(name)
-            .ok_or_else(|| EbpfError::system("loading the eBPF object", anyhow::anyhow!("no program {name}")))
+        ebpf.program_mut(name).ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no program {name}")))
     }
 
     let sock_ops: &mut SockOps = program(ebpf, programs::SOCK_OPS)?

@@ -5,11 +5,21 @@ use std::{ffi::OsString, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP, ebpf::WhenFull};
 
+/// `connlimit --version`: the release, the commit it was built from, and the
+/// kernel object it loads (the hash `status` shows for each instance).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit ",
+    env!("CONNLIMIT_GIT_COMMIT"),
+    "\nkernel object ",
+    env!("CONNLIMIT_BPF_OBJECT_HASH"),
+);
+
 /// Limits concurrent TCP connections per client IP, in the kernel, for any server.
 #[derive(Parser, Debug)]
 #[command(
     name = "connlimit",
-    version,
+    version = VERSION,
     about = "Limit concurrent TCP connections per client IP, in the kernel, for any server",
     long_about = "Limit concurrent TCP connections per client IP, in the kernel, for any server.\n\n\
         connlimit counts each client's established connections to the guarded ports (eBPF sock_ops \

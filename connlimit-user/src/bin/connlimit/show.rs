@@ -5,7 +5,7 @@ use std::{fmt::Write as _, io::Write as _, path::Path, time::Duration};
 use anyhow::Result;
 use connlimit::{
     Config,
-    ebpf::{ClientCount, Instance, host, listeners},
+    ebpf::{ClientCount, Instance, hash_hex, host, listeners},
 };
 use serde_json::json;
 
@@ -194,6 +194,8 @@ struct InstanceStatus {
     /// Problems with the guarded ports' listeners (checked when the
     /// instance guards this process's network namespace).
     listener_problems: Vec<String>,
+    /// Short hash of the kernel object the instance runs (`connlimit --version`).
+    object: String,
 }
 
 impl InstanceStatus {
@@ -226,6 +228,7 @@ impl InstanceStatus {
             unconfirmed: stats.unconfirmed,
             endings_lost: stats.endings_lost,
             listener_problems: listener_problems.iter().map(ToString::to_string).collect(),
+            object: hash_hex(info.object_hash),
         })
     }
 
@@ -271,13 +274,13 @@ pub fn status(json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  MODE",
-        "NAME", "PORTS", "LIMIT", "OPEN", "ACCEPTED", "REFUSED", "PID", "SINCE (UTC)"
+        "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  {:<16}  MODE",
+        "NAME", "PORTS", "LIMIT", "OPEN", "ACCEPTED", "REFUSED", "PID", "SINCE (UTC)", "OBJECT"
     );
     for r in &rows {
         let ports = r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         println!(
-            "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  {}",
+            "{:<16} {:<12} {:>6} {:>6} {:>9} {:>9} {:>8}  {:<19}  {:<16}  {}",
             r.name,
             ports,
             r.max_conns_per_client_ip,
@@ -286,6 +289,7 @@ pub fn status(json: bool) -> Result<()> {
             r.refused,
             r.pid,
             utc(r.started_unix_secs),
+            r.object,
             r.mode()
         );
     }
