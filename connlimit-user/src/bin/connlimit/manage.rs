@@ -1,14 +1,17 @@
 //! `set` and `detach`: changing a running instance.
 
-use std::time::{Duration, Instant};
-
 use anyhow::{Result, bail};
-use connlimit::ebpf::Instance;
+use connlimit::ebpf::{Detached, Instance, PinRoot, host};
 
 use crate::cli::SetArgs;
 
 pub fn set(args: SetArgs) -> Result<()> {
-    let mut instance = Instance::open(&args.name.name)?;
+    Instance::validate_name(&args.name.name)?;
+    host::require_root()?;
+    // Exclusive from reading the config to writing it back: concurrent
+    // `set`s changing different fields keep each other's changes.
+    let root = PinRoot::write()?;
+    let mut instance = Instance::open_in(&root, &args.name.name)?;
     let mut config = instance.config()?;
     let before = config.clone();
     if let Some(max) = args.max_conns_per_client_ip {
@@ -34,41 +37,17 @@ pub fn set(args: SetArgs) -> Result<()> {
         );
     }
     if !args.ports.is_empty() {
-        instance.set_ports(&args.ports)?;
+        instance.replace_ports(&root, &args.ports)?;
     }
     instance.set_config(&config)?;
     eprintln!("{}: {}", instance.name(), crate::show::describe(&config));
     Ok(())
 }
 
-pub fn detach(name: &str) -> Result<()> {
-    let instance = Instance::open(name)?;
-    let owner = instance.info()?.pid;
-    let persistent = instance.is_persistent();
-    drop(instance);
-    if persistent || !process_alive(owner) {
-        Instance::remove(name)?;
-    } else {
-        // The `run`/`exec` holding it detaches itself (and ends its server).
-        // SAFETY: plain syscall.
-        if unsafe { libc::kill(owner as i32, libc::SIGTERM) } != 0 {
-            bail!(
-                "could not signal process {owner}, which holds instance {name:?}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        let start = Instant::now();
-        while Instance::dir_of(name).exists() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("process {owner} did not detach instance {name:?} within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+pub fn detach(name: &str, force: bool) -> Result<()> {
+    match Instance::detach(name, force)? {
+        Detached::Removed => eprintln!("{name}: detached"),
+        Detached::StoppedOwner(pid) => eprintln!("{name}: detached (process {pid}, its owner, stopped)"),
     }
-    eprintln!("{name}: detached");
     Ok(())
-}
-
-fn process_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
