@@ -85,7 +85,7 @@ pub enum EbpfError {
     #[error("no connlimit instance named {0:?}; `connlimit status` lists the running ones")]
     NoSuchInstance(String),
     /// The instance name cannot be a directory name.
-    #[error("{0:?} is not a valid instance name; use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'")]
+    #[error("{0:?} is not a valid instance name; use 1 to 64 letters, digits, '-' or '_'")]
     BadName(String),
     /// No port to guard.
     #[error("no port to guard; give at least one port (--port)")]

@@ -15,7 +15,9 @@ use aya::{
 };
 use connlimit_common::{
     addr::AddrWords,
-    maps::{ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, InstanceInfo, KernelConfig, LAYOUT_VERSION, Stat, names},
+    maps::{
+        ClientKey, ClientState, FLAG_DRY_RUN, FLAG_EXEMPT, InstanceInfo, KernelConfig, LAYOUT_VERSION, Stat, names,
+    },
     occupancy::{Occupancy, epoch_tag},
 };
 
@@ -68,11 +70,10 @@ fn sys(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> EbpfError
 }
 
 impl Instance {
-    /// Checks that `name` can name an instance (and its pin directory).
+    /// Checks that `name` can name an instance (and its pin directory:
+    /// bpffs refuses names with a dot).
     pub fn validate_name(name: &str) -> Result<(), EbpfError> {
-        let ok = (1..=64).contains(&name.len())
-            && !name.starts_with('.')
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let ok = (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
         if ok { Ok(()) } else { Err(EbpfError::BadName(name.to_owned())) }
     }
 

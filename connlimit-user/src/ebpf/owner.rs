@@ -234,7 +234,8 @@ impl Instance {
             std::thread::sleep(Duration::from_millis(20));
         }
         let root = PinRoot::write()?;
-        if root.is_instance(name) && matches!(Self::open_in(&root, name)?.ownership()?, Ownership::Orphaned(o) if o == owner)
+        if root.is_instance(name)
+            && matches!(Self::open_in(&root, name)?.ownership()?, Ownership::Orphaned(o) if o == owner)
         {
             remove_and_wait(root, name)?;
         }

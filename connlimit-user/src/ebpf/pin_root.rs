@@ -5,7 +5,8 @@
 //!   a symbolic link, not writable by group or others, on bpffs.
 //! - Writers (attach, adopt, set, detach) hold an exclusive `flock` on the
 //!   root directory; readers (status, top, config) a shared one.
-//! - A new instance is built in a temporary directory (`.tmp-<name>-<pid>`)
+//! - A new instance is built in a temporary directory (`@staging-<name>-<pid>`:
+//!   `@` is in no instance name, and bpffs refuses names with a dot)
 //!   and renamed into place, so it appears all at once. The leftovers of a
 //!   writer that died half-way are never listed, and the next writer
 //!   removes them.
@@ -35,7 +36,7 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/connlimit";
 pub const PIN_ROOT_ENV: &str = "CONNLIMIT_PIN_ROOT";
 
 /// Prefix of the temporary directory a new instance is built in.
-const STAGING_PREFIX: &str = ".tmp-";
+const STAGING_PREFIX: &str = "@staging-";
 
 /// The pin root in use: `$CONNLIMIT_PIN_ROOT`, or [`PIN_ROOT`].
 pub fn pin_root() -> PathBuf {
@@ -195,7 +196,8 @@ impl PinRoot {
         }
         let c = cstring(path.as_os_str()).map_err(|e| EbpfError::system(format!("opening {}", path.display()), e))?;
         // SAFETY: NUL-terminated path; the fd is ours.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        let fd =
+            unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
         if fd < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {

@@ -5,11 +5,11 @@
 
 mod cli;
 mod enforce;
+#[cfg(test)]
+mod fuzz;
 mod manage;
 mod show;
 mod user;
-#[cfg(test)]
-mod fuzz;
 
 use std::process::ExitCode;
 
