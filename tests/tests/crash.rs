@@ -210,12 +210,18 @@ fn concurrent_sets_on_different_fields_lose_none() {
             ["--dry-run", dry_run],
             ["--exempt", &exempt],
         ];
-        // 20 at once, four per field.
+        // 20 at once, four per field, each holding its read-change-write
+        // window open for 30 ms: without serialization, updates get lost.
         let children: Vec<_> = (0..20)
             .map(|i| {
                 let mut args = vec!["set", "--name", &name];
                 args.extend(fields[i % fields.len()]);
-                command(&netns, &root.path, &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+                command(&netns, &root.path, &args)
+                    .env("CONNLIMIT_TEST_DELAY_AT", "set:30")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
             })
             .collect();
         for child in children {

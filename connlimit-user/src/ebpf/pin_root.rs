@@ -394,6 +394,20 @@ pub(crate) fn crash_point(point: &str) {
     let _ = point;
 }
 
+/// Test hook (debug builds only): with `CONNLIMIT_TEST_DELAY_AT=<point>:<ms>`
+/// the process sleeps that long at that point, to hold a race window open.
+#[doc(hidden)]
+pub fn test_delay(point: &str) {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("CONNLIMIT_TEST_DELAY_AT")
+        .ok()
+        .and_then(|v| v.strip_prefix(point)?.strip_prefix(':')?.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
+    }
+    let _ = point;
+}
+
 /// The layout version recorded in a pinned `INSTANCE` map (0 if it
 /// predates versioning), read as raw bytes since its value may be laid out
 /// differently from this version's [`InstanceInfo`].

@@ -6,6 +6,15 @@ use connlimit::ebpf::{Detached, Instance, PinRoot, host};
 use crate::cli::SetArgs;
 
 pub fn set(args: SetArgs) -> Result<()> {
+    // Setting a field to the value it has is fine (scripts re-apply
+    // configs); giving no field at all is a mistake.
+    let given = args.max_conns_per_client_ip.is_some()
+        || args.ipv4_prefix_len.is_some()
+        || args.ipv6_prefix_len.is_some()
+        || !args.exempt.is_empty()
+        || args.no_exempt
+        || args.dry_run.is_some()
+        || !args.ports.is_empty();
     Instance::validate_name(&args.name.name)?;
     host::require_root()?;
     // Exclusive from reading the config to writing it back: concurrent
@@ -13,7 +22,7 @@ pub fn set(args: SetArgs) -> Result<()> {
     let root = PinRoot::write()?;
     let mut instance = Instance::open_in(&root, &args.name.name)?;
     let mut config = instance.config()?;
-    let before = config.clone();
+    connlimit::ebpf::pin_root::test_delay("set");
     if let Some(max) = args.max_conns_per_client_ip {
         config.max_conns_per_client_ip = max;
     }
@@ -31,7 +40,7 @@ pub fn set(args: SetArgs) -> Result<()> {
     if let Some(dry_run) = args.dry_run {
         config.dry_run = dry_run;
     }
-    if config == before && args.ports.is_empty() {
+    if !given {
         bail!(
             "nothing to change; give at least one field, e.g. --max-conns-per-client-ip 20 (see `connlimit set --help`)"
         );
