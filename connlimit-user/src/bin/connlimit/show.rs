@@ -275,7 +275,7 @@ pub fn status(json: bool) -> Result<()> {
             r.open,
             r.accepted,
             r.refused,
-            r.pid,
+            if r.pid == 0 { "-".to_owned() } else { r.pid.to_string() },
             utc(r.started_unix_secs),
             r.mode()
         );
