@@ -63,3 +63,15 @@ impl Instance {
         self.set_ports(&ports)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_sorted_deduplicated_and_checked() {
+        assert_eq!(normalize_ports(&[443, 80, 443]).unwrap(), vec![80, 443]);
+        assert!(matches!(normalize_ports(&[]), Err(EbpfError::NoPorts)));
+        assert!(matches!(normalize_ports(&[80, 0]), Err(EbpfError::PortZero)));
+    }
+}

@@ -283,3 +283,62 @@ pub(crate) fn remove_locked(root: PinRoot, name: &str) -> Result<Vec<u32>, EbpfE
     })?;
     Ok(programs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_its_own_running_owner() {
+        let me = Owner::current().unwrap();
+        assert_eq!(me.pid, std::process::id());
+        assert!(me.start_ticks > 0);
+        assert!(me.is_running());
+        let info = InstanceInfo { pid: me.pid, owner_start_ticks: me.start_ticks, ..InstanceInfo::default() };
+        assert_eq!(Ownership::of(&info), Ownership::Owned(me));
+        assert_eq!(Ownership::of(&InstanceInfo::default()), Ownership::Unowned);
+    }
+
+    #[test]
+    fn a_pid_with_another_start_time_is_not_the_owner_and_is_never_signalled() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let real = stat_of(pid).unwrap().1;
+        let impostor = Owner { pid, start_ticks: real + 1 };
+        assert!(!impostor.is_running());
+        let info = InstanceInfo { pid, owner_start_ticks: real + 1, ..InstanceInfo::default() };
+        assert_eq!(Ownership::of(&info), Ownership::Orphaned(impostor));
+        assert!(!impostor.signal(libc::SIGTERM).unwrap());
+        assert!(child.try_wait().unwrap().is_none(), "signalled a process that only shares the PID");
+
+        let owner = Owner { pid, start_ticks: real };
+        assert!(owner.is_running());
+        assert!(owner.signal(libc::SIGTERM).unwrap());
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
+        // Exited (and reaped): no longer running, not signalled.
+        assert!(!owner.is_running());
+        assert!(!owner.signal(libc::SIGTERM).unwrap());
+    }
+
+    #[test]
+    fn stat_parsing_survives_odd_command_names() {
+        // The command name (from the program's file name) may hold spaces
+        // and parentheses.
+        let dir = std::env::temp_dir().join(format!("connlimit-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let program = dir.join("a) 1 2 (b");
+        let _ = std::fs::remove_file(&program);
+        std::os::unix::fs::symlink("/bin/sleep", &program).unwrap();
+        let mut child = std::process::Command::new(&program).arg("30").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap();
+        assert_eq!(comm.trim(), "a) 1 2 (b");
+        let (state, start) = stat_of(child.id()).unwrap();
+        assert!(matches!(state, 'S' | 'R'), "{state}");
+        assert!(Owner { pid: child.id(), start_ticks: start }.is_running());
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
