@@ -153,8 +153,7 @@ fn ensure_bpffs() -> Result<()> {
     let (source, target, fs_type) = (CString::new("bpf")?, CString::new(BPFFS)?, CString::new("bpf")?);
     let options = CString::new("mode=0700")?;
     // SAFETY: valid NUL-terminated strings.
-    let rc =
-        unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, options.as_ptr().cast()) };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, options.as_ptr().cast()) };
     if rc != 0 {
         bail!("mounting bpffs at {BPFFS}: {}", std::io::Error::last_os_error());
     }

@@ -73,7 +73,8 @@ impl Instance {
     /// Checks that `name` can name an instance (and its pin directory:
     /// bpffs refuses names with a dot).
     pub fn validate_name(name: &str) -> Result<(), EbpfError> {
-        let ok = (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+        let ok =
+            (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
         if ok { Ok(()) } else { Err(EbpfError::BadName(name.to_owned())) }
     }
 
