@@ -35,7 +35,7 @@ fn connlimit_bin() -> PathBuf {
 /// `connlimit args...` inside `netns`, with pin root `root`.
 fn command(netns: &Netns, root: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(connlimit_bin());
-    cmd.args(args).env("CONNLIMIT_PIN_ROOT", root).stdin(Stdio::null());
+    cmd.args(args).env(connlimit::ebpf::PIN_ROOT_ENV, root).stdin(Stdio::null());
     netns.enter_on_exec(&mut cmd);
     cmd
 }
@@ -414,6 +414,15 @@ fn sighup_detaches_run_and_leaves_a_persisted_one_unowned() {
     let table = succeeds(&netns, &root.path, &["status"]);
     assert!(table.contains("persisted (no owner)"), "{table}");
     succeeds(&netns, &root.path, &["detach", &name]);
+    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+
+    // `detach` stops a running persisted owner and removes what it leaves.
+    let owner = start(&netns, &root.path, &persist);
+    let out = succeeds(&netns, &root.path, &["detach", &name]);
+    assert!(out.contains(&format!("process {}, its owner, stopped", owner.pid())), "{out}");
+    let (status, log) = owner.wait();
+    assert!(status.success() && log.contains("left enforcing"), "{log}");
+    assert!(status_row(&netns, &root.path, &name).is_none());
     assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
 }
 

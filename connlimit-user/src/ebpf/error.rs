@@ -62,7 +62,8 @@ pub enum EbpfError {
     AdoptMismatch(String),
     /// The instance was pinned by a connlimit with another state layout.
     #[error(
-        "connlimit instance {name:?} was pinned by a connlimit with state layout version {found} (this one reads version {}); remove it with `connlimit detach {name} --force`, then attach it again",
+        "connlimit instance {name:?} was pinned by a connlimit with state layout version {found}{} (this one reads version {}); remove it with `connlimit detach {name} --force`, then attach it again",
+        if *.found == 0 { " (from before versions were recorded)" } else { "" },
         connlimit_common::maps::LAYOUT_VERSION
     )]
     LayoutMismatch {

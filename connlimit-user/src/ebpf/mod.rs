@@ -166,8 +166,10 @@ impl AttachOptions {
 pub struct EbpfLimiter {
     instance: Mutex<Instance>,
     name: String,
-    /// Leave the pins when dropped (persisted, or already let go).
+    /// Leave the pins when let go of ([`AttachOptions::persist`]).
     keep_pins: bool,
+    /// Already let go of (by [`EbpfLimiter::detach`]).
+    released: bool,
     program_ids: Vec<u32>,
     _log: Option<log::KernelLog>,
     // While these live, the programs stay attached.
@@ -261,6 +263,7 @@ impl EbpfLimiter {
             instance: Mutex::new(instance),
             name,
             keep_pins: persist,
+            released: false,
             program_ids,
             _log: log,
             _links: links,
@@ -325,7 +328,7 @@ impl EbpfLimiter {
         if !matches!(result, Ok(Some(_))) {
             wait_for.clear();
         }
-        self.keep_pins = true;
+        self.released = true;
         drop(self);
         attachments::wait_until_freed(&wait_for);
         result.map(drop)
@@ -340,11 +343,13 @@ impl std::fmt::Debug for EbpfLimiter {
 
 impl Drop for EbpfLimiter {
     fn drop(&mut self) {
-        if self.keep_pins {
+        if self.released {
             return;
         }
-        if let Err(e) = owner::disown(&self.name, true) {
-            tracing::warn!(instance = %self.name, error = %e, "could not remove the pins");
+        // Detach, or leave a persisted instance owned by nobody, so that
+        // nobody takes this (still running) process for its owner.
+        if let Err(e) = owner::disown(&self.name, !self.keep_pins) {
+            tracing::warn!(instance = %self.name, error = %e, "could not let go of the instance");
         }
     }
 }

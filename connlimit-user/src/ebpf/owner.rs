@@ -233,10 +233,14 @@ impl Instance {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The owner is gone. A persisted instance it left enforcing, or one
+        // it left orphaned, goes too; one another process adopted meanwhile
+        // stays.
         let root = PinRoot::write()?;
-        if root.is_instance(name)
-            && matches!(Self::open_in(&root, name)?.ownership()?, Ownership::Orphaned(o) if o == owner)
-        {
+        if root.is_instance(name) {
+            if let Ownership::Owned(other) = Self::open_in(&root, name)?.ownership()? {
+                return Err(EbpfError::InstanceHeld { name: name.to_owned(), pid: other.pid });
+            }
             remove_and_wait(root, name)?;
         }
         Ok(if signalled { Detached::StoppedOwner(owner.pid) } else { Detached::Removed })

@@ -35,6 +35,9 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/connlimit";
 /// bpffs), for tests and for hosts that keep several sets of instances.
 pub const PIN_ROOT_ENV: &str = "CONNLIMIT_PIN_ROOT";
 
+/// How long to wait for another writer to finish.
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Prefix of the temporary directory a new instance is built in.
 const STAGING_PREFIX: &str = "@staging-";
 
@@ -243,15 +246,33 @@ impl PinRoot {
             ));
         }
 
+        // Writers hold the lock for the length of one change (an attach
+        // takes the longest: well under a second), so a minute means one
+        // is stuck; say so rather than hang.
         let operation = if write { libc::LOCK_EX } else { libc::LOCK_SH };
+        let deadline = std::time::Instant::now() + LOCK_TIMEOUT;
         loop {
             // SAFETY: valid fd.
-            if unsafe { libc::flock(dir.as_raw_fd(), operation) } == 0 {
+            if unsafe { libc::flock(dir.as_raw_fd(), operation | libc::LOCK_NB) } == 0 {
                 break;
             }
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(EbpfError::system(format!("locking {}", path.display()), e));
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EWOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Some(libc::EWOULDBLOCK) => {
+                    return Err(EbpfError::system(
+                        format!("locking {}", path.display()),
+                        anyhow::anyhow!(
+                            "another connlimit has been changing instances for {} s; find it with `ps -C connlimit` \
+                             and stop it, then retry",
+                            LOCK_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+                _ => return Err(EbpfError::system(format!("locking {}", path.display()), e)),
             }
         }
         Ok(Some(Self { dir, path }))
