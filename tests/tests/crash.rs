@@ -177,7 +177,16 @@ fn exec_killed_keeps_enforcing_for_its_server() {
     let row = status_row(&netns, &root.path, &name).expect("still listed");
     assert_eq!(row["owner"], "exited");
 
-    succeeds(&netns, &root.path, &["detach", &name]);
+    // The operator adopts the orphan with `run` on the server's cgroup...
+    let cgroup_path = cgroup.to_str().unwrap();
+    let run = start(&netns, &root.path, &["run", "--name", &name, "-p", "8092", "-m", "1", "--cgroup", cgroup_path]);
+    assert!(run.log().contains("adopted"), "{}", run.log());
+    assert_eq!(status_row(&netns, &root.path, &name).unwrap()["open"], 1);
+    assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    // ...or detaches it; either way the server is free again.
+    let (status, log) = run.stop();
+    assert!(status.success() && log.contains("detached"), "{log}");
+    assert!(status_row(&netns, &root.path, &name).is_none());
     let _b = netns.hello_from(me, server).unwrap();
     for pid in procs().lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
         // SAFETY: killing the test's own server.

@@ -12,7 +12,7 @@
 //!   limit. The server process never sees it.
 //!
 //! The maps and the programs' links are pinned under
-//! `/sys/fs/bpf/connlimit/<name>/` (the [`pin_root`]) so another process
+//! `/sys/fs/bpf/connlimit/<name>/` (see [`mod@pin_root`]) so another process
 //! (the `connlimit` CLI) can read counts and change the config live,
 //! through [`Instance`], and so the kernel keeps enforcing if the process
 //! that attached the instance crashes (see [`owner`]).

@@ -112,7 +112,7 @@ impl Ownership {
     }
 }
 
-/// What [`detach`] did.
+/// What [`Instance::detach`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detached {
     /// Removed the pins directly (nobody owned it, or `force`).
