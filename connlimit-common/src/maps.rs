@@ -304,8 +304,20 @@ impl Stat {
     pub const COUNT: u32 = 8;
 }
 
-/// What an instance guards, written once by the loader into `INSTANCE` so
-/// another process (the CLI) can describe it.
+/// The layout of an instance's pinned state (map value layouts and the
+/// set of maps), recorded in [`InstanceInfo::layout_version`]. Bump it
+/// whenever a pinned map changes shape, so a connlimit never opens or
+/// adopts an instance another version pinned. 0 means a connlimit from
+/// before versioning.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// [`InstanceInfo::flags`]: a graceful exit of the owner leaves the instance
+/// enforcing (`--persist`) instead of detaching it.
+pub const INFO_PERSIST: u32 = 1;
+
+/// What an instance guards and who owns it, written by the loader (and by
+/// a process that adopts the instance) into `INSTANCE`, so another process
+/// (the CLI) can describe it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InstanceInfo {
@@ -317,10 +329,19 @@ pub struct InstanceInfo {
     pub cgroup_ino: u64,
     /// When the instance was attached, seconds since the Unix epoch.
     pub started_unix_secs: u64,
-    /// Process that attached it.
+    /// Process that owns it (attached or adopted it); 0 when no process
+    /// does (a persisted instance whose owner exited gracefully).
     pub pid: u32,
     /// Padding; zero.
     pub _pad: u32,
+    /// Start time of the owner process, in clock ticks since boot (field 22
+    /// of `/proc/<pid>/stat`): the owner is `pid` only while a process
+    /// with this start time has that PID, so a reused PID is never trusted.
+    pub owner_start_ticks: u64,
+    /// [`LAYOUT_VERSION`] of the connlimit that pinned the instance.
+    pub layout_version: u32,
+    /// [`INFO_PERSIST`].
+    pub flags: u32,
     /// The first 8 bytes of the SHA-256 of the kernel object the instance
     /// runs (what `connlimit --version` shows); zero if not recorded.
     pub object_hash: [u8; 8],
@@ -381,6 +402,8 @@ mod tests {
         assert_eq!(size_of::<Handshake>(), 32);
         assert_eq!(size_of::<LastSyn>(), 48);
         assert_eq!(size_of::<Ending>(), 48);
-        assert_eq!(size_of::<InstanceInfo>(), 48);
+        assert_eq!(size_of::<InstanceInfo>(), 64);
+        // Older connlimits read the version at this offset.
+        assert_eq!(core::mem::offset_of!(InstanceInfo, layout_version), 48);
     }
 }

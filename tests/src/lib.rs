@@ -334,6 +334,15 @@ impl Background {
         (status, self.settled_log())
     }
 
+    /// Kills the process with SIGKILL, as a crash would, and reaps it;
+    /// returns the output.
+    pub fn kill(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+        self.settled_log()
+    }
+
     /// Waits for the process to exit by itself.
     pub fn wait(mut self) -> (std::process::ExitStatus, String) {
         let status = self.child.take().expect("running").wait().expect("wait");
@@ -361,5 +370,39 @@ impl Drop for Background {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+}
+
+/// A pin root of the test's own under /sys/fs/bpf (for `CONNLIMIT_PIN_ROOT`),
+/// so it can watch the root's contents, or make it hostile, without
+/// disturbing other tests. Removed with whatever is left in it on drop.
+pub struct TestPinRoot {
+    pub path: PathBuf,
+}
+
+impl TestPinRoot {
+    /// A path for a root that does not exist yet (connlimit creates it).
+    pub fn new(prefix: &str) -> Self {
+        Self { path: PathBuf::from("/sys/fs/bpf").join(unique(prefix)) }
+    }
+
+    /// Names in the root, sorted (empty if it does not exist).
+    pub fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.path)
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TestPinRoot {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            // remove_dir_all never follows a symbolic link.
+            Ok(m) if m.is_dir() => drop(std::fs::remove_dir_all(&self.path)),
+            Ok(_) => drop(std::fs::remove_file(&self.path)),
+            Err(_) => {}
+        }
     }
 }

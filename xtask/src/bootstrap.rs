@@ -1,7 +1,7 @@
 //! Brings a fresh machine to the point where connlimit builds and its kernel
 //! tests run: nightly `rust-src`, a `bpf-linker` built against the nightly's
-//! own LLVM, and bpffs at /sys/fs/bpf. Each step checks first, so a second
-//! run costs a few milliseconds.
+//! own LLVM, and bpffs at /sys/fs/bpf (mode 0700: root only). Each step
+//! checks first, so a second run costs a few milliseconds.
 
 use std::{
     env,
@@ -129,6 +129,14 @@ fn ensure_bpffs() -> Result<()> {
         mount_point == Some(BPFFS) && fs_type == Some("bpf")
     });
     if mounted {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(BPFFS)?.permissions());
+        if mode & 0o022 != 0 {
+            eprintln!(
+                "xtask: warning: {BPFFS} is writable by other users (mode {:04o}); connlimit refuses a pin root \
+                 they created. Remount it for root alone: `umount {BPFFS} && mount -t bpf -o mode=0700 bpf {BPFFS}`",
+                mode & 0o7777
+            );
+        }
         return Ok(());
     }
     // SAFETY: geteuid has no preconditions.
@@ -138,15 +146,19 @@ fn ensure_bpffs() -> Result<()> {
         );
         return Ok(());
     }
-    eprintln!("xtask: mounting bpffs at {BPFFS}");
+    // Mode 0700: the kernel's default mode lets any user create entries,
+    // e.g. a fake /sys/fs/bpf/connlimit before root does.
+    eprintln!("xtask: mounting bpffs at {BPFFS} with mode 0700 (`mount -t bpf -o mode=0700 bpf {BPFFS}`)");
     fs::create_dir_all(BPFFS)?;
     let (source, target, fs_type) = (CString::new("bpf")?, CString::new(BPFFS)?, CString::new("bpf")?);
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, std::ptr::null()) };
+    let options = CString::new("mode=0700")?;
+    // SAFETY: valid NUL-terminated strings.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fs_type.as_ptr(), 0, options.as_ptr().cast()) };
     if rc != 0 {
         bail!("mounting bpffs at {BPFFS}: {}", std::io::Error::last_os_error());
     }
-    // Pins hold the limiter's state: root only.
+    // Pins hold the limiter's state: root only (again, for kernels that
+    // ignore the option).
     fs::set_permissions(BPFFS, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     Ok(())
 }

@@ -24,7 +24,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing need: nightly rust-src, a bpf-linker
-    /// matching the nightly's LLVM, and a bpffs mounted at /sys/fs/bpf.
+    /// matching the nightly's LLVM, and a bpffs mounted at /sys/fs/bpf (mode
+    /// 0700, root only).
     Bootstrap,
     /// Bootstrap, then run clippy and the whole test suite (the eBPF
     /// integration tests need root).
@@ -35,7 +36,7 @@ enum Task {
     },
     /// Bootstrap, build, and run the `connlimit` CLI with ARGS (as root).
     /// Without ARGS, protect a demo server: Python's http.server on
-    /// 127.0.0.1:8080, at most 10 connections per client IP.
+    /// 127.0.0.1:8080, run as `nobody`, at most 10 connections per client IP.
     Connlimit {
         /// Arguments for `connlimit`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -85,6 +86,8 @@ const DEMO: &[&str] = &[
     "8080",
     "--max-conns-per-client-ip",
     "10",
+    "--user",
+    "nobody",
     "--",
     "python3",
     "-m",

@@ -12,7 +12,9 @@ pub enum EbpfError {
     #[error("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN); run connlimit as root, e.g. with sudo")]
     NotRoot,
     /// bpffs is not mounted where pins go.
-    #[error("no BPF filesystem is mounted at {0}; mount it with `mount -t bpf bpf {0}`")]
+    #[error(
+        "no BPF filesystem is mounted at {0}; mount it for root alone with `mount -t bpf -o mode=0700 bpf {0}` (mode 0700: nobody else may create or replace pins)"
+    )]
     BpffsMissing(PathBuf),
     /// No cgroup v2 hierarchy is mounted.
     #[error(
@@ -43,11 +45,48 @@ pub enum EbpfError {
         "a connlimit instance named {0:?} already exists; pick another --name, or detach it first (`connlimit detach {0}`)"
     )]
     InstanceExists(String),
+    /// A running process owns the instance.
+    #[error(
+        "connlimit instance {name:?} is owned by running process {pid}; stop that process first (`connlimit detach {name}`), or pick another --name"
+    )]
+    InstanceHeld {
+        /// The instance.
+        name: String,
+        /// Its owner.
+        pid: u32,
+    },
+    /// An instance to adopt is attached to another cgroup or namespace.
+    #[error(
+        "connlimit instance {0:?} is attached to another cgroup or network namespace; detach it first (`connlimit detach {0}`) or pick another --name"
+    )]
+    AdoptMismatch(String),
+    /// The instance was pinned by a connlimit with another state layout.
+    #[error(
+        "connlimit instance {name:?} was pinned by a connlimit with state layout version {found}{} (this one reads version {}); remove it with `connlimit detach {name} --force`, then attach it again",
+        if *.found == 0 { " (from before versions were recorded)" } else { "" },
+        connlimit_common::maps::LAYOUT_VERSION
+    )]
+    LayoutMismatch {
+        /// The instance.
+        name: String,
+        /// The version that pinned it (0: before versions were recorded).
+        found: u32,
+    },
+    /// The pin root is controlled by someone other than root.
+    #[error("refusing the pin root {path}: it {problem}; {fix}")]
+    UnsafePinRoot {
+        /// The pin root.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
     /// No instance of this name exists.
     #[error("no connlimit instance named {0:?}; `connlimit status` lists the running ones")]
     NoSuchInstance(String),
     /// The instance name cannot be a directory name.
-    #[error("{0:?} is not a valid instance name; use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'")]
+    #[error("{0:?} is not a valid instance name; use 1 to 64 letters, digits, '-' or '_'")]
     BadName(String),
     /// No port to guard.
     #[error("no port to guard; give at least one port (--port)")]

@@ -14,7 +14,7 @@ use super::EbpfError;
 
 /// Where bpffs is mounted and connlimit pins its instances.
 pub const BPFFS: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Fails with [`EbpfError::NotRoot`] unless running as root.
@@ -23,7 +23,7 @@ pub fn require_root() -> Result<(), EbpfError> {
     if unsafe { libc::geteuid() } == 0 { Ok(()) } else { Err(EbpfError::NotRoot) }
 }
 
-fn fs_magic(path: &Path) -> io::Result<i64> {
+pub(crate) fn fs_magic(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: statfs is plain data; the kernel fills it.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };

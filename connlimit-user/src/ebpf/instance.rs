@@ -1,10 +1,10 @@
 //! A limiter instance as it lives in bpffs: its maps, pinned under
-//! `/sys/fs/bpf/connlimit/<name>/`, readable and writable by any root process.
+//! `/sys/fs/bpf/connlimit/<name>/` (see [`pin_root`](super::pin_root)),
+//! readable and writable by root processes.
 
 use std::{
-    fs,
     net::IpAddr,
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -17,16 +17,17 @@ use connlimit_common::{
     established,
     maps::{
         ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, InstanceInfo, KernelConfig,
-        PendingState, Stat, names,
+        LAYOUT_VERSION, PendingState, Stat, names,
     },
     pending::{Pending, epoch_of},
 };
 
-use super::{EbpfError, WhenFull, host};
+use super::{
+    EbpfError, WhenFull, host,
+    pin_root::{self, PinRoot, Staging, fd_path},
+};
 use crate::{Cidr, Config, Stats, addr};
 
-/// Directory holding one subdirectory of pins per instance.
-pub const PIN_ROOT: &str = "/sys/fs/bpf/connlimit";
 /// Pin names of the links of a persisted instance.
 pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
 
@@ -62,6 +63,8 @@ pub struct Instance {
     conns: HashMap<MapData, u64, ClientKey>,
     stats: PerCpuArray<MapData, u64>,
     info: Array<MapData, InstanceInfo>,
+    /// Taken by the one endings worker of this handle.
+    endings: Option<RingBuf<MapData>>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -76,45 +79,55 @@ fn sys(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> EbpfError
 }
 
 impl Instance {
-    /// Checks that `name` can name an instance (and its pin directory).
+    /// Checks that `name` can name an instance (and its pin directory:
+    /// bpffs refuses names with a dot).
     pub fn validate_name(name: &str) -> Result<(), EbpfError> {
-        let ok = (1..=64).contains(&name.len())
-            && !name.starts_with('.')
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        let ok =
+            (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
         if ok { Ok(()) } else { Err(EbpfError::BadName(name.to_owned())) }
     }
 
-    /// The pin directory of instance `name`.
+    /// The pin directory of instance `name` (for messages; pins are
+    /// reached through the locked [`PinRoot`]).
     pub fn dir_of(name: &str) -> PathBuf {
-        Path::new(PIN_ROOT).join(name)
+        pin_root::pin_root().join(name)
     }
 
     /// Names of the instances pinned on this machine, sorted.
     pub fn list() -> Result<Vec<String>, EbpfError> {
         host::require_root()?;
-        let entries = match fs::read_dir(PIN_ROOT) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(EbpfError::system(format!("listing {PIN_ROOT}"), e)),
-        };
-        let mut names: Vec<String> =
-            entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| !n.starts_with('.')).collect();
-        names.sort();
-        Ok(names)
+        match PinRoot::read()? {
+            Some(root) => root.names(),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Opens the pinned maps of the running instance `name`.
     pub fn open(name: &str) -> Result<Self, EbpfError> {
         Self::validate_name(name)?;
         host::require_root()?;
-        let dir = Self::dir_of(name);
-        if !dir.join(names::CONFIG).exists() {
-            return Err(EbpfError::NoSuchInstance(name.to_owned()));
+        let root = PinRoot::read()?.ok_or_else(|| EbpfError::NoSuchInstance(name.to_owned()))?;
+        Self::open_in(&root, name)
+    }
+
+    /// Opens the pinned maps of instance `name` under a pin root the caller
+    /// holds (for writing, to change the instance without a race). Fails if
+    /// another connlimit version pinned it.
+    pub fn open_in(root: &PinRoot, name: &str) -> Result<Self, EbpfError> {
+        Self::validate_name(name)?;
+        let no_such = || EbpfError::NoSuchInstance(name.to_owned());
+        let dir = root.open_dir(name).map_err(|_| no_such())?;
+        if !fd_path(dir.as_fd(), names::CONFIG).exists() {
+            return Err(no_such());
+        }
+        let version = pin_root::pinned_layout_version(&fd_path(dir.as_fd(), names::INSTANCE))?;
+        if version != LAYOUT_VERSION {
+            return Err(EbpfError::LayoutMismatch { name: name.to_owned(), found: version });
         }
         Self::from_maps(name, |map| {
-            let path = dir.join(map);
-            let data = MapData::from_pin(&path).map_err(sys(format!("opening {}", path.display())))?;
-            Map::from_map_data(data).map_err(sys(format!("opening {}", path.display())))
+            let (path, shown) = (fd_path(dir.as_fd(), map), root.path().join(name).join(map));
+            let data = MapData::from_pin(&path).map_err(sys(format!("opening {}", shown.display())))?;
+            Map::from_map_data(data).map_err(sys(format!("opening {}", shown.display())))
         })
     }
 
@@ -138,66 +151,28 @@ impl Instance {
             conns: typed!(names::CONNS),
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
+            endings: Some(typed!(names::ENDINGS)),
         })
     }
 
-    /// Pins `maps` into a new directory for instance `name` (root-only).
-    /// On failure, whatever was pinned is removed again.
-    pub(crate) fn pin_new<'a>(name: &str, maps: impl IntoIterator<Item = (&'a str, &'a Map)>) -> Result<(), EbpfError> {
-        let root = Path::new(PIN_ROOT);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root)
-            .map_err(|e| EbpfError::system(format!("creating {PIN_ROOT}"), e))?;
-        let dir = Self::dir_of(name);
-        match fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(EbpfError::InstanceExists(name.to_owned()));
-            }
-            Err(e) => return Err(EbpfError::system(format!("creating {}", dir.display()), e)),
-        }
-        let pinned = maps.into_iter().try_for_each(|(map_name, map)| {
-            let path = dir.join(map_name);
-            map.pin(&path).map_err(|e| EbpfError::system(format!("pinning {}", path.display()), e))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                .map_err(|e| EbpfError::system(format!("restricting {}", path.display()), e))
-        });
-        if pinned.is_err() {
-            let _ = Self::unpin(name);
-        }
-        pinned
+    /// Pins `maps` into the staging directory of a new instance.
+    pub(crate) fn pin_new<'a>(
+        staging: &Staging<'_>,
+        maps: impl IntoIterator<Item = (&'a str, &'a Map)>,
+    ) -> Result<(), EbpfError> {
+        maps.into_iter().try_for_each(|(map_name, map)| {
+            let path = staging.pin_path(map_name);
+            map.pin(&path).map_err(|e| EbpfError::system(format!("pinning map {map_name}"), e))?;
+            staging.restrict(map_name).map_err(|e| EbpfError::system(format!("restricting map {map_name}"), e))
+        })
     }
 
-    /// Removes instance `name`'s pins. Its programs stay attached only as
-    /// long as some process still holds them.
-    pub(crate) fn unpin(name: &str) -> Result<(), EbpfError> {
-        let dir = Self::dir_of(name);
-        let entries = fs::read_dir(&dir).map_err(|e| EbpfError::system(format!("reading {}", dir.display()), e))?;
-        for entry in entries.flatten() {
-            let _ = fs::remove_file(entry.path());
-        }
-        fs::remove_dir(&dir).map_err(|e| EbpfError::system(format!("removing {}", dir.display()), e))
-    }
-
-    /// Detaches a persisted instance from another process: removes its link
-    /// pins (detaching its programs) and its map pins.
+    /// Detaches instance `name` from another process, whoever owns it:
+    /// removes its pins (detaching its programs) and waits until the
+    /// kernel has freed them. [`Instance::detach`] asks a running owner
+    /// to let go instead.
     pub fn remove(name: &str) -> Result<(), EbpfError> {
-        Self::validate_name(name)?;
-        host::require_root()?;
-        let dir = Self::dir_of(name);
-        if !dir.exists() {
-            return Err(EbpfError::NoSuchInstance(name.to_owned()));
-        }
-        let programs: Vec<u32> = LINK_PINS
-            .iter()
-            .filter_map(|pin| PinnedLink::from_pin(dir.join(pin)).ok())
-            .filter_map(|link| FdLink::from(link).info().ok().map(|info| info.program_id()))
-            .collect();
-        Self::unpin(name)?;
-        super::attachments::wait_until_freed(&programs);
-        Ok(())
+        Self::detach(name, true).map(drop)
     }
 
     /// The instance's name.
@@ -205,7 +180,7 @@ impl Instance {
         &self.name
     }
 
-    fn kernel_config(&self) -> Result<KernelConfig, EbpfError> {
+    pub(crate) fn kernel_config(&self) -> Result<KernelConfig, EbpfError> {
         self.config.get(&0, 0).map_err(sys("reading the config map"))
     }
 
@@ -327,12 +302,6 @@ impl Instance {
         Ok(())
     }
 
-    /// Whether the instance's links are pinned, so it keeps enforcing with
-    /// no process holding it.
-    pub fn is_persistent(&self) -> bool {
-        LINK_PINS.iter().all(|pin| Self::dir_of(&self.name).join(pin).exists())
-    }
-
     /// Whether `port` is guarded.
     pub fn guards(&self, port: u16) -> Result<bool, EbpfError> {
         Ok(self.ports.get(&u32::from(port), 0).map_err(sys("reading the ports map"))? != 0)
@@ -412,17 +381,14 @@ impl Instance {
 
     /// Starts ending the connections the kernel asks to end (see
     /// [`EndingsWorker`](super::EndingsWorker)), in the network namespace
-    /// `netns` the instance guards. The process owning an instance runs one;
-    /// [`EbpfLimiter`](super::EbpfLimiter) does so itself.
-    pub fn start_endings_worker(&self, netns: &Path) -> Result<super::EndingsWorker, EbpfError> {
-        super::EndingsWorker::start(self.endings()?, netns, &self.name)
-    }
-
-    fn endings(&self) -> Result<RingBuf<MapData>, EbpfError> {
-        let path = Self::dir_of(&self.name).join(names::ENDINGS);
-        let data = MapData::from_pin(&path).map_err(sys(format!("opening {}", path.display())))?;
-        RingBuf::try_from(Map::from_map_data(data).map_err(sys(format!("opening {}", path.display())))?)
-            .map_err(sys(format!("opening {}", path.display())))
+    /// `netns` the instance guards. The process owning an instance runs one
+    /// (only one per handle); [`EbpfLimiter`](super::EbpfLimiter) does so
+    /// itself.
+    pub fn start_endings_worker(&mut self, netns: &Path) -> Result<super::EndingsWorker, EbpfError> {
+        let ring = self.endings.take().ok_or_else(|| {
+            EbpfError::system("starting the endings worker", "this handle's worker was started already")
+        })?;
+        super::EndingsWorker::start(ring, netns, &self.name)
     }
 
     /// Connections the kernel is tracking to their close.
@@ -447,4 +413,13 @@ impl Instance {
             endings_lost: total(Stat::EndingsLost)?,
         })
     }
+}
+
+/// IDs of the programs whose links are pinned in instance directory `dir`.
+pub(crate) fn linked_programs(dir: &OwnedFd) -> Vec<u32> {
+    LINK_PINS
+        .iter()
+        .filter_map(|pin| PinnedLink::from_pin(fd_path(dir.as_fd(), pin)).ok())
+        .filter_map(|link| FdLink::from(link).info().ok().map(|info| info.program_id()))
+        .collect()
 }

@@ -11,9 +11,11 @@
 //!   to a guarded port with an immediate RST when its client is at the
 //!   limit. The server process never sees it.
 //!
-//! The maps are pinned under `/sys/fs/bpf/connlimit/<name>/` so another
-//! process (the `connlimit` CLI) can read counts and change the config live,
-//! through [`Instance`].
+//! The maps and the programs' links are pinned under
+//! `/sys/fs/bpf/connlimit/<name>/` (see [`mod@pin_root`]) so another process
+//! (the `connlimit` CLI) can read counts and change the config live,
+//! through [`Instance`], and so the kernel keeps enforcing if the process
+//! that attached the instance crashes (see [`owner`]).
 //!
 //! ```no_run
 //! use connlimit::{Config, ebpf::{AttachOptions, EbpfLimiter}};
@@ -33,11 +35,14 @@ pub mod attachments;
 pub mod cgroup;
 mod endings;
 mod error;
+mod guard;
 pub mod host;
 mod instance;
 pub mod listeners;
 mod log;
 mod object;
+pub mod owner;
+pub mod pin_root;
 pub mod sock_diag;
 
 use std::{
@@ -52,15 +57,16 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, SkLookup, SockOps, links::FdLink},
 };
-use aya::maps::RingBuf;
 use connlimit_common::{
-    maps::{FLAG_FULL_CLOSED, InstanceInfo, KernelConfig, names, programs},
+    maps::{FLAG_FULL_CLOSED, INFO_PERSIST, InstanceInfo, KernelConfig, LAYOUT_VERSION, names, programs},
     pending::{MAX_EPOCH_NS, MIN_EPOCH_NS},
 };
 
 pub use endings::EndingsWorker;
 pub use error::EbpfError;
-pub use instance::{ClientCount, Instance, PIN_ROOT};
+pub use instance::{ClientCount, Instance};
+pub use owner::{Detached, Owner, Ownership};
+pub use pin_root::{PIN_ROOT, PIN_ROOT_ENV, PinRoot, pin_root};
 
 use crate::{Config, PeerAddr, Stats};
 
@@ -184,9 +190,12 @@ impl AttachOptions {
         self
     }
 
-    /// Keeps enforcing after this process exits: the programs' links are
-    /// pinned too, and dropping the limiter leaves everything in place
-    /// (remove it later with [`Instance::remove`]).
+    /// Keeps enforcing after this process exits gracefully: dropping the
+    /// limiter leaves everything in place, owned by nobody (remove it later
+    /// with [`Instance::remove`]). Without it, dropping the limiter detaches
+    /// it. Either way the links are pinned, so if this process crashes the
+    /// kernel keeps enforcing, and the instance is left orphaned (see
+    /// [`owner`]).
     pub fn persist(mut self, persist: bool) -> Self {
         self.persist = persist;
         self
@@ -226,13 +235,16 @@ impl AttachOptions {
     }
 }
 
-/// A limiter enforced by the kernel. Dropping it detaches the programs and
-/// removes the pins, unless it was attached with [`AttachOptions::persist`].
+/// A limiter enforced by the kernel, owned by this process. Dropping it
+/// detaches the programs and removes the pins, unless it was attached with
+/// [`AttachOptions::persist`].
 pub struct EbpfLimiter {
     instance: Mutex<Instance>,
     name: String,
-    /// Leave the pins when dropped (persisted, or already removed).
+    /// Leave the pins when let go of ([`AttachOptions::persist`]).
     keep_pins: bool,
+    /// Already let go of (by [`EbpfLimiter::detach`]).
+    released: bool,
     program_ids: Vec<u32>,
     _endings: EndingsWorker,
     _log: Option<log::KernelLog>,
@@ -241,20 +253,18 @@ pub struct EbpfLimiter {
     _ebpf: Ebpf,
 }
 
-/// Removes an instance's pins if attaching fails half-way.
-struct PinGuard(Option<String>);
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Some(name) = &self.0 {
-            let _ = Instance::unpin(name);
-        }
+/// The reservation epoch as the kernel config holds it, once checked.
+pub(crate) fn validated_epoch_ns(epoch: Duration) -> Result<u64, EbpfError> {
+    if !(MIN_RESERVATION_EPOCH..=MAX_RESERVATION_EPOCH).contains(&epoch) {
+        return Err(EbpfError::BadEpoch(epoch));
     }
+    Ok(epoch.as_nanos() as u64)
 }
 
 impl EbpfLimiter {
-    /// Loads the programs, writes the config, attaches, and pins the maps.
-    /// On error nothing is left attached or pinned.
+    /// Loads the programs, writes the config, attaches, and pins the maps
+    /// and links; the instance appears in the pin root all at once. On
+    /// error nothing is left attached or pinned.
     pub fn attach(options: AttachOptions) -> Result<Self, EbpfError> {
         let AttachOptions {
             name,
@@ -270,28 +280,22 @@ impl EbpfLimiter {
         } = options;
         Instance::validate_name(&name)?;
         config.validate()?;
-        if !(MIN_RESERVATION_EPOCH..=MAX_RESERVATION_EPOCH).contains(&reservation_epoch) {
-            return Err(EbpfError::BadEpoch(reservation_epoch));
-        }
-        ports.sort_unstable();
-        ports.dedup();
-        if ports.is_empty() {
-            return Err(EbpfError::NoPorts);
-        }
-        if ports.contains(&0) {
-            return Err(EbpfError::PortZero);
-        }
+        let epoch_ns = validated_epoch_ns(reservation_epoch)?;
+        ports = guard::normalize_ports(&ports)?;
         host::require_root()?;
-        host::require_bpffs()?;
         host::require_cgroup2_dir(&cgroup)?;
         let netns_id = host::NetnsId::of(&netns)?;
         let netns_file = File::open(&netns).map_err(|e| EbpfError::Netns(netns.clone(), e))?;
         let cgroup_file =
             File::open(&cgroup).map_err(|e| EbpfError::system(format!("opening {}", cgroup.display()), e))?;
-        if Instance::dir_of(&name).exists() {
+        let owner = owner::Owner::current()?;
+        // Held until the instance is in place: attaches, adoptions and
+        // changes happen one at a time.
+        let root = PinRoot::write()?;
+        if root.is_instance(&name) {
             return Err(EbpfError::InstanceExists(name));
         }
-        refuse_taken_ports(&ports, netns_id)?;
+        guard::refuse_taken_ports(&root, &ports, netns_id, None)?;
 
         let mut loader = EbpfLoader::new();
         if let Some(max) = max_clients {
@@ -304,15 +308,14 @@ impl EbpfLimiter {
         let mut ebpf = loader.load(OBJECT).map_err(|e| EbpfError::system("loading the eBPF object", e))?;
         let log = log::KernelLog::start(&mut ebpf);
 
-        Instance::pin_new(&name, ebpf.maps().filter(|(n, _)| names::ALL.contains(n)))?;
-        let mut guard = PinGuard(Some(name.clone()));
-        let mut take = |map: &str| {
+        // Removed on error, and never listed: built aside, renamed into place.
+        let staging = root.stage(&name)?;
+        Instance::pin_new(&staging, ebpf.maps().filter(|(n, _)| names::ALL.contains(n)))?;
+        let mut instance = Instance::from_maps(&name, |map| {
             ebpf.take_map(map).ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no map {map}")))
-        };
-        let endings = RingBuf::try_from(take(names::ENDINGS)?).map_err(|e| EbpfError::system("map ENDINGS", e))?;
-        let mut instance = Instance::from_maps(&name, take)?;
+        })?;
         let base = KernelConfig {
-            epoch_ns: reservation_epoch.as_nanos() as u64,
+            epoch_ns,
             netns_cookie: host::netns_cookie(&netns),
             flags: when_full.flag(),
             ..KernelConfig::default()
@@ -326,17 +329,20 @@ impl EbpfLimiter {
             netns_ino: netns_id.ino,
             cgroup_ino: host::inode(&cgroup)?,
             started_unix_secs: started.as_secs(),
-            pid: std::process::id(),
+            pid: owner.pid,
             _pad: 0,
+            owner_start_ticks: owner.start_ticks,
+            layout_version: LAYOUT_VERSION,
+            flags: if persist { INFO_PERSIST } else { 0 },
             object_hash: OBJECT_HASH,
         })?;
 
-        let endings = EndingsWorker::start(endings, &netns, &name)?;
-        let mut links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
-        if persist {
-            links = pin_links(&name, links)?;
-        }
-        guard.0 = None;
+        let endings = instance.start_endings_worker(&netns)?;
+        let links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
+        // Pinned links keep the kernel enforcing if this process crashes.
+        let links = pin_links(&staging, links)?;
+        staging.commit()?;
+        drop(root);
         tracing::info!(
             instance = %name, ?ports, cgroup = %cgroup.display(), netns = %netns.display(),
             limit = config.max_conns_per_client_ip, persist, "connlimit attached"
@@ -347,6 +353,7 @@ impl EbpfLimiter {
             instance: Mutex::new(instance),
             name,
             keep_pins: persist,
+            released: false,
             program_ids,
             _endings: endings,
             _log: log,
@@ -364,7 +371,7 @@ impl EbpfLimiter {
         &self.name
     }
 
-    /// Whether enforcement outlives this limiter ([`AttachOptions::persist`]).
+    /// Whether enforcement outlives a graceful exit ([`AttachOptions::persist`]).
     pub fn is_persistent(&self) -> bool {
         self.instance().is_persistent()
     }
@@ -372,6 +379,7 @@ impl EbpfLimiter {
     /// Replaces the configuration; the next SYN sees it. Lowering the limit
     /// closes nothing, it only refuses new connections.
     pub fn set_config(&self, config: Config) -> Result<(), EbpfError> {
+        let _lock = PinRoot::write()?;
         self.instance().set_config(&config)
     }
 
@@ -406,12 +414,15 @@ impl EbpfLimiter {
     /// programs, reporting errors that dropping would only log. A persisted
     /// instance stays attached: this process just lets go of it.
     pub fn detach(mut self) -> Result<(), EbpfError> {
-        let result = if self.keep_pins { Ok(()) } else { Instance::unpin(&self.name) };
-        let wait_for = if self.keep_pins { Vec::new() } else { std::mem::take(&mut self.program_ids) };
-        self.keep_pins = true;
+        let result = owner::disown(&self.name, !self.keep_pins);
+        let mut wait_for = std::mem::take(&mut self.program_ids);
+        if !matches!(result, Ok(Some(_))) {
+            wait_for.clear();
+        }
+        self.released = true;
         drop(self);
         attachments::wait_until_freed(&wait_for);
-        result
+        result.map(drop)
     }
 }
 
@@ -423,42 +434,23 @@ impl std::fmt::Debug for EbpfLimiter {
 
 impl Drop for EbpfLimiter {
     fn drop(&mut self) {
-        if !self.keep_pins
-            && let Err(e) = Instance::unpin(&self.name)
-        {
-            tracing::warn!(instance = %self.name, error = %e, "could not remove the pins");
+        if self.released {
+            return;
+        }
+        // Detach, or leave a persisted instance owned by nobody, so that
+        // nobody takes this (still running) process for its owner.
+        if let Err(e) = owner::disown(&self.name, !self.keep_pins) {
+            tracing::warn!(instance = %self.name, error = %e, "could not let go of the instance");
         }
     }
-}
-
-/// Fails if another instance in the same network namespace guards a port.
-fn refuse_taken_ports(ports: &[u16], netns: host::NetnsId) -> Result<(), EbpfError> {
-    for other in Instance::list()? {
-        let instance = match Instance::open(&other) {
-            Ok(instance) => instance,
-            Err(e) => {
-                tracing::warn!(instance = %other, error = %e, "skipping an unreadable instance");
-                continue;
-            }
-        };
-        let info = instance.info()?;
-        if (info.netns_dev, info.netns_ino) != (netns.dev, netns.ino) {
-            continue;
-        }
-        for &port in ports {
-            if instance.guards(port)? {
-                return Err(EbpfError::PortTaken { port, instance: other });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Pins the links so the programs stay attached after this process exits.
-fn pin_links(name: &str, [lookup, sock_ops]: [FdLink; 2]) -> Result<[FdLink; 2], EbpfError> {
+fn pin_links(staging: &pin_root::Staging<'_>, [lookup, sock_ops]: [FdLink; 2]) -> Result<[FdLink; 2], EbpfError> {
     let pin = |link: FdLink, file: &str| {
-        let path = Instance::dir_of(name).join(file);
-        link.pin(&path).map(FdLink::from).map_err(|e| EbpfError::system(format!("pinning {}", path.display()), e))
+        link.pin(staging.pin_path(file))
+            .map(FdLink::from)
+            .map_err(|e| EbpfError::system(format!("pinning link {file}"), e))
     };
     Ok([pin(lookup, instance::LINK_PINS[0])?, pin(sock_ops, instance::LINK_PINS[1])?])
 }

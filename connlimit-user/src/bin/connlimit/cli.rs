@@ -25,9 +25,13 @@ const VERSION: &str = concat!(
         connlimit counts each client's established connections to the guarded ports (eBPF sock_ops \
         on the server's cgroup) and refuses a client's connection over the limit with an immediate \
         reset, before the server process sees it (eBPF sk_lookup). Limits change live; counts can \
-        be inspected at any time. Needs root, a cgroup v2 hierarchy and bpffs at /sys/fs/bpf.",
+        be inspected at any time. Needs root, a cgroup v2 hierarchy and bpffs at /sys/fs/bpf \
+        (pins go to /sys/fs/bpf/connlimit, or $CONNLIMIT_PIN_ROOT: a root-owned directory on bpffs \
+        that nobody else can write).\n\n\
+        The kernel keeps enforcing if connlimit crashes: `status` then says \"orphaned\", the same \
+        `run` command adopts the instance with its counts, and `detach` removes it.",
     after_help = "Examples:\n  \
-        connlimit exec --port 8080 --max-conns-per-client-ip 10 -- python3 -m http.server 8080\n  \
+        connlimit exec --port 8080 --max-conns-per-client-ip 10 --user nobody -- python3 -m http.server 8080\n  \
         connlimit run --port 443 --max-conns-per-client-ip 50 --pid $(pidof nginx | cut -d' ' -f1)\n  \
         connlimit set --max-conns-per-client-ip 20\n  \
         connlimit top --watch"
@@ -44,15 +48,21 @@ pub enum Command {
         connlimit run --port 8080 --max-conns-per-client-ip 10 --pid 1234\n  \
         connlimit run --port 80 --port 443 --max-conns-per-client-ip 50 --cgroup /sys/fs/cgroup/system.slice/nginx.service\n  \
         connlimit run --name api --port 8080 --max-conns-per-client-ip 10 --pid 1234 --persist\n\n\
-        Stops on SIGINT or SIGTERM and detaches, unless --persist was given: then enforcement stays \
-        pinned, and a later `run` with the same --name adopts it.")]
+        Stops on SIGINT, SIGTERM or SIGHUP (a closed terminal) and detaches, unless --persist was \
+        given: then enforcement stays pinned, owned by nobody. If connlimit is killed or crashes, \
+        the kernel keeps enforcing the last config and `status` says \"orphaned\"; running the \
+        same command again (same --name, cgroup and namespace) adopts the instance, counts \
+        intact, as does a later `run` after --persist.")]
     Run(RunArgs),
     /// Start a server in a fresh cgroup, under a limit, and exit with its status
     #[command(after_help = "Examples:\n  \
-        connlimit exec --port 8080 --max-conns-per-client-ip 10 -- python3 -m http.server 8080\n  \
-        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 -- redis-server\n\n\
-        The server's exit status becomes connlimit's (128 + signal number if it was killed). \
-        SIGINT and SIGTERM are passed on to it.")]
+        connlimit exec --port 8080 --max-conns-per-client-ip 10 --user nobody -- python3 -m http.server 8080\n  \
+        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n\n\
+        The server's exit status becomes connlimit's (128 + signal number if it was killed). The \
+        server runs in its own process group: SIGINT (Ctrl-C), SIGTERM and SIGHUP reach connlimit, \
+        which passes each on to the server once, and detaches when the server exits. If connlimit \
+        is killed, the server keeps running under the limit (the instance is left orphaned; \
+        `connlimit detach` removes it).")]
     Exec(ExecArgs),
     /// Change the live configuration of a running instance
     #[command(after_help = "Examples:\n  \
@@ -76,8 +86,9 @@ pub enum Command {
     Status(JsonArg),
     /// Stop enforcing: detach an instance and remove its pins
     #[command(after_help = "Examples:\n  connlimit detach\n  connlimit detach api\n\n\
-        A `run` or `exec` holding the instance is asked to stop (SIGTERM); a persisted instance \
-        is detached directly.")]
+        A running `run` or `exec` owning the instance is asked to stop (SIGTERM; only if its PID \
+        still names the process that started it, so a reused PID is never signalled). An \
+        orphaned or persisted instance is removed directly, as is any instance with --force.")]
     Detach(DetachArgs),
 }
 
@@ -127,6 +138,50 @@ pub struct LimitArgs {
     pub when_full: WhenFull,
 }
 
+/// The most `top --limit` shows.
+pub const MAX_TOP_ROWS: usize = 1_000_000;
+/// Bounds of `top --interval`, in seconds.
+pub const TOP_INTERVAL: std::ops::RangeInclusive<f64> = 0.1..=86_400.0;
+/// The highest PID Linux hands out (`PID_MAX_LIMIT` on 64-bit).
+pub const MAX_PID: u32 = 1 << 22;
+
+/// Seconds between `top` refreshes: a finite number in [`TOP_INTERVAL`].
+pub fn interval(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(secs) if TOP_INTERVAL.contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "{s:?} is not a refresh interval; give seconds from {} to {}",
+            TOP_INTERVAL.start(),
+            TOP_INTERVAL.end()
+        )),
+    }
+}
+
+fn top_rows(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=MAX_TOP_ROWS).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of rows; give 1 to {MAX_TOP_ROWS}")),
+    }
+}
+
+fn pid(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(p) if (1..=MAX_PID).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a process id; give 1 to {MAX_PID}")),
+    }
+}
+
+/// `USER[:GROUP]`, checked for shape here and resolved at run time.
+fn user_spec(s: &str) -> Result<String, String> {
+    let (user, group) = s.split_once(':').map_or((s, None), |(u, g)| (u, Some(g)));
+    let ok = |n: &str| !n.is_empty() && n.len() <= 256 && !n.contains('\0');
+    if ok(user) && group.is_none_or(ok) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not USER or USER:GROUP (names or numeric ids)"))
+    }
+}
+
 fn port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(0) | Err(_) => Err(format!("{s:?} is not a TCP port; give 1 to 65535")),
@@ -142,9 +197,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", required_unless_present = "pid", conflicts_with = "pid")]
     pub cgroup: Option<PathBuf>,
     /// Count the connections of this process's cgroup (and refuse in its network namespace)
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", value_parser = pid)]
     pub pid: Option<u32>,
-    /// Keep enforcing after connlimit exits (detach later with `connlimit detach`)
+    /// Keep enforcing after connlimit exits, even gracefully (detach later with `connlimit detach`)
     #[arg(long)]
     pub persist: bool,
 }
@@ -153,6 +208,9 @@ pub struct RunArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Run the server as this user (and its groups, or GROUP), not as root
+    #[arg(long, short = 'u', value_name = "USER[:GROUP]", value_parser = user_spec)]
+    pub user: Option<String>,
     /// The server command and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -201,7 +259,7 @@ pub struct TopArgs {
     #[command(flatten)]
     pub name: NameArg,
     /// Show at most N clients
-    #[arg(long, short = 'n', value_name = "N", default_value_t = 20)]
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 20, value_parser = top_rows)]
     pub limit: usize,
     /// Also show clients with nothing open but refusals on record
     #[arg(long, short = 'a')]
@@ -209,8 +267,8 @@ pub struct TopArgs {
     /// Refresh like top until interrupted
     #[arg(long, short = 'w', conflicts_with = "json")]
     pub watch: bool,
-    /// Seconds between refreshes with --watch
-    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    /// Seconds between refreshes with --watch (0.1 to 86400)
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = interval)]
     pub interval: f64,
     #[command(flatten)]
     pub json: JsonArg,
@@ -221,4 +279,7 @@ pub struct DetachArgs {
     /// Instance to detach
     #[arg(default_value = "default", value_name = "NAME")]
     pub name: String,
+    /// Remove the pins directly, without asking a running owner to stop, whatever connlimit version pinned them
+    #[arg(long)]
+    pub force: bool,
 }

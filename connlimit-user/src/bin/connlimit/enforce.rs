@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use connlimit::{
     Config,
     ebpf::{AttachOptions, EbpfError, EbpfLimiter, EndingsWorker, Instance, cgroup::Cgroup, host},
@@ -16,7 +16,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::{ExecArgs, LimitArgs, RunArgs};
 
 impl LimitArgs {
-    fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         Config {
             max_conns_per_client_ip: self.max_conns_per_client_ip,
             ipv4_prefix_len: self.ipv4_prefix_len,
@@ -37,10 +37,10 @@ impl LimitArgs {
     }
 }
 
-/// Enforcement this process is responsible for.
+/// Enforcement this process owns.
 enum Enforcement {
     Attached(EbpfLimiter),
-    /// A persisted instance found at start and taken over.
+    /// An orphaned or persisted instance found at start and taken over.
     Adopted {
         instance: Instance,
         persist: bool,
@@ -49,32 +49,16 @@ enum Enforcement {
 }
 
 impl Enforcement {
-    /// Attaches instance `args.name`, or adopts it if it was persisted by
-    /// an earlier `run --persist` for the same cgroup and namespace.
+    /// Attaches instance `args.name`, or adopts it, counts intact, if an
+    /// earlier `run` for the same cgroup and namespace crashed or persisted it.
     fn start(args: &LimitArgs, cgroup: &Path, netns: &Path, persist: bool) -> Result<Self> {
-        let name = &args.name.name;
-        match EbpfLimiter::attach(args.options(cgroup, netns, persist)) {
+        let options = args.options(cgroup, netns, persist);
+        match EbpfLimiter::attach(options.clone()) {
             Ok(limiter) => Ok(Self::Attached(limiter)),
             Err(EbpfError::InstanceExists(_)) => {
-                let mut instance = Instance::open(name)?;
-                if !instance.is_persistent() {
-                    bail!(EbpfError::InstanceExists(name.clone()));
-                }
-                let info = instance.info()?;
-                let netns_id = host::NetnsId::of(netns)?;
-                if info.cgroup_ino != host::inode(cgroup)?
-                    || (info.netns_dev, info.netns_ino) != (netns_id.dev, netns_id.ino)
-                {
-                    bail!(
-                        "instance {name:?} is persisted for another cgroup or network namespace; \
-                         detach it first (`connlimit detach {name}`) or pick another --name"
-                    );
-                }
-                instance.set_ports(&args.ports)?;
-                instance.set_config(&args.config())?;
-                instance.set_when_full(args.when_full)?;
+                let mut instance = Instance::adopt(&options)?;
                 let endings = instance.start_endings_worker(netns)?;
-                tracing::info!(instance = %name, ports = ?args.ports, "adopted the persisted instance");
+                tracing::info!(instance = %instance.name(), ports = ?args.ports, "adopted the instance, counts intact");
                 Ok(Self::Adopted { instance, persist, _endings: endings })
             }
             Err(e) => Err(e.into()),
@@ -105,26 +89,27 @@ impl Enforcement {
                     tracing::info!(instance = %name, "detached");
                 }
             }
-            Self::Adopted { instance, persist: true, .. } => {
-                let name = instance.name();
-                tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach {name}`");
-            }
-            Self::Adopted { instance, persist: false, .. } => {
+            Self::Adopted { instance, persist, .. } => {
                 let name = instance.name().to_owned();
-                drop(instance);
-                Instance::remove(&name)?;
-                tracing::info!(instance = %name, "detached");
+                if instance.disown(!persist)? {
+                    tracing::info!(instance = %name, "detached");
+                } else {
+                    tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach {name}`");
+                }
             }
         }
         Ok(())
     }
 }
 
-/// SIGINT and SIGTERM, caught from the moment this exists: made before
-/// attaching, so a signal can never kill us half-way and leave pins.
+/// SIGINT, SIGTERM and SIGHUP, caught from the moment this exists: made
+/// before attaching, so none of them can kill us half-way. SIGHUP (the
+/// terminal closed) is a request to stop like the others, never a crash
+/// that leaves an orphan.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -135,14 +120,16 @@ impl Signals {
         let _entered = runtime.enter();
         let term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
         let int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
-        Ok((runtime, Self { term, int }))
+        let hup = signal(SignalKind::hangup()).context("catching SIGHUP")?;
+        Ok((runtime, Self { term, int, hup }))
     }
 
-    /// Waits for SIGINT or SIGTERM; returns which.
+    /// Waits for SIGINT, SIGTERM or SIGHUP; returns which.
     async fn next(&mut self) -> i32 {
         tokio::select! {
             _ = self.term.recv() => libc::SIGTERM,
             _ = self.int.recv() => libc::SIGINT,
+            _ = self.hup.recv() => libc::SIGHUP,
         }
     }
 }
@@ -155,8 +142,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let (runtime, mut signals) = Signals::catch()?;
     let enforcement = Enforcement::start(&args.limits, &cgroup, &netns, args.persist)?;
-    tracing::info!("enforcing; stop with Ctrl-C or SIGTERM");
-    runtime.block_on(signals.next());
+    tracing::info!("enforcing; stop with Ctrl-C, SIGTERM or SIGHUP");
+    let signal = runtime.block_on(signals.next());
+    tracing::debug!(signal, "stopping");
     enforcement.finish()
 }
 
@@ -166,6 +154,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     limits.config().validate()?;
     Instance::validate_name(&limits.name.name)?;
     host::require_root()?;
+    let user = args.user.as_deref().map(crate::user::Credentials::resolve).transpose()?;
     let (runtime, mut signals) = Signals::catch()?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
     let enforcement = Enforcement::start(limits, cgroup.path(), Path::new("/proc/self/ns/net"), false)?;
@@ -174,6 +163,14 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     let mut command = std::process::Command::new(program);
     command.args(rest);
     cgroup.add_on_exec(&mut command);
+    // Its own process group: a Ctrl-C at the terminal reaches connlimit
+    // only, which passes it on once (a server may take a second SIGINT as
+    // "quit now").
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    if let Some(user) = &user {
+        // After joining the cgroup, which needs root.
+        user.drop_on_exec(&mut command);
+    }
     let status = runtime.block_on(async {
         let mut child = tokio::process::Command::from(command)
             .spawn()

@@ -5,8 +5,11 @@
 
 mod cli;
 mod enforce;
+#[cfg(test)]
+mod fuzz;
 mod manage;
 mod show;
+mod user;
 
 use std::process::ExitCode;
 
@@ -26,7 +29,7 @@ fn main() -> ExitCode {
         Command::Run(args) => enforce::run(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => enforce::exec(args),
         Command::Set(args) => manage::set(args).map(|()| ExitCode::SUCCESS),
-        Command::Detach(args) => manage::detach(&args.name).map(|()| ExitCode::SUCCESS),
+        Command::Detach(args) => manage::detach(&args.name, args.force).map(|()| ExitCode::SUCCESS),
         Command::Config(args) => show::config(&args.name.name, args.json.json).map(|()| ExitCode::SUCCESS),
         Command::Top(args) => show::top(args).map(|()| ExitCode::SUCCESS),
         Command::Status(args) => show::status(args.json).map(|()| ExitCode::SUCCESS),

@@ -1,16 +1,29 @@
 //! `set` and `detach`: changing a running instance.
 
-use std::time::{Duration, Instant};
-
 use anyhow::{Result, bail};
-use connlimit::ebpf::Instance;
+use connlimit::ebpf::{Detached, Instance, PinRoot, host};
 
 use crate::cli::SetArgs;
 
 pub fn set(args: SetArgs) -> Result<()> {
-    let mut instance = Instance::open(&args.name.name)?;
+    // Setting a field to the value it has is fine (scripts re-apply
+    // configs); giving no field at all is a mistake.
+    let given = args.max_conns_per_client_ip.is_some()
+        || args.ipv4_prefix_len.is_some()
+        || args.ipv6_prefix_len.is_some()
+        || !args.exempt.is_empty()
+        || args.no_exempt
+        || args.dry_run.is_some()
+        || args.when_full.is_some()
+        || !args.ports.is_empty();
+    Instance::validate_name(&args.name.name)?;
+    host::require_root()?;
+    // Exclusive from reading the config to writing it back: concurrent
+    // `set`s changing different fields keep each other's changes.
+    let root = PinRoot::write()?;
+    let mut instance = Instance::open_in(&root, &args.name.name)?;
     let mut config = instance.config()?;
-    let before = config.clone();
+    connlimit::ebpf::pin_root::test_delay("set");
     if let Some(max) = args.max_conns_per_client_ip {
         config.max_conns_per_client_ip = max;
     }
@@ -28,13 +41,13 @@ pub fn set(args: SetArgs) -> Result<()> {
     if let Some(dry_run) = args.dry_run {
         config.dry_run = dry_run;
     }
-    if config == before && args.ports.is_empty() && args.when_full.is_none() {
+    if !given {
         bail!(
             "nothing to change; give at least one field, e.g. --max-conns-per-client-ip 20 (see `connlimit set --help`)"
         );
     }
     if !args.ports.is_empty() {
-        instance.set_ports(&args.ports)?;
+        instance.replace_ports(&root, &args.ports)?;
     }
     instance.set_config(&config)?;
     if let Some(when_full) = args.when_full {
@@ -44,34 +57,10 @@ pub fn set(args: SetArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn detach(name: &str) -> Result<()> {
-    let instance = Instance::open(name)?;
-    let owner = instance.info()?.pid;
-    let persistent = instance.is_persistent();
-    drop(instance);
-    if persistent || !process_alive(owner) {
-        Instance::remove(name)?;
-    } else {
-        // The `run`/`exec` holding it detaches itself (and ends its server).
-        // SAFETY: plain syscall.
-        if unsafe { libc::kill(owner as i32, libc::SIGTERM) } != 0 {
-            bail!(
-                "could not signal process {owner}, which holds instance {name:?}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        let start = Instant::now();
-        while Instance::dir_of(name).exists() {
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("process {owner} did not detach instance {name:?} within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+pub fn detach(name: &str, force: bool) -> Result<()> {
+    match Instance::detach(name, force)? {
+        Detached::Removed => eprintln!("{name}: detached"),
+        Detached::StoppedOwner(pid) => eprintln!("{name}: detached (process {pid}, its owner, stopped)"),
     }
-    eprintln!("{name}: detached");
     Ok(())
-}
-
-fn process_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -5,7 +5,7 @@ use std::{fmt::Write as _, io::Write as _, path::Path, time::Duration};
 use anyhow::Result;
 use connlimit::{
     Config,
-    ebpf::{ClientCount, Instance, hash_hex, host, listeners},
+    ebpf::{ClientCount, Instance, Ownership, PinRoot, hash_hex, host, listeners},
 };
 use serde_json::json;
 
@@ -159,7 +159,8 @@ pub fn top(args: TopArgs) -> Result<()> {
         print!("{}", top_once(&args, &instance, &ports)?);
         return Ok(());
     }
-    let interval = Duration::from_secs_f64(args.interval.max(0.1));
+    // The parser bounds it; stay panic-free whatever a caller passes.
+    let interval = Duration::try_from_secs_f64(args.interval.clamp(0.1, 86_400.0)).unwrap_or(Duration::from_secs(1));
     loop {
         if !Instance::dir_of(&args.name.name).exists() {
             anyhow::bail!("instance {:?} was detached", args.name.name);
@@ -180,6 +181,8 @@ struct InstanceStatus {
     max_conns_per_client_ip: u32,
     dry_run: bool,
     persistent: bool,
+    /// "running", "exited" (orphaned) or "none".
+    owner: &'static str,
     pid: u32,
     started_unix_secs: u64,
     open: u32,
@@ -199,8 +202,8 @@ struct InstanceStatus {
 }
 
 impl InstanceStatus {
-    fn read(name: &str) -> Result<Self> {
-        let instance = Instance::open(name)?;
+    fn read(root: &PinRoot, name: &str) -> Result<Self> {
+        let instance = Instance::open_in(root, name)?;
         let (config, info, stats) = (instance.config()?, instance.info()?, instance.stats()?);
         let ports = instance.ports()?;
         let here = Path::new("/proc/self/ns/net");
@@ -210,12 +213,18 @@ impl InstanceStatus {
             }
             _ => Vec::new(),
         };
+        let owner = match Ownership::of(&info) {
+            Ownership::Owned(_) => "running",
+            Ownership::Orphaned(_) => "exited",
+            Ownership::Unowned => "none",
+        };
         Ok(Self {
             name: name.to_owned(),
             ports,
             max_conns_per_client_ip: config.max_conns_per_client_ip,
             dry_run: config.dry_run,
             persistent: instance.is_persistent(),
+            owner,
             pid: info.pid,
             started_unix_secs: info.started_unix_secs,
             open: instance.clients()?.iter().map(|c| c.open).sum(),
@@ -234,8 +243,18 @@ impl InstanceStatus {
 
     fn mode(&self) -> String {
         let mut mode = if self.dry_run { "dry-run".to_owned() } else { "enforcing".to_owned() };
-        if self.persistent {
-            mode.push_str(", persistent");
+        match (self.owner, self.persistent) {
+            ("running", true) => mode.push_str(", persistent"),
+            ("running", false) => {}
+            // Its owner crashed or was killed: the kernel still enforces,
+            // and the same `run` adopts it (README: crashes and restarts).
+            ("exited", false) => {
+                let _ = write!(mode, ", orphaned (pid {} exited)", self.pid);
+            }
+            ("exited", true) => {
+                let _ = write!(mode, ", persisted (pid {} exited)", self.pid);
+            }
+            _ => mode.push_str(", persisted (no owner)"),
         }
         // Signs of trouble, each explained in the README.
         if self.steered > 0 {
@@ -258,11 +277,14 @@ impl InstanceStatus {
 }
 
 pub fn status(json: bool) -> Result<()> {
+    connlimit::ebpf::host::require_root()?;
     let mut rows = Vec::new();
-    for name in Instance::list()? {
-        match InstanceStatus::read(&name) {
-            Ok(row) => rows.push(row),
-            Err(e) => eprintln!("connlimit: warning: {name}: {e:#}"),
+    if let Some(root) = PinRoot::read()? {
+        for name in root.names()? {
+            match InstanceStatus::read(&root, &name) {
+                Ok(row) => rows.push(row),
+                Err(e) => eprintln!("connlimit: warning: {name}: {e:#}"),
+            }
         }
     }
     if json {
@@ -287,7 +309,7 @@ pub fn status(json: bool) -> Result<()> {
             r.open,
             r.accepted,
             r.refused,
-            r.pid,
+            if r.pid == 0 { "-".to_owned() } else { r.pid.to_string() },
             utc(r.started_unix_secs),
             r.object,
             r.mode()
