@@ -82,7 +82,7 @@ impl Instance {
 
     /// Names of the instances pinned on this machine, sorted.
     pub fn list() -> Result<Vec<String>, EbpfError> {
-        host::require_root()?;
+        host::require_access(Path::new(PIN_ROOT))?;
         let entries = match fs::read_dir(PIN_ROOT) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -97,8 +97,8 @@ impl Instance {
     /// Opens the pinned maps of the running instance `name`.
     pub fn open(name: &str) -> Result<Self, EbpfError> {
         Self::validate_name(name)?;
-        host::require_root()?;
         let dir = Self::dir_of(name);
+        host::require_access(&dir)?;
         if !dir.join(names::CONFIG).exists() {
             return Err(EbpfError::NoSuchInstance(name.to_owned()));
         }
@@ -175,8 +175,8 @@ impl Instance {
     /// pins (detaching its programs) and its map pins.
     pub fn remove(name: &str) -> Result<(), EbpfError> {
         Self::validate_name(name)?;
-        host::require_root()?;
         let dir = Self::dir_of(name);
+        host::require_access(&dir)?;
         if !dir.exists() {
             return Err(EbpfError::NoSuchInstance(name.to_owned()));
         }

@@ -39,7 +39,7 @@ mod log;
 use std::{
     fs::File,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime},
 };
@@ -200,8 +200,9 @@ impl EbpfLimiter {
         if ports.contains(&0) {
             return Err(EbpfError::PortZero);
         }
-        host::require_root()?;
+        host::require_capabilities(&host::ATTACH_CAPABILITIES)?;
         host::require_bpffs()?;
+        host::require_access(Path::new(PIN_ROOT))?;
         host::require_cgroup2_dir(&cgroup)?;
         let netns_id = host::NetnsId::of(&netns)?;
         let netns_file = File::open(&netns).map_err(|e| EbpfError::Netns(netns.clone(), e))?;

@@ -161,7 +161,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     // Check what can be checked before creating anything.
     limits.config().validate()?;
     Instance::validate_name(&limits.name.name)?;
-    host::require_root()?;
+    host::require_capabilities(&host::ATTACH_CAPABILITIES)?;
     let (runtime, mut signals) = Signals::catch()?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
     let enforcement = Enforcement::start(limits, cgroup.path(), Path::new("/proc/self/ns/net"), false)?;
