@@ -2,7 +2,7 @@
 
 use std::{ffi::OsString, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
 use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP};
 
 /// Limits concurrent TCP connections per client IP, in the kernel, for any server.
@@ -23,8 +23,20 @@ use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP};
         connlimit top --watch"
 )]
 pub struct Cli {
+    /// Log lines as text for people or as JSON objects for log shippers
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written (to stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event
+    Text,
+    /// One JSON object per line, fields included
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,6 +56,19 @@ pub enum Command {
         The server's exit status becomes connlimit's (128 + signal number if it was killed). \
         SIGINT and SIGTERM are passed on to it.")]
     Exec(ExecArgs),
+    /// Run every instance a service file lists, as a long-lived service
+    #[command(after_help = "Examples:\n  \
+        connlimit serve --config /etc/connlimit.toml\n  \
+        connlimit serve --config /etc/connlimit.toml --metrics-listen 127.0.0.1:9100\n\n\
+        SIGHUP rereads the file and applies it live: limits and ports change without dropping a \
+        connection, instances are added and removed. A file with errors is reported and the \
+        running configuration kept. Under systemd (Type=notify) READY=1 is sent once every \
+        instance is attached. See contrib/connlimit.toml and contrib/connlimit.service.")]
+    Serve(ServeArgs),
+    /// Check a service file without attaching anything
+    #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit.toml\n\n\
+        Prints one error per problem, with its line, and exits with status 1 if there is any.")]
+    CheckConfig(CheckConfigArgs),
     /// Change the live configuration of a running instance
     #[command(after_help = "Examples:\n  \
         connlimit set --max-conns-per-client-ip 20\n  \
@@ -121,10 +146,43 @@ fn port(s: &str) -> Result<u16, String> {
     }
 }
 
+/// What a long-running `run`, `exec` or `serve` reports besides enforcing.
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Seconds between refusal log lines (one per refused client); 0 = off
+    #[arg(long, default_value_t = crate::config_file::DEFAULT_REFUSAL_INTERVAL_SECS, value_name = "SECONDS")]
+    pub refusal_log_interval: u64,
+    /// Most refusal log lines per interval; the rest are summed up in one line
+    #[arg(long, default_value_t = crate::config_file::DEFAULT_REFUSAL_LINES, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub refusal_log_lines: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The service file (TOML) listing the instances to run
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (overrides metrics_listen in the file)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckConfigArgs {
+    /// The service file to check
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
     /// Count the connections of the processes in this cgroup v2 directory
     #[arg(long, value_name = "PATH", required_unless_present = "pid", conflicts_with = "pid")]
     pub cgroup: Option<PathBuf>,
@@ -140,6 +198,8 @@ pub struct RunArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
     /// The server command and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -190,6 +250,9 @@ pub struct TopArgs {
     /// Also show clients with nothing open but refusals on record
     #[arg(long, short = 'a')]
     pub all: bool,
+    /// Order: most open connections first, or most recently refused first
+    #[arg(long, value_enum, default_value_t = TopSort::Open, value_name = "ORDER")]
+    pub sort: TopSort,
     /// Refresh like top until interrupted
     #[arg(long, short = 'w', conflicts_with = "json")]
     pub watch: bool,
@@ -198,6 +261,16 @@ pub struct TopArgs {
     pub interval: f64,
     #[command(flatten)]
     pub json: JsonArg,
+}
+
+/// How `top` orders clients.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopSort {
+    /// Most open connections first
+    Open,
+    /// Refused most recently first: refusals are seen by comparing two
+    /// readings --interval apart (and every refresh with --watch)
+    Refused,
 }
 
 #[derive(Args, Debug)]

@@ -13,7 +13,11 @@ use connlimit::{
 };
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli::{ExecArgs, LimitArgs, RunArgs};
+use crate::{
+    cli::{ExecArgs, LimitArgs, RunArgs},
+    notify,
+    report::Reports,
+};
 
 impl LimitArgs {
     fn config(&self) -> Config {
@@ -26,18 +30,39 @@ impl LimitArgs {
         }
     }
 
-    fn options(&self, cgroup: &Path, netns: &Path, persist: bool) -> AttachOptions {
-        AttachOptions::new(&self.name.name, cgroup)
+    fn plan(&self, persist: bool) -> Plan {
+        Plan {
+            name: self.name.name.clone(),
+            ports: self.ports.clone(),
+            config: self.config(),
+            reservation_epoch: Duration::from_millis(self.reservation_epoch_ms),
+            persist,
+        }
+    }
+}
+
+/// What to enforce, from the command line or a service file.
+pub(crate) struct Plan {
+    pub name: String,
+    pub ports: Vec<u16>,
+    pub config: Config,
+    pub reservation_epoch: Duration,
+    pub persist: bool,
+}
+
+impl Plan {
+    fn options(&self, cgroup: &Path, netns: &Path) -> AttachOptions {
+        AttachOptions::new(&self.name, cgroup)
             .netns(netns)
             .ports(self.ports.iter().copied())
-            .config(self.config())
-            .reservation_epoch(Duration::from_millis(self.reservation_epoch_ms))
-            .persist(persist)
+            .config(self.config.clone())
+            .reservation_epoch(self.reservation_epoch)
+            .persist(self.persist)
     }
 }
 
 /// Enforcement this process is responsible for.
-enum Enforcement {
+pub(crate) enum Enforcement {
     Attached(EbpfLimiter),
     /// A persisted instance found at start and taken over.
     Adopted {
@@ -47,11 +72,11 @@ enum Enforcement {
 }
 
 impl Enforcement {
-    /// Attaches instance `args.name`, or adopts it if it was persisted by
+    /// Attaches instance `plan.name`, or adopts it if it was persisted by
     /// an earlier `run --persist` for the same cgroup and namespace.
-    fn start(args: &LimitArgs, cgroup: &Path, netns: &Path, persist: bool) -> Result<Self> {
-        let name = &args.name.name;
-        match EbpfLimiter::attach(args.options(cgroup, netns, persist)) {
+    pub(crate) fn start(plan: &Plan, cgroup: &Path, netns: &Path) -> Result<Self> {
+        let (name, persist) = (&plan.name, plan.persist);
+        match EbpfLimiter::attach(plan.options(cgroup, netns)) {
             Ok(limiter) => Ok(Self::Attached(limiter)),
             Err(EbpfError::InstanceExists(_)) => {
                 let mut instance = Instance::open(name)?;
@@ -68,9 +93,9 @@ impl Enforcement {
                          detach it first (`connlimit detach {name}`) or pick another --name"
                     );
                 }
-                instance.set_ports(&args.ports)?;
-                instance.set_config(&args.config())?;
-                tracing::info!(instance = %name, ports = ?args.ports, "adopted the persisted instance");
+                instance.set_ports(&plan.ports)?;
+                instance.set_config(&plan.config)?;
+                tracing::info!(instance = %name, ports = ?plan.ports, "adopted the persisted instance");
                 Ok(Self::Adopted { instance, persist })
             }
             Err(e) => Err(e.into()),
@@ -88,7 +113,7 @@ impl Enforcement {
         }
     }
 
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         tracing::info!("{}", self.stats_line());
         match self {
             Self::Attached(limiter) => {
@@ -118,14 +143,14 @@ impl Enforcement {
 
 /// SIGINT and SIGTERM, caught from the moment this exists: made before
 /// attaching, so a signal can never kill us half-way and leave pins.
-struct Signals {
+pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
     /// The event loop, and the signals caught on it.
-    fn catch() -> Result<(tokio::runtime::Runtime, Self)> {
+    pub(crate) fn catch() -> Result<(tokio::runtime::Runtime, Self)> {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the event loop")?;
         let _entered = runtime.enter();
@@ -135,7 +160,7 @@ impl Signals {
     }
 
     /// Waits for SIGINT or SIGTERM; returns which.
-    async fn next(&mut self) -> i32 {
+    pub(crate) async fn next(&mut self) -> i32 {
         tokio::select! {
             _ = self.term.recv() => libc::SIGTERM,
             _ = self.int.recv() => libc::SIGINT,
@@ -150,9 +175,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --cgroup or --pid"),
     };
     let (runtime, mut signals) = Signals::catch()?;
-    let enforcement = Enforcement::start(&args.limits, &cgroup, &netns, args.persist)?;
+    let mut reports = Reports::start(&runtime, &args.report)?;
+    let enforcement = Enforcement::start(&args.limits.plan(args.persist), &cgroup, &netns)?;
+    reports.watch(&args.limits.name.name);
     tracing::info!("enforcing; stop with Ctrl-C or SIGTERM");
+    notify::send("READY=1");
     runtime.block_on(signals.next());
+    drop(reports);
     enforcement.finish()
 }
 
@@ -163,8 +192,10 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     Instance::validate_name(&limits.name.name)?;
     host::require_capabilities(&host::ATTACH_CAPABILITIES)?;
     let (runtime, mut signals) = Signals::catch()?;
+    let mut reports = Reports::start(&runtime, &args.report)?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
-    let enforcement = Enforcement::start(limits, cgroup.path(), Path::new("/proc/self/ns/net"), false)?;
+    let enforcement = Enforcement::start(&limits.plan(false), cgroup.path(), Path::new("/proc/self/ns/net"))?;
+    reports.watch(&limits.name.name);
 
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut command = std::process::Command::new(program);
@@ -176,6 +207,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
             .with_context(|| format!("starting {}", program.to_string_lossy()))?;
         let pid = child.id().context("the server exited at once")? as i32;
         tracing::info!(pid, "server started");
+        notify::send("READY=1");
         loop {
             let forward = tokio::select! {
                 status = child.wait() => return anyhow::Ok(status?),
@@ -185,6 +217,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
             unsafe { libc::kill(pid, forward) };
         }
     });
+    drop(reports);
     let finished = enforcement.finish();
     drop(cgroup);
     let status = status?;
