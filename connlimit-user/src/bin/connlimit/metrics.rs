@@ -24,9 +24,13 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// An instance whose figures are exported, with its maps' capacities.
+/// An instance whose figures are exported and refusals logged, with its
+/// maps' capacities.
 pub struct Watched {
     pub instance: Instance,
+    /// Refusal counters as last read: the first reading is taken when
+    /// watching begins, so refusals right after attaching are news.
+    pub refusals: crate::refusals::Tracker,
     clients_capacity: u32,
     conns_capacity: u32,
 }
@@ -41,7 +45,14 @@ impl Watched {
                 .with_context(|| format!("reading {}", path.display()))?
                 .max_entries())
         };
-        Ok(Self { instance, clients_capacity: capacity(names::CLIENTS)?, conns_capacity: capacity(names::CONNS)? })
+        let mut refusals = crate::refusals::Tracker::default();
+        refusals.update(&instance.clients()?, std::time::Instant::now());
+        Ok(Self {
+            instance,
+            refusals,
+            clients_capacity: capacity(names::CLIENTS)?,
+            conns_capacity: capacity(names::CONNS)?,
+        })
     }
 }
 

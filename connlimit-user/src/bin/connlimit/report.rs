@@ -2,7 +2,6 @@
 //! Prometheus metrics and the refusal log.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::mpsc,
     thread,
@@ -116,9 +115,8 @@ impl RefusalLog {
         let thread = thread::Builder::new()
             .name("connlimit-refusals".into())
             .spawn(move || {
-                let mut trackers: HashMap<String, refusals::Tracker> = HashMap::new();
                 loop {
-                    poll(&instances, &mut trackers, interval, lines);
+                    poll(&instances, interval, lines);
                     // Sleeps for the interval; a message or a hang-up ends it.
                     if !matches!(stopped.recv_timeout(interval), Err(mpsc::RecvTimeoutError::Timeout)) {
                         return;
@@ -139,10 +137,9 @@ impl Drop for RefusalLog {
     }
 }
 
-fn poll(instances: &Instances, trackers: &mut HashMap<String, refusals::Tracker>, interval: Duration, lines: usize) {
-    let instances = metrics::lock(instances);
-    trackers.retain(|name, _| instances.contains_key(name));
-    for (name, watched) in instances.iter() {
+fn poll(instances: &Instances, interval: Duration, lines: usize) {
+    let mut instances = metrics::lock(instances);
+    for (name, watched) in instances.iter_mut() {
         let i = &watched.instance;
         let reading = i.clients().and_then(|clients| Ok((clients, i.config()?, i.ports()?)));
         let (clients, config, ports) = match reading {
@@ -152,7 +149,7 @@ fn poll(instances: &Instances, trackers: &mut HashMap<String, refusals::Tracker>
                 continue;
             }
         };
-        let refused = trackers.entry(name.clone()).or_default().update(&clients, Instant::now());
+        let refused = watched.refusals.update(&clients, Instant::now());
         refusals::log(name, &refused, &config, &ports, interval, lines);
     }
 }
