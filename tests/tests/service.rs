@@ -299,8 +299,10 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
     std::fs::write(
         &config,
         format!(
+            // honor_labels: connlimit's `instance` label (the connlimit
+            // instance) wins over the target's (host:port).
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: connlimit\n    \
-             static_configs:\n      - targets: ['{metrics}']\n"
+             honor_labels: true\n    static_configs:\n      - targets: ['{metrics}']\n"
         ),
     )
     .unwrap();
