@@ -168,13 +168,19 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     assert_eq!(Instance::open(&a).unwrap().num_open(me).unwrap(), 2);
 
     // A bad file changes nothing and says what is wrong, with the line.
-    let bad = format!("[[instance]]\nname = \"{a}\"\nports = [8090]\ncgroup = \"{cgroup_path}\"\nmax_conns_per_client_ip = \"lots\"\n");
+    let bad = format!(
+        "[[instance]]\nname = \"{a}\"\nports = [8090]\ncgroup = \"{cgroup_path}\"\nmax_conns_per_client_ip = \"lots\"\n"
+    );
     std::fs::write(&file, format!("{header}{bad}")).unwrap();
     unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
     assert!(notify.next().contains("RELOADING=1"));
     assert!(notify.next().contains("READY=1"));
     assert!(serve.log().contains("keeping the running configuration"), "{}", serve.log());
-    assert!(serve.log().contains("connlimit.toml:8: `max_conns_per_client_ip` must be a whole number"), "{}", serve.log());
+    assert!(
+        serve.log().contains("connlimit.toml:8: `max_conns_per_client_ip` must be a whole number"),
+        "{}",
+        serve.log()
+    );
     assert!(running(&b));
     assert_eq!(Instance::open(&a).unwrap().config().unwrap().max_conns_per_client_ip, 2);
 
@@ -197,7 +203,8 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
 #[test]
 fn check_config_reports_every_problem_with_its_line() {
     // The shipped example is valid.
-    let out = Command::new(connlimit_bin()).arg("check-config").arg(repo().join("contrib/connlimit.toml")).output().unwrap();
+    let out =
+        Command::new(connlimit_bin()).arg("check-config").arg(repo().join("contrib/connlimit.toml")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK, 2 instances: web, api"));
 
@@ -269,8 +276,13 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
     }
     assert!(text.contains(&format!("connlimit_map_fill_ratio{{instance=\"{name}\",map=\"clients\"}} ")), "{text}");
     assert!(!text.contains("127.1."), "no client address may be a label:\n{text}");
-    let mut promtool =
-        Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(
@@ -321,7 +333,11 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
         let Ok(v) = serde_json::from_str::<Value>(&last) else { return false };
         v["data"]["result"].as_array().and_then(|r| r.first()).is_some_and(|r| r["value"][1] == "3")
     });
-    assert!(scraped, "Prometheus never returned 3 refusals; last answer: {last}\nprometheus log:\n{}", prometheus.log());
+    assert!(
+        scraped,
+        "Prometheus never returned 3 refusals; last answer: {last}\nprometheus log:\n{}",
+        prometheus.log()
+    );
     drop(prometheus);
 
     let (status, log) = run.stop();
@@ -505,7 +521,8 @@ fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
     let c = &containers[0];
     let security = &c["securityContext"];
     assert_ne!(security["privileged"], true, "capabilities, not privileged");
-    let add: Vec<&str> = security["capabilities"]["add"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    let add: Vec<&str> =
+        security["capabilities"]["add"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
     // Root in the container owns the pins: the unit's CAP_DAC_READ_SEARCH
     // (for its unprivileged user) is not needed. Kubernetes names
     // capabilities without the CAP_ prefix.
@@ -514,7 +531,13 @@ fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
     }
     assert!(!add.contains(&"SYS_ADMIN"), "{add:?}");
     assert_eq!(security["capabilities"]["drop"][0], "ALL");
-    assert!(c["ports"].as_sequence().unwrap().iter().any(|p| p["containerPort"].as_u64().map(|n| n.to_string()) == Some(port.to_owned())));
+    assert!(
+        c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["containerPort"].as_u64().map(|n| n.to_string()) == Some(port.to_owned()))
+    );
 
     let volumes = spec["volumes"].as_sequence().unwrap();
     let host_path = |path: &str| {
@@ -522,7 +545,10 @@ fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
     };
     let mounts = c["volumeMounts"].as_sequence().unwrap();
     let mount_of = |volume: &serde_yaml::Value| {
-        mounts.iter().find(|m| m["name"] == volume["name"]).unwrap_or_else(|| panic!("{:?} not mounted", volume["name"]))
+        mounts
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .unwrap_or_else(|| panic!("{:?} not mounted", volume["name"]))
     };
     let bpffs_volume = host_path("/sys/fs/bpf");
     let bpffs = mount_of(bpffs_volume);
@@ -532,11 +558,13 @@ fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
     // Kubernetes allows only in a privileged container: a one-shot init
     // container.
     let init = spec["initContainers"].as_sequence().unwrap();
-    assert!(init.iter().any(|i| i["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .any(|m| m["name"] == bpffs_volume["name"] && m["mountPropagation"] == "Bidirectional")));
+    assert!(init.iter().any(|i| {
+        i["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == bpffs_volume["name"] && m["mountPropagation"] == "Bidirectional")
+    }));
     let cgroup = mount_of(host_path("/sys/fs/cgroup"));
     assert_eq!(cgroup["mountPath"], "/sys/fs/cgroup");
 

@@ -127,7 +127,10 @@ pub fn parse(text: &str) -> Result<ServiceFile, Vec<Problem>> {
         let s = p.string(&span, item, "metrics_listen")?;
         s.parse::<SocketAddr>()
             .map_err(|_| {
-                p.problem(&span, format!("metrics_listen {s:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:9100\""))
+                p.problem(
+                    &span,
+                    format!("metrics_listen {s:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:9100\""),
+                )
             })
             .ok()
     });
@@ -294,7 +297,12 @@ impl Parser<'_> {
                 if path.is_absolute() {
                     Some(Target::Cgroup(path))
                 } else {
-                    self.problem(&span, format!("cgroup {c:?} must be an absolute path, e.g. /sys/fs/cgroup/system.slice/nginx.service"));
+                    self.problem(
+                        &span,
+                        format!(
+                            "cgroup {c:?} must be an absolute path, e.g. /sys/fs/cgroup/system.slice/nginx.service"
+                        ),
+                    );
                     None
                 }
             }),
@@ -317,7 +325,10 @@ impl Parser<'_> {
                 &format!("use 0 (no limit) to {MAX_CONNS_PER_CLIENT_IP}"),
             ),
             None => {
-                self.problem(&header, "this [[instance]] has no `max_conns_per_client_ip`; add one (0 = count only)".into());
+                self.problem(
+                    &header,
+                    "this [[instance]] has no `max_conns_per_client_ip`; add one (0 = count only)".into(),
+                );
                 None
             }
         };
@@ -326,8 +337,9 @@ impl Parser<'_> {
         let exempt = self.exempt(table);
         let dry_run = self.bool(table, "dry_run").unwrap_or(false);
         let persist = self.bool(table, "persist").unwrap_or(false);
-        let epoch =
-            self.int(table, "reservation_epoch_ms", 10..60_001, "use 10 to 60000 ms").unwrap_or(DEFAULT_EPOCH_MS as i64);
+        let epoch = self
+            .int(table, "reservation_epoch_ms", 10..60_001, "use 10 to 60000 ms")
+            .unwrap_or(DEFAULT_EPOCH_MS as i64);
         let config = Config {
             max_conns_per_client_ip: max.unwrap_or(0) as u32,
             ipv4_prefix_len: v4,
@@ -394,7 +406,8 @@ impl Parser<'_> {
             match value.as_str().map(str::parse::<Cidr>) {
                 Some(Ok(cidr)) => exempt.push(cidr),
                 Some(Err(e)) => self.problem(&at, e.to_string()),
-                None => self.problem(&at, format!("exempt entries are strings like \"10.0.0.0/8\", not {}", value.type_name())),
+                None => self
+                    .problem(&at, format!("exempt entries are strings like \"10.0.0.0/8\", not {}", value.type_name())),
             }
         }
         exempt
@@ -415,7 +428,9 @@ impl Parser<'_> {
                     if let Some(other) = ports.insert(port, &spec.name) {
                         self.problem(
                             span,
-                            format!("port {port} is guarded by instance {other:?} too; an instance's ports must be its own"),
+                            format!(
+                                "port {port} is guarded by instance {other:?} too; an instance's ports must be its own"
+                            ),
                         );
                     }
                 }

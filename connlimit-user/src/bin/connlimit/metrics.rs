@@ -103,6 +103,8 @@ impl std::fmt::Debug for Watched {
 }
 
 type Label<'a> = [(&'static str, &'a str); 1];
+/// A metric family: name, help, and how to get its value.
+type Family<T, V> = (&'static str, &'static str, fn(&T) -> V);
 
 impl Collector for Kernel {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -112,7 +114,7 @@ impl Collector for Kernel {
                 read(name, w).map_err(|e| tracing::warn!(instance = %name, error = %e, "metrics: cannot read")).ok()
             })
             .collect();
-        let counters: [(&str, &str, fn(&Stats) -> u64); 5] = [
+        let counters: [Family<Stats, u64>; 5] = [
             ("connlimit_accepted", "Connections admitted and counted", |s| s.accepted),
             ("connlimit_refused", "Connections refused because their client was at the limit", |s| s.refused),
             ("connlimit_dry_run_refused", "Connections over the limit that dry-run mode let through", |s| {
@@ -130,7 +132,7 @@ impl Collector for Kernel {
                 ConstCounter::new(value(&r.stats)).encode(family.encode_family(&label)?)?;
             }
         }
-        let gauges: [(&str, &str, fn(&Reading) -> i64); 3] = [
+        let gauges: [Family<Reading, i64>; 3] = [
             ("connlimit_open_connections", "Established connections counted now", |r| r.open as i64),
             ("connlimit_clients", "Client keys holding at least one connection", |r| r.clients as i64),
             ("connlimit_max_conns_per_client", "The limit per client key (0 = no limit)", |r| i64::from(r.limit)),
@@ -149,7 +151,9 @@ impl Collector for Kernel {
             MetricType::Gauge,
         )?;
         for r in &readings {
-            for (map, used, capacity) in [("clients", r.keys, r.keys_capacity), ("connections", r.conns, r.conns_capacity)] {
+            for (map, used, capacity) in
+                [("clients", r.keys, r.keys_capacity), ("connections", r.conns, r.conns_capacity)]
+            {
                 let labels = [("instance", r.name.as_str()), ("map", map)];
                 let ratio = if capacity == 0 { 0.0 } else { used as f64 / f64::from(capacity) };
                 ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;

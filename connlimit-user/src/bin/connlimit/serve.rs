@@ -115,7 +115,8 @@ impl Service {
             reservation_epoch: spec.reservation_epoch,
             persist: spec.persist,
         };
-        let enforcement = Enforcement::start(&plan, &cgroup, &netns).with_context(|| format!("instance {:?}", spec.name))?;
+        let enforcement =
+            Enforcement::start(&plan, &cgroup, &netns).with_context(|| format!("instance {:?}", spec.name))?;
         self.reports.watch(&spec.name);
         self.running.insert(spec.name.clone(), Running { spec: spec.clone(), enforcement });
         Ok(())
