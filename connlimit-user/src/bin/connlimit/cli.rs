@@ -15,7 +15,8 @@ use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP};
         connlimit counts each client's established connections to the guarded ports (eBPF sock_ops \
         on the server's cgroup) and refuses a client's connection over the limit with an immediate \
         reset, before the server process sees it (eBPF sk_lookup). Limits change live; counts can \
-        be inspected at any time. Needs root, a cgroup v2 hierarchy and bpffs at /sys/fs/bpf.",
+        be inspected at any time. Needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, see \
+        contrib/connlimit.service), a cgroup v2 hierarchy and bpffs at /sys/fs/bpf.",
     after_help = "Examples:\n  \
         connlimit exec --port 8080 --max-conns-per-client-ip 10 -- python3 -m http.server 8080\n  \
         connlimit run --port 443 --max-conns-per-client-ip 50 --pid $(pidof nginx | cut -d' ' -f1)\n  \
@@ -33,9 +34,10 @@ pub struct Cli {
 /// How log lines are written (to stderr).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
-    /// One human-readable line per event
+    // One human-readable line per event. (Plain comments: doc comments
+    // would turn every command's --help into the long form.)
     Text,
-    /// One JSON object per line, fields included
+    // One JSON object per line, the event's fields at the top level.
     Json,
 }
 
@@ -250,7 +252,7 @@ pub struct TopArgs {
     /// Also show clients with nothing open but refusals on record
     #[arg(long, short = 'a')]
     pub all: bool,
-    /// Order: most open connections first, or most recently refused first
+    /// Order: most open first, or most recently refused first (compares two readings --interval apart)
     #[arg(long, value_enum, default_value_t = TopSort::Open, value_name = "ORDER")]
     pub sort: TopSort,
     /// Refresh like top until interrupted
@@ -266,10 +268,9 @@ pub struct TopArgs {
 /// How `top` orders clients.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TopSort {
-    /// Most open connections first
+    // Most open connections first.
     Open,
-    /// Refused most recently first: refusals are seen by comparing two
-    /// readings --interval apart (and every refresh with --watch)
+    // Refused most recently first (see --sort).
     Refused,
 }
 
