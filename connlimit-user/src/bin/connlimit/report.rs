@@ -141,15 +141,21 @@ fn poll(instances: &Instances, interval: Duration, lines: usize) {
     let mut instances = metrics::lock(instances);
     for (name, watched) in instances.iter_mut() {
         let i = &watched.instance;
-        let reading = i.clients().and_then(|clients| Ok((clients, i.config()?, i.ports()?)));
-        let (clients, config, ports) = match reading {
-            Ok(r) => r,
+        let refused = match i.clients() {
+            Ok(clients) => watched.refusals.update(&clients, Instant::now()),
             Err(e) => {
                 tracing::debug!(instance = %name, error = %e, "refusal log: cannot read");
                 continue;
             }
         };
-        let refused = watched.refusals.update(&clients, Instant::now());
-        refusals::log(name, &refused, &config, &ports, interval, lines);
+        if refused.is_empty() {
+            continue;
+        }
+        // Read only when there is something to say: the port table has
+        // 65,536 entries.
+        match i.config().and_then(|config| Ok((config, i.ports()?))) {
+            Ok((config, ports)) => refusals::log(name, &refused, &config, &ports, interval, lines),
+            Err(e) => tracing::debug!(instance = %name, error = %e, "refusal log: cannot read"),
+        }
     }
 }
