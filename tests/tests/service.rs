@@ -371,12 +371,15 @@ fn top_sort_refused_shows_the_most_recently_refused_first() {
     let _r = netns.hello_from(recent, server).unwrap();
 
     let mut cmd = Command::new(connlimit_bin());
-    cmd.args(["top", "--name", &name, "--sort", "refused", "--interval", "1.5", "--json"]).stdin(Stdio::null());
+    cmd.args(["top", "--name", &name, "--sort", "refused", "--interval", "2", "--json"]).stdin(Stdio::null());
     netns.enter_on_exec(&mut cmd);
     let top = Background::spawn(&mut cmd).unwrap();
-    // Refused while `top` watches: once.
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(netns.hello_from(recent, server).is_err());
+    // Refused while `top` watches (between its two readings, whenever its
+    // first one is taken).
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(netns.hello_from(recent, server).is_err());
+    }
     let (status, out) = top.wait();
     assert!(status.success(), "{out}");
     let v: Value = serde_json::from_str(&out).unwrap();
