@@ -125,7 +125,8 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
             "[[instance]]\nname = \"{name}\"\nports = [{port}]\ncgroup = \"{cgroup_path}\"\nmax_conns_per_client_ip = {limit}\n\n"
         )
     };
-    let header = "[log]\nrefusal_interval_secs = 1\n\n";
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 9101));
+    let header = format!("metrics_listen = \"{metrics}\"\n\n[log]\nrefusal_interval_secs = 1\n\n");
     std::fs::write(&file, format!("{header}{}", instance(&a, 8090, 1))).unwrap();
     let notify = NotifySocket::new(&dir.0);
 
@@ -157,6 +158,11 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     let ready = notify.next();
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     assert!(running(&b), "{}", serve.log());
+    let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    for name in [&a, &b] {
+        assert!(text.contains(&format!("connlimit_accepted_total{{instance=\"{name}\"}}")), "{text}");
+    }
+    assert!(text.contains(&format!("connlimit_max_conns_per_client{{instance=\"{a}\"}} 2\n")), "{text}");
     let second = netns.hello_from(me, port_a).unwrap();
     assert_eq!(netns.hello_from(me, port_a).unwrap_err().kind(), ErrorKind::ConnectionRefused);
     let _b1 = netns.hello_from(me, port_b).unwrap();
@@ -178,7 +184,10 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     // (The log comes through a pipe: it may trail the notification.)
     assert!(serve.wait_for("keeping the running configuration", Duration::from_secs(5)), "{}", serve.log());
     assert!(
-        serve.log().contains("connlimit.toml:8: `max_conns_per_client_ip` must be a whole number"),
+        serve.log().contains(&format!(
+            "connlimit.toml:{}: `max_conns_per_client_ip` must be a whole number",
+            header.lines().count() + 5
+        )),
         "{}",
         serve.log()
     );
@@ -192,6 +201,8 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     assert!(notify.next().contains("READY=1"));
     assert!(!running(&b), "{}", serve.log());
     let _b2 = netns.hello_from(me, port_b).unwrap();
+    let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    assert!(!text.contains(&format!("instance=\"{b}\"")), "{text}");
 
     // SIGTERM: STOPPING=1, everything detached, exit 0.
     let (status, log) = serve.stop();

@@ -51,11 +51,19 @@ pub fn effective_capabilities() -> Result<u64, EbpfError> {
         .ok_or_else(|| EbpfError::system("reading /proc/self/status", anyhow::anyhow!("no CapEff line")))
 }
 
+/// CAP_SYS_ADMIN: the kernel accepts it in place of CAP_BPF and CAP_PERFMON
+/// (`bpf_capable()`, `perfmon_capable()`), as kernels before 5.8 required.
+const CAP_SYS_ADMIN_BIT: u32 = 21;
+
 /// Fails with [`EbpfError::MissingCapabilities`], naming each missing one,
 /// unless this process holds all of `needed` in its effective set.
 pub fn require_capabilities(needed: &[Capability]) -> Result<(), EbpfError> {
     let effective = effective_capabilities()?;
-    let missing: Vec<&str> = needed.iter().filter(|c| effective & (1 << c.bit) == 0).map(|c| c.name).collect();
+    let held = |c: &Capability| {
+        effective & (1 << c.bit) != 0
+            || ([CAP_BPF.bit, CAP_PERFMON.bit].contains(&c.bit) && effective & (1 << CAP_SYS_ADMIN_BIT) != 0)
+    };
+    let missing: Vec<&str> = needed.iter().filter(|c| !held(c)).map(|c| c.name).collect();
     if missing.is_empty() { Ok(()) } else { Err(EbpfError::MissingCapabilities(missing.join(", "))) }
 }
 
@@ -185,6 +193,18 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capabilities_are_read_and_checked() {
+        let effective = effective_capabilities().unwrap();
+        // Whatever this process holds, it holds; what it lacks is named.
+        let mine: Vec<Capability> =
+            [CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON].into_iter().filter(|c| effective & (1 << c.bit) != 0).collect();
+        require_capabilities(&mine).unwrap();
+        let absent = Capability { name: "CAP_NOT_A_REAL_ONE", bit: 63 };
+        let err = require_capabilities(&[absent]).unwrap_err().to_string();
+        assert!(err.starts_with("connlimit lacks CAP_NOT_A_REAL_ONE;"), "{err}");
+    }
 
     #[test]
     fn mount_paths_unescape() {
