@@ -213,6 +213,63 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
 }
 
 #[test]
+fn persisted_instances_survive_a_crash_and_are_adopted_by_the_next_serve() {
+    if !require_root() {
+        return;
+    }
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("svc-crash")).unwrap();
+    let addrs = [SocketAddr::from(([0, 0, 0, 0], 8095)), SocketAddr::from(([0, 0, 0, 0], 8096))];
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &addrs).unwrap();
+    let (p, q) = (unique("svc-p"), unique("svc-q"));
+    let dir = TempDir::new("svc-crash");
+    let file = dir.0.join("connlimit.toml");
+    let cgroup_path = cgroup.path().display().to_string();
+    let instance = |name: &str, port: u16, persist: bool| {
+        format!(
+            "[[instance]]\nname = \"{name}\"\nports = [{port}]\ncgroup = \"{cgroup_path}\"\n\
+             max_conns_per_client_ip = 1\npersist = {persist}\n\n"
+        )
+    };
+    std::fs::write(&file, instance(&p, 8095, true)).unwrap();
+    let start = || {
+        let mut cmd = Command::new(connlimit_bin());
+        cmd.args(["serve", "--config"]).arg(&file).stdin(Stdio::null());
+        netns.enter_on_exec(&mut cmd);
+        let serve = Background::spawn(&mut cmd).unwrap();
+        assert!(serve.wait_for("enforcing;", Duration::from_secs(10)), "{}", serve.log());
+        serve
+    };
+    let server = SocketAddr::from(([127, 0, 0, 1], 8095));
+    let me = client_v4(0x71);
+
+    let serve = start();
+    let _held = netns.hello_from(me, server).unwrap();
+    // A crash: no chance to clean up.
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGKILL) };
+    let (status, _) = serve.wait();
+    assert!(!status.success());
+    // Nobody holds the instance, yet the kernel still enforces.
+    assert!(running(&p));
+    assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+
+    // The restarted service adopts it, counts intact.
+    let serve = start();
+    assert!(serve.log().contains("adopted the persisted instance"), "{}", serve.log());
+    assert_eq!(Instance::open(&p).unwrap().num_open(me).unwrap(), 1);
+    assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+
+    // Taking it out of the file detaches it for good, persisted or not.
+    std::fs::write(&file, instance(&q, 8096, false)).unwrap();
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
+    assert!(eventually(Duration::from_secs(10), || !running(&p) && running(&q)), "{}", serve.log());
+    let _free = netns.hello_from(me, server).unwrap();
+    let (status, log) = serve.stop();
+    assert!(status.success(), "{log}");
+    assert!(!running(&q), "{log}");
+}
+
+#[test]
 fn check_config_reports_every_problem_with_its_line() {
     // The shipped example is valid.
     let out =
