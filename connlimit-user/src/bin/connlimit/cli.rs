@@ -258,7 +258,7 @@ pub struct TopArgs {
     /// Refresh like top until interrupted
     #[arg(long, short = 'w', conflicts_with = "json")]
     pub watch: bool,
-    /// Seconds between refreshes with --watch
+    /// Seconds between refreshes with --watch, and between the two readings of --sort refused
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
     pub interval: f64,
     #[command(flatten)]
