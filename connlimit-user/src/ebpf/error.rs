@@ -8,9 +8,16 @@ use crate::ConfigError;
 /// to do about it; when one is returned, nothing was left attached or pinned.
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
-    /// Loading eBPF programs needs root.
-    #[error("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN); run connlimit as root, e.g. with sudo")]
-    NotRoot,
+    /// The process lacks capabilities that attaching needs.
+    #[error(
+        "connlimit lacks {0}; run it as root, or grant the capabilities (systemd: AmbientCapabilities=, see contrib/connlimit.service)"
+    )]
+    MissingCapabilities(String),
+    /// The pin directories are not accessible to this user.
+    #[error(
+        "permission denied on {0}; run connlimit as root, or as the user owning /sys/fs/bpf/connlimit with CAP_DAC_READ_SEARCH (see contrib/connlimit.service)"
+    )]
+    PinsInaccessible(PathBuf),
     /// bpffs is not mounted where pins go.
     #[error(
         "no BPF filesystem is mounted at {0}; mount it for root alone with `mount -t bpf -o mode=0700 bpf {0}` (mode 0700: nobody else may create or replace pins)"

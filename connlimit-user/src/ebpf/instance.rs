@@ -95,7 +95,7 @@ impl Instance {
 
     /// Names of the instances pinned on this machine, sorted.
     pub fn list() -> Result<Vec<String>, EbpfError> {
-        host::require_root()?;
+        host::require_access(&pin_root::pin_root())?;
         match PinRoot::read()? {
             Some(root) => root.names(),
             None => Ok(Vec::new()),
@@ -105,7 +105,7 @@ impl Instance {
     /// Opens the pinned maps of the running instance `name`.
     pub fn open(name: &str) -> Result<Self, EbpfError> {
         Self::validate_name(name)?;
-        host::require_root()?;
+        host::require_access(&pin_root::pin_root())?;
         let root = PinRoot::read()?.ok_or_else(|| EbpfError::NoSuchInstance(name.to_owned()))?;
         Self::open_in(&root, name)
     }

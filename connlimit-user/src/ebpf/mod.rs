@@ -282,7 +282,8 @@ impl EbpfLimiter {
         config.validate()?;
         let epoch_ns = validated_epoch_ns(reservation_epoch)?;
         ports = guard::normalize_ports(&ports)?;
-        host::require_root()?;
+        host::require_capabilities(&host::ATTACH_CAPABILITIES)?;
+        host::require_access(&pin_root())?;
         host::require_cgroup2_dir(&cgroup)?;
         let netns_id = host::NetnsId::of(&netns)?;
         let netns_file = File::open(&netns).map_err(|e| EbpfError::Netns(netns.clone(), e))?;

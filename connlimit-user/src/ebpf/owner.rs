@@ -143,7 +143,7 @@ impl Instance {
         Self::validate_name(name)?;
         options.config.validate()?;
         let ports = guard::normalize_ports(&options.ports)?;
-        host::require_root()?;
+        host::require_access(&super::pin_root())?;
         host::require_cgroup2_dir(&options.cgroup)?;
         let netns = host::NetnsId::of(&options.netns)?;
         let cgroup_ino = host::inode(&options.cgroup)?;
@@ -200,7 +200,7 @@ impl Instance {
     /// keeps its programs attached until it exits).
     pub fn detach(name: &str, force: bool) -> Result<Detached, EbpfError> {
         Self::validate_name(name)?;
-        host::require_root()?;
+        host::require_access(&super::pin_root())?;
         let owner = {
             let root = PinRoot::write()?;
             if !root.is_instance(name) {

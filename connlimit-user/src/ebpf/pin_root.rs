@@ -225,8 +225,12 @@ impl PinRoot {
             "check what it holds, then give it to root alone (`chown root:root {0} && chmod 0700 {0}`) or remove it",
             path.display()
         );
-        if st.st_uid != 0 {
-            return Err(refuse(&format!("is owned by uid {}, not root", st.st_uid), secure));
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        // Root's, or the dedicated user's that connlimit runs as (the
+        // systemd unit's `connlimit`): nobody else may control it.
+        if st.st_uid != 0 && st.st_uid != me {
+            return Err(refuse(&format!("is owned by uid {}, not root (or uid {me}, which runs connlimit)", st.st_uid), secure));
         }
         if st.st_mode & 0o022 != 0 {
             return Err(refuse(&format!("is writable by group or others (mode {:04o})", st.st_mode & 0o7777), secure));

@@ -2,7 +2,7 @@
 
 use std::{ffi::OsString, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
 use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP, ebpf::WhenFull};
 
 /// `connlimit --version`: the release, the commit it was built from, and the
@@ -25,9 +25,10 @@ const VERSION: &str = concat!(
         connlimit counts each client's established connections to the guarded ports (eBPF sock_ops \
         on the server's cgroup) and refuses a client's connection over the limit with an immediate \
         reset, before the server process sees it (eBPF sk_lookup). Limits change live; counts can \
-        be inspected at any time. Needs root, a cgroup v2 hierarchy and bpffs at /sys/fs/bpf \
-        (pins go to /sys/fs/bpf/connlimit, or $CONNLIMIT_PIN_ROOT: a root-owned directory on bpffs \
-        that nobody else can write).\n\n\
+        be inspected at any time. Needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, see \
+        contrib/connlimit.service), a cgroup v2 hierarchy and bpffs at /sys/fs/bpf \
+        (pins go to /sys/fs/bpf/connlimit, or $CONNLIMIT_PIN_ROOT: a directory on bpffs owned by \
+        root or by the user connlimit runs as, that nobody else can write).\n\n\
         The kernel keeps enforcing if connlimit crashes: `status` then says \"orphaned\", the same \
         `run` command adopts the instance with its counts, and `detach` removes it.",
     after_help = "Examples:\n  \
@@ -37,8 +38,21 @@ const VERSION: &str = concat!(
         connlimit top --watch"
 )]
 pub struct Cli {
+    /// Log lines as text for people or as JSON objects for log shippers
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written (to stderr).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    // One human-readable line per event. (Plain comments: doc comments
+    // would turn every command's --help into the long form.)
+    Text,
+    // One JSON object per line, the event's fields at the top level.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,6 +78,19 @@ pub enum Command {
         is killed, the server keeps running under the limit (the instance is left orphaned; \
         `connlimit detach` removes it).")]
     Exec(ExecArgs),
+    /// Run every instance a service file lists, as a long-lived service
+    #[command(after_help = "Examples:\n  \
+        connlimit serve --config /etc/connlimit.toml\n  \
+        connlimit serve --config /etc/connlimit.toml --metrics-listen 127.0.0.1:9100\n\n\
+        SIGHUP rereads the file and applies it live: limits and ports change without dropping a \
+        connection, instances are added and removed. A file with errors is reported and the \
+        running configuration kept. Under systemd (Type=notify) READY=1 is sent once every \
+        instance is attached. See contrib/connlimit.toml and contrib/connlimit.service.")]
+    Serve(ServeArgs),
+    /// Check a service file without attaching anything
+    #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit.toml\n\n\
+        Prints one error per problem, with its line, and exits with status 1 if there is any.")]
+    CheckConfig(CheckConfigArgs),
     /// Change the live configuration of a running instance
     #[command(after_help = "Examples:\n  \
         connlimit set --max-conns-per-client-ip 20\n  \
@@ -189,10 +216,43 @@ fn port(s: &str) -> Result<u16, String> {
     }
 }
 
+/// What a long-running `run`, `exec` or `serve` reports besides enforcing.
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Seconds between refusal log lines (one per refused client); 0 = off
+    #[arg(long, default_value_t = crate::config_file::DEFAULT_REFUSAL_INTERVAL_SECS, value_name = "SECONDS")]
+    pub refusal_log_interval: u64,
+    /// Most refusal log lines per interval; the rest are summed up in one line
+    #[arg(long, default_value_t = crate::config_file::DEFAULT_REFUSAL_LINES, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100_000).map(|n| n as usize))]
+    pub refusal_log_lines: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The service file (TOML) listing the instances to run
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (overrides metrics_listen in the file)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckConfigArgs {
+    /// The service file to check
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub report: ReportArgs,
     /// Count the connections of the processes in this cgroup v2 directory
     #[arg(long, value_name = "PATH", required_unless_present = "pid", conflicts_with = "pid")]
     pub cgroup: Option<PathBuf>,
@@ -211,6 +271,8 @@ pub struct ExecArgs {
     /// Run the server as this user (and its groups, or GROUP), not as root
     #[arg(long, short = 'u', value_name = "USER[:GROUP]", value_parser = user_spec)]
     pub user: Option<String>,
+    #[command(flatten)]
+    pub report: ReportArgs,
     /// The server command and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -264,14 +326,26 @@ pub struct TopArgs {
     /// Also show clients with nothing open but refusals on record
     #[arg(long, short = 'a')]
     pub all: bool,
+    /// Order: most open first, or most recently refused first (compares two readings --interval apart)
+    #[arg(long, value_enum, default_value_t = TopSort::Open, value_name = "ORDER")]
+    pub sort: TopSort,
     /// Refresh like top until interrupted
     #[arg(long, short = 'w', conflicts_with = "json")]
     pub watch: bool,
-    /// Seconds between refreshes with --watch (0.1 to 86400)
+    /// Seconds between refreshes with --watch, and between the two readings of --sort refused (0.1 to 86400)
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS", value_parser = interval)]
     pub interval: f64,
     #[command(flatten)]
     pub json: JsonArg,
+}
+
+/// How `top` orders clients.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopSort {
+    // Most open connections first.
+    Open,
+    // Refused most recently first (see --sort).
+    Refused,
 }
 
 #[derive(Args, Debug)]

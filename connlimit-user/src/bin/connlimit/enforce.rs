@@ -9,11 +9,15 @@ use std::{
 use anyhow::{Context, Result};
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfError, EbpfLimiter, EndingsWorker, Instance, cgroup::Cgroup, host},
+    ebpf::{AttachOptions, EbpfError, EbpfLimiter, EndingsWorker, Instance, WhenFull, cgroup::Cgroup, host},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli::{ExecArgs, LimitArgs, RunArgs};
+use crate::{
+    cli::{ExecArgs, LimitArgs, RunArgs},
+    notify,
+    report::Reports,
+};
 
 impl LimitArgs {
     pub(crate) fn config(&self) -> Config {
@@ -26,19 +30,42 @@ impl LimitArgs {
         }
     }
 
-    fn options(&self, cgroup: &Path, netns: &Path, persist: bool) -> AttachOptions {
-        AttachOptions::new(&self.name.name, cgroup)
+    fn plan(&self, persist: bool) -> Plan {
+        Plan {
+            name: self.name.name.clone(),
+            ports: self.ports.clone(),
+            config: self.config(),
+            reservation_epoch: Duration::from_millis(self.reservation_epoch_ms),
+            when_full: self.when_full,
+            persist,
+        }
+    }
+}
+
+/// What to enforce, from the command line or a service file.
+pub(crate) struct Plan {
+    pub name: String,
+    pub ports: Vec<u16>,
+    pub config: Config,
+    pub reservation_epoch: Duration,
+    pub when_full: WhenFull,
+    pub persist: bool,
+}
+
+impl Plan {
+    fn options(&self, cgroup: &Path, netns: &Path) -> AttachOptions {
+        AttachOptions::new(&self.name, cgroup)
             .netns(netns)
             .ports(self.ports.iter().copied())
-            .config(self.config())
-            .reservation_epoch(Duration::from_millis(self.reservation_epoch_ms))
+            .config(self.config.clone())
+            .reservation_epoch(self.reservation_epoch)
             .when_full(self.when_full)
-            .persist(persist)
+            .persist(self.persist)
     }
 }
 
 /// Enforcement this process owns.
-enum Enforcement {
+pub(crate) enum Enforcement {
     Attached(EbpfLimiter),
     /// An orphaned or persisted instance found at start and taken over.
     Adopted {
@@ -49,17 +76,17 @@ enum Enforcement {
 }
 
 impl Enforcement {
-    /// Attaches instance `args.name`, or adopts it, counts intact, if an
-    /// earlier `run` for the same cgroup and namespace crashed or persisted it.
-    fn start(args: &LimitArgs, cgroup: &Path, netns: &Path, persist: bool) -> Result<Self> {
-        let options = args.options(cgroup, netns, persist);
+    /// Attaches instance `plan.name`, or adopts it, counts intact, if an
+    /// earlier owner for the same cgroup and namespace crashed or persisted it.
+    pub(crate) fn start(plan: &Plan, cgroup: &Path, netns: &Path) -> Result<Self> {
+        let options = plan.options(cgroup, netns);
         match EbpfLimiter::attach(options.clone()) {
             Ok(limiter) => Ok(Self::Attached(limiter)),
             Err(EbpfError::InstanceExists(_)) => {
                 let mut instance = Instance::adopt(&options)?;
                 let endings = instance.start_endings_worker(netns)?;
-                tracing::info!(instance = %instance.name(), ports = ?args.ports, "adopted the instance, counts intact");
-                Ok(Self::Adopted { instance, persist, _endings: endings })
+                tracing::info!(instance = %instance.name(), ports = ?plan.ports, "adopted the instance, counts intact");
+                Ok(Self::Adopted { instance, persist: plan.persist, _endings: endings })
             }
             Err(e) => Err(e.into()),
         }
@@ -76,7 +103,7 @@ impl Enforcement {
         }
     }
 
-    fn finish(self) -> Result<()> {
+    pub(crate) fn finish(self) -> Result<()> {
         tracing::info!("{}", self.stats_line());
         match self {
             Self::Attached(limiter) => {
@@ -103,10 +130,10 @@ impl Enforcement {
 }
 
 /// SIGINT, SIGTERM and SIGHUP, caught from the moment this exists: made
-/// before attaching, so none of them can kill us half-way. SIGHUP (the
-/// terminal closed) is a request to stop like the others, never a crash
-/// that leaves an orphan.
-struct Signals {
+/// before attaching, so none of them can kill us half-way. For `run` and
+/// `exec`, SIGHUP (the terminal closed) is a request to stop like the
+/// others, never a crash that leaves an orphan; `serve` reloads on it.
+pub(crate) struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
@@ -114,7 +141,7 @@ struct Signals {
 
 impl Signals {
     /// The event loop, and the signals caught on it.
-    fn catch() -> Result<(tokio::runtime::Runtime, Self)> {
+    pub(crate) fn catch() -> Result<(tokio::runtime::Runtime, Self)> {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the event loop")?;
         let _entered = runtime.enter();
@@ -125,7 +152,7 @@ impl Signals {
     }
 
     /// Waits for SIGINT, SIGTERM or SIGHUP; returns which.
-    async fn next(&mut self) -> i32 {
+    pub(crate) async fn next(&mut self) -> i32 {
         tokio::select! {
             _ = self.term.recv() => libc::SIGTERM,
             _ = self.int.recv() => libc::SIGINT,
@@ -141,10 +168,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --cgroup or --pid"),
     };
     let (runtime, mut signals) = Signals::catch()?;
-    let enforcement = Enforcement::start(&args.limits, &cgroup, &netns, args.persist)?;
+    let mut reports = Reports::start(&runtime, &args.report)?;
+    let enforcement = Enforcement::start(&args.limits.plan(args.persist), &cgroup, &netns)?;
+    reports.watch(&args.limits.name.name);
     tracing::info!("enforcing; stop with Ctrl-C, SIGTERM or SIGHUP");
+    notify::send("READY=1");
     let signal = runtime.block_on(signals.next());
     tracing::debug!(signal, "stopping");
+    drop(reports);
     enforcement.finish()
 }
 
@@ -153,11 +184,13 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     // Check what can be checked before creating anything.
     limits.config().validate()?;
     Instance::validate_name(&limits.name.name)?;
-    host::require_root()?;
+    host::require_capabilities(&host::ATTACH_CAPABILITIES)?;
     let user = args.user.as_deref().map(crate::user::Credentials::resolve).transpose()?;
     let (runtime, mut signals) = Signals::catch()?;
+    let mut reports = Reports::start(&runtime, &args.report)?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
-    let enforcement = Enforcement::start(limits, cgroup.path(), Path::new("/proc/self/ns/net"), false)?;
+    let enforcement = Enforcement::start(&limits.plan(false), cgroup.path(), Path::new("/proc/self/ns/net"))?;
+    reports.watch(&limits.name.name);
 
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut command = std::process::Command::new(program);
@@ -177,6 +210,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
             .with_context(|| format!("starting {}", program.to_string_lossy()))?;
         let pid = child.id().context("the server exited at once")? as i32;
         tracing::info!(pid, "server started");
+        notify::send("READY=1");
         loop {
             let forward = tokio::select! {
                 status = child.wait() => return anyhow::Ok(status?),
@@ -186,6 +220,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
             unsafe { libc::kill(pid, forward) };
         }
     });
+    drop(reports);
     let finished = enforcement.finish();
     drop(cgroup);
     let status = status?;

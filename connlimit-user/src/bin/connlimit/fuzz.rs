@@ -74,7 +74,7 @@ fn check(cli: Cli) {
         Command::Detach(args) => {
             let _ = Instance::validate_name(&args.name);
         }
-        Command::Status(_) => {}
+        Command::Status(_) | Command::Serve(_) | Command::CheckConfig(_) => {}
     }
 }
 
@@ -122,12 +122,35 @@ proptest! {
         let ok = config.validate().is_ok();
         prop_assert_eq!(ok, max <= connlimit::MAX_CONNS_PER_CLIENT_IP && v4 <= 32 && v6 <= 128);
     }
+
+    /// Service files: arbitrary text, and arbitrary values under the real
+    /// keys, parse or give problems with lines, never a panic.
+    #[test]
+    fn any_service_file_parses_or_errs(
+        noise in ".{0,200}",
+        values in proptest::collection::vec((0usize..16, value()), 0..10),
+    ) {
+        let _ = crate::config_file::parse(&noise);
+        let keys = ["name", "ports", "cgroup", "pid", "max_conns_per_client_ip", "ipv4_prefix_len",
+            "ipv6_prefix_len", "exempt", "dry_run", "persist", "reservation_epoch_ms", "when_full",
+            "metrics_listen", "bogus", "port", "[[instance]]"];
+        let mut text = String::from("[[instance]]\n");
+        for (key, value) in values {
+            match keys[key] {
+                "[[instance]]" => text.push_str("[[instance]]\n"),
+                key => text.push_str(&format!("{key} = {value:?}\n{key}x = {value}\n")),
+            }
+        }
+        if let Err(problems) = crate::config_file::parse(&text) {
+            prop_assert!(problems.iter().all(|p| p.line >= 1 && p.line <= text.lines().count().max(1)));
+        }
+    }
 }
 
 #[test]
 fn every_subcommand_and_flag_is_in_the_vocabulary() {
     let vocabulary = vocabulary();
-    assert_eq!(vocabulary.len(), 7);
+    assert_eq!(vocabulary.len(), 9);
     let top = &vocabulary.iter().find(|(n, _)| n == "top").unwrap().1;
     assert!(top.contains(&"--interval".to_owned()) && top.contains(&"-n".to_owned()));
 }

@@ -4,30 +4,45 @@
 //! `exec` exits with its server's status.
 
 mod cli;
+mod config_file;
 mod enforce;
 #[cfg(test)]
 mod fuzz;
 mod manage;
+mod metrics;
+mod notify;
+mod refusals;
+mod report;
+mod serve;
 mod show;
 mod user;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use cli::{Cli, Command};
+use cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let format = cli.log_format.unwrap_or_else(|| match &cli.command {
+        Command::Serve(args) => serve::log_format(&args.config).unwrap_or(LogFormat::Text),
+        _ => LogFormat::Text,
+    });
+    let logger = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("CONNLIMIT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => logger.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        // One JSON object per line, the event's fields at the top level.
+        LogFormat::Json => logger.json().flatten_event(true).with_current_span(false).init(),
+    }
     let result = match cli.command {
         Command::Run(args) => enforce::run(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => enforce::exec(args),
+        Command::Serve(args) => serve::serve(args).map(|()| ExitCode::SUCCESS),
+        Command::CheckConfig(args) => serve::check_config(args),
         Command::Set(args) => manage::set(args).map(|()| ExitCode::SUCCESS),
         Command::Detach(args) => manage::detach(&args.name, args.force).map(|()| ExitCode::SUCCESS),
         Command::Config(args) => show::config(&args.name.name, args.json.json).map(|()| ExitCode::SUCCESS),

@@ -17,7 +17,7 @@ pub fn set(args: SetArgs) -> Result<()> {
         || args.when_full.is_some()
         || !args.ports.is_empty();
     Instance::validate_name(&args.name.name)?;
-    host::require_root()?;
+    host::require_access(&connlimit::ebpf::pin_root())?;
     // Exclusive from reading the config to writing it back: concurrent
     // `set`s changing different fields keep each other's changes.
     let root = PinRoot::write()?;

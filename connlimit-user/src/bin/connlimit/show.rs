@@ -1,6 +1,11 @@
 //! `config`, `top` and `status`: reading instances, for people and machines.
 
-use std::{fmt::Write as _, io::Write as _, path::Path, time::Duration};
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use connlimit::{
@@ -9,7 +14,10 @@ use connlimit::{
 };
 use serde_json::json;
 
-use crate::cli::TopArgs;
+use crate::{
+    cli::{TopArgs, TopSort},
+    refusals::{self, Tracker},
+};
 
 /// One line saying what a config enforces.
 pub fn describe(config: &Config) -> String {
@@ -77,23 +85,38 @@ pub fn config(name: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// A client key as people write it: the address, with its prefix when
-/// grouped, marked when exempt.
+/// A client key as people write it (see [`refusals::client_label`]).
 fn client_label(c: &ClientCount) -> String {
-    let full = if c.client.is_ipv4() { 32 } else { 128 };
-    let label = if c.prefix_len == full { c.client.to_string() } else { format!("{}/{}", c.client, c.prefix_len) };
-    if c.exempt { format!("{label} (exempt)") } else { label }
+    refusals::client_label(c.client, c.prefix_len, c.exempt)
 }
 
 /// One screen of `top` for `instance`, whose guarded `ports` are given
 /// (reading them walks a 65,536-entry table: done once per command).
-fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> {
+///
+/// With `--sort refused`, `tracker` holds the previous reading: clients
+/// whose refused counter went up since are shown first, the most recent
+/// first, then the others by refusals on record.
+fn top_once(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Tracker) -> Result<String> {
     let config = instance.config()?;
     let stats = instance.stats()?;
-    let clients: Vec<ClientCount> = instance
-        .clients()?
+    let by_refused = args.sort == TopSort::Refused;
+    let now = Instant::now();
+    let mut clients = instance.clients()?;
+    if by_refused {
+        tracker.update(&clients, now);
+        clients.sort_by(|a, b| {
+            tracker
+                .last_refused(b.client)
+                .cmp(&tracker.last_refused(a.client))
+                .then(b.refused.cmp(&a.refused))
+                .then(b.open.cmp(&a.open))
+                .then(a.client.cmp(&b.client))
+        });
+    }
+    let ago = |c: &ClientCount| tracker.last_refused(c.client).map(|t| now.duration_since(t).as_secs_f64());
+    let clients: Vec<ClientCount> = clients
         .into_iter()
-        .filter(|c| c.open > 0 || c.reserved > 0 || (args.all && c.refused > 0))
+        .filter(|c| c.open > 0 || c.reserved > 0 || ((args.all || by_refused) && c.refused > 0))
         .collect();
     let open: u32 = clients.iter().map(|c| c.open).sum();
     let shown = &clients[..clients.len().min(args.limit)];
@@ -101,13 +124,17 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> 
         let rows: Vec<_> = shown
             .iter()
             .map(|c| {
-                json!({
+                let mut row = json!({
                     "client": client_label(c),
                     "open": c.open,
                     "reserved": c.reserved,
                     "refused": c.refused,
                     "accepted": c.accepted,
-                })
+                });
+                if by_refused {
+                    row["last_refused_secs_ago"] = json!(ago(c));
+                }
+                row
             })
             .collect();
         let value = json!({
@@ -126,9 +153,10 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> 
     }
     let mut out = String::new();
     writeln!(out, "instance {} · port {ports} · {}", instance.name(), describe(&config))?;
-    writeln!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
+    write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
+    writeln!(out, "{}", if by_refused { format!(" {:>13}", "LAST REFUSED") } else { String::new() })?;
     for c in shown {
-        writeln!(
+        write!(
             out,
             "{:<40} {:>6} {:>9} {:>9} {:>9}",
             client_label(c),
@@ -137,6 +165,12 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> 
             c.refused,
             c.accepted
         )?;
+        let last = match ago(c) {
+            _ if !by_refused => String::new(),
+            Some(secs) => format!(" {:>13}", format!("{secs:.0} s ago")),
+            None => format!(" {:>13}", "-"),
+        };
+        writeln!(out, "{last}")?;
     }
     if clients.len() > shown.len() {
         writeln!(out, "… {} more (--limit)", clients.len() - shown.len())?;
@@ -155,17 +189,23 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str) -> Result<String> 
 pub fn top(args: TopArgs) -> Result<()> {
     let instance = Instance::open(&args.name.name)?;
     let ports = instance.ports()?.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-    if !args.watch {
-        print!("{}", top_once(&args, &instance, &ports)?);
-        return Ok(());
-    }
     // The parser bounds it; stay panic-free whatever a caller passes.
     let interval = Duration::try_from_secs_f64(args.interval.clamp(0.1, 86_400.0)).unwrap_or(Duration::from_secs(1));
+    let mut tracker = Tracker::default();
+    if args.sort == TopSort::Refused {
+        // Refusals are seen between two readings: take the first now.
+        tracker.update(&instance.clients()?, Instant::now());
+        std::thread::sleep(interval);
+    }
+    if !args.watch {
+        print!("{}", top_once(&args, &instance, &ports, &mut tracker)?);
+        return Ok(());
+    }
     loop {
         if !Instance::dir_of(&args.name.name).exists() {
             anyhow::bail!("instance {:?} was detached", args.name.name);
         }
-        let screen = top_once(&args, &instance, &ports)?;
+        let screen = top_once(&args, &instance, &ports, &mut tracker)?;
         // Clear the screen and home the cursor, as top does.
         print!("\x1b[2J\x1b[H{screen}");
         std::io::stdout().flush()?;
@@ -277,7 +317,7 @@ impl InstanceStatus {
 }
 
 pub fn status(json: bool) -> Result<()> {
-    connlimit::ebpf::host::require_root()?;
+    connlimit::ebpf::host::require_access(&connlimit::ebpf::pin_root())?;
     let mut rows = Vec::new();
     if let Some(root) = PinRoot::read()? {
         for name in root.names()? {

@@ -1,0 +1,657 @@
+//! connlimit as a service: the service file with live reload, the systemd
+//! notify protocol, Prometheus metrics scraped by a real Prometheus, the
+//! refusal log, least privilege, and the shipped unit and manifest. Tests
+//! that load eBPF programs need root (CI runs them as root).
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use connlimit::ebpf::{Instance, PIN_ROOT};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, eventually, require_root, unique};
+use serde_json::Value;
+
+const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The CLI binary, built by `cargo test --workspace` next to this test's
+/// own directory.
+fn connlimit_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("connlimit");
+    assert!(
+        bin.exists(),
+        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
+        bin.display()
+    );
+    bin
+}
+
+fn running(name: &str) -> bool {
+    Instance::list().unwrap().iter().any(|n| n == name)
+}
+
+/// A fresh temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Installs Debian package `package` if command `command` is missing.
+fn ensure_command(command: &str, package: &str) {
+    let found = |c: &str| ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).is_file());
+    if found(command) {
+        return;
+    }
+    eprintln!("installing {package} (for {command})");
+    for args in [&["update", "-qq"][..], &["install", "-y", "-qq", package][..]] {
+        let status =
+            Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().expect("apt-get");
+        assert!(status.success(), "apt-get {args:?} failed; install {package} yourself");
+    }
+    assert!(found(command), "{package} did not provide {command}");
+}
+
+/// `GET path` from `addr`, inside `netns`: (status line, body).
+fn http_get(netns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    netns.run(move || {
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        conn.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+    })
+}
+
+/// A datagram socket standing in for systemd's notify socket.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Self { socket, path }
+    }
+
+    /// The next message, waiting up to 20 s.
+    fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+#[test]
+fn serve_reloads_the_file_live_and_notifies_systemd() {
+    if !require_root() {
+        return;
+    }
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("svc-serve")).unwrap();
+    let addrs = [SocketAddr::from(([0, 0, 0, 0], 8090)), SocketAddr::from(([0, 0, 0, 0], 8091))];
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &addrs).unwrap();
+    let (a, b) = (unique("svc-a"), unique("svc-b"));
+    let dir = TempDir::new("svc-serve");
+    let file = dir.0.join("connlimit.toml");
+    let cgroup_path = cgroup.path().display().to_string();
+    let instance = |name: &str, port: u16, limit: u32| {
+        format!(
+            "[[instance]]\nname = \"{name}\"\nports = [{port}]\ncgroup = \"{cgroup_path}\"\nmax_conns_per_client_ip = {limit}\n\n"
+        )
+    };
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 9101));
+    let header = format!("metrics_listen = \"{metrics}\"\n\n[log]\nrefusal_interval_secs = 1\n\n");
+    std::fs::write(&file, format!("{header}{}", instance(&a, 8090, 1))).unwrap();
+    let notify = NotifySocket::new(&dir.0);
+
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(["serve", "--config"]).arg(&file).env("NOTIFY_SOCKET", &notify.path).stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let serve = Background::spawn(&mut cmd).unwrap();
+    // READY=1 comes once the instance is attached.
+    let ready = notify.next();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(running(&a), "READY before attaching: {}", serve.log());
+
+    let (port_a, port_b) = (SocketAddr::from(([127, 0, 0, 1], 8090)), SocketAddr::from(([127, 0, 0, 1], 8091)));
+    let me = client_v4(0x31);
+    let held = netns.hello_from(me, port_a).unwrap();
+    for _ in 0..2 {
+        assert_eq!(netns.hello_from(me, port_a).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    }
+    // The refusal log names the client, the count, the port and the holdings.
+    let line = "client 127.1.0.49 refused 2 times on port 8090 in the last 1 s, holds 1 of 1";
+    assert!(serve.wait_for(line, Duration::from_secs(5)), "{}", serve.log());
+
+    // Raise A's limit and add B: live, without dropping A's connection.
+    std::fs::write(&file, format!("{header}{}{}", instance(&a, 8090, 2), instance(&b, 8091, 1))).unwrap();
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
+    let reloading = notify.next();
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading:?}");
+    assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading:?}");
+    let ready = notify.next();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(running(&b), "{}", serve.log());
+    let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    for name in [&a, &b] {
+        assert!(text.contains(&format!("connlimit_accepted_total{{instance=\"{name}\"}}")), "{text}");
+    }
+    assert!(text.contains(&format!("connlimit_max_conns_per_client{{instance=\"{a}\"}} 2\n")), "{text}");
+    let second = netns.hello_from(me, port_a).unwrap();
+    assert_eq!(netns.hello_from(me, port_a).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    let _b1 = netns.hello_from(me, port_b).unwrap();
+    assert_eq!(netns.hello_from(me, port_b).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    // The connection made before the reload is still up and counted.
+    let mut held = held;
+    held.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    assert!(matches!(held.read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock), "dropped by the reload");
+    assert_eq!(Instance::open(&a).unwrap().num_open(me).unwrap(), 2);
+
+    // A bad file changes nothing and says what is wrong, with the line.
+    let bad = format!(
+        "[[instance]]\nname = \"{a}\"\nports = [8090]\ncgroup = \"{cgroup_path}\"\nmax_conns_per_client_ip = \"lots\"\n"
+    );
+    std::fs::write(&file, format!("{header}{bad}")).unwrap();
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
+    assert!(notify.next().contains("RELOADING=1"));
+    assert!(notify.next().contains("READY=1"));
+    // (The log comes through a pipe: it may trail the notification.)
+    assert!(serve.wait_for("keeping the running configuration", Duration::from_secs(5)), "{}", serve.log());
+    assert!(
+        serve.log().contains(&format!(
+            "connlimit.toml:{}: `max_conns_per_client_ip` must be a whole number",
+            header.lines().count() + 5
+        )),
+        "{}",
+        serve.log()
+    );
+    assert!(running(&b));
+    assert_eq!(Instance::open(&a).unwrap().config().unwrap().max_conns_per_client_ip, 2);
+
+    // Removing B from the file detaches it.
+    std::fs::write(&file, format!("{header}{}", instance(&a, 8090, 2))).unwrap();
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
+    assert!(notify.next().contains("RELOADING=1"));
+    assert!(notify.next().contains("READY=1"));
+    assert!(!running(&b), "{}", serve.log());
+    let _b2 = netns.hello_from(me, port_b).unwrap();
+    let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    assert!(!text.contains(&format!("instance=\"{b}\"")), "{text}");
+
+    // SIGTERM: STOPPING=1, everything detached, exit 0.
+    let (status, log) = serve.stop();
+    assert!(notify.next().contains("STOPPING=1"));
+    assert!(status.success(), "{log}");
+    assert!(!running(&a), "{log}");
+    drop((second, held));
+}
+
+#[test]
+fn persisted_instances_survive_a_crash_and_are_adopted_by_the_next_serve() {
+    if !require_root() {
+        return;
+    }
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("svc-crash")).unwrap();
+    let addrs = [SocketAddr::from(([0, 0, 0, 0], 8095)), SocketAddr::from(([0, 0, 0, 0], 8096))];
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &addrs).unwrap();
+    let (p, q) = (unique("svc-p"), unique("svc-q"));
+    let dir = TempDir::new("svc-crash");
+    let file = dir.0.join("connlimit.toml");
+    let cgroup_path = cgroup.path().display().to_string();
+    let instance = |name: &str, port: u16, persist: bool| {
+        format!(
+            "[[instance]]\nname = \"{name}\"\nports = [{port}]\ncgroup = \"{cgroup_path}\"\n\
+             max_conns_per_client_ip = 1\npersist = {persist}\n\n"
+        )
+    };
+    std::fs::write(&file, instance(&p, 8095, true)).unwrap();
+    let start = || {
+        let mut cmd = Command::new(connlimit_bin());
+        cmd.args(["serve", "--config"]).arg(&file).stdin(Stdio::null());
+        netns.enter_on_exec(&mut cmd);
+        let serve = Background::spawn(&mut cmd).unwrap();
+        assert!(serve.wait_for("enforcing;", Duration::from_secs(10)), "{}", serve.log());
+        serve
+    };
+    let server = SocketAddr::from(([127, 0, 0, 1], 8095));
+    let me = client_v4(0x71);
+
+    let serve = start();
+    let _held = netns.hello_from(me, server).unwrap();
+    // A crash: no chance to clean up.
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGKILL) };
+    let (status, _) = serve.wait();
+    assert!(!status.success());
+    // Nobody holds the instance, yet the kernel still enforces.
+    assert!(running(&p));
+    assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+
+    // The restarted service adopts it, counts intact.
+    let serve = start();
+    assert!(serve.log().contains("adopted the persisted instance"), "{}", serve.log());
+    assert_eq!(Instance::open(&p).unwrap().num_open(me).unwrap(), 1);
+    assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+
+    // Taking it out of the file detaches it for good, persisted or not.
+    std::fs::write(&file, instance(&q, 8096, false)).unwrap();
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
+    assert!(eventually(Duration::from_secs(10), || !running(&p) && running(&q)), "{}", serve.log());
+    let _free = netns.hello_from(me, server).unwrap();
+    let (status, log) = serve.stop();
+    assert!(status.success(), "{log}");
+    assert!(!running(&q), "{log}");
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_line() {
+    // The shipped example is valid.
+    let out =
+        Command::new(connlimit_bin()).arg("check-config").arg(repo().join("contrib/connlimit.toml")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK, 2 instances: web, api"));
+
+    let dir = TempDir::new("svc-check");
+    let file = dir.0.join("bad.toml");
+    std::fs::write(
+        &file,
+        "metrics_listen = \"nowhere\"\n[[instance]]\nname = \"x\"\nports = [80, 0]\ncgroup = \"/sys/fs/cgroup/x\"\n\
+         max_conns_per_client_ip = 10\nexempt = [\"10.0.0.0/33\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(connlimit_bin()).arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    let at = |n: usize| format!("connlimit: error: {}:{n}: ", file.display());
+    assert!(lines[0].starts_with(&at(1)) && lines[0].contains("not an address"), "{stderr}");
+    assert!(lines[1].starts_with(&at(4)) && lines[1].contains("0 is not a TCP port"), "{stderr}");
+    assert!(lines[2].starts_with(&at(7)) && lines[2].contains("invalid prefix length"), "{stderr}");
+}
+
+#[test]
+fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
+    if !require_root() {
+        return;
+    }
+    ensure_command("prometheus", "prometheus");
+    ensure_command("promtool", "prometheus");
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("svc-prom")).unwrap();
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8092))]).unwrap();
+    let name = unique("svc-prom");
+    // The test's own namespace: its loopback ports are all free.
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 9100));
+    let prometheus_addr = SocketAddr::from(([127, 0, 0, 1], 9090));
+
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(["--log-format", "json", "run", "--name", &name, "-p", "8092", "-m", "1", "--cgroup"])
+        .arg(cgroup.path())
+        .args(["--metrics-listen", &metrics.to_string(), "--refusal-log-interval", "1"])
+        .stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let run = Background::spawn(&mut cmd).unwrap();
+    assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
+
+    // One held, three refused.
+    let server = SocketAddr::from(([127, 0, 0, 1], 8092));
+    let me = client_v4(0x41);
+    let _held = netns.hello_from(me, server).unwrap();
+    for _ in 0..3 {
+        assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    }
+
+    let (status, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    assert!(status.contains("200"), "{status}");
+    let label = format!("{{instance=\"{name}\"}}");
+    for (metric, value) in [
+        ("connlimit_refused_total", "3"),
+        ("connlimit_accepted_total", "1"),
+        ("connlimit_dry_run_refused_total", "0"),
+        ("connlimit_untracked_total", "0"),
+        ("connlimit_open_connections", "1"),
+        ("connlimit_clients", "1"),
+        ("connlimit_max_conns_per_client", "1"),
+    ] {
+        let sample = format!("{metric}{label} {value}\n");
+        assert!(text.contains(&sample), "no {sample:?} in:\n{text}");
+    }
+    assert!(text.contains(&format!("connlimit_map_fill_ratio{{instance=\"{name}\",map=\"clients\"}} ")), "{text}");
+    assert!(!text.contains("127.1."), "no client address may be a label:\n{text}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The refusal log, as JSON for log shippers.
+    assert!(run.wait_for("refused 3 times", Duration::from_secs(5)), "{}", run.log());
+    let event: Value = run
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["client"] == "127.1.0.65")
+        .expect("a JSON refusal line");
+    assert_eq!(event["refused"], 3);
+    assert_eq!(event["open"], 1);
+    assert_eq!(event["level"], "WARN");
+    assert!(event["message"].as_str().unwrap().contains("on port 8092"), "{event}");
+
+    // A real Prometheus scrapes it every second.
+    let dir = TempDir::new("svc-prom");
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            // honor_labels: connlimit's `instance` label (the connlimit
+            // instance) wins over the target's (host:port).
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: connlimit\n    \
+             honor_labels: true\n    static_configs:\n      - targets: ['{metrics}']\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+        .arg(format!("--web.listen-address={prometheus_addr}"))
+        .stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let prometheus = Background::spawn(&mut cmd).unwrap();
+    let query = format!("/api/v1/query?query=connlimit_refused_total%7Binstance%3D%22{name}%22%7D");
+    let mut last = String::new();
+    let scraped = eventually(Duration::from_secs(60), || {
+        let Ok((_, body)) = http_get(&netns, prometheus_addr, &query) else { return false };
+        last = body;
+        let Ok(v) = serde_json::from_str::<Value>(&last) else { return false };
+        v["data"]["result"].as_array().and_then(|r| r.first()).is_some_and(|r| r["value"][1] == "3")
+    });
+    assert!(
+        scraped,
+        "Prometheus never returned 3 refusals; last answer: {last}\nprometheus log:\n{}",
+        prometheus.log()
+    );
+    drop(prometheus);
+
+    let (status, log) = run.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn top_sort_refused_shows_the_most_recently_refused_first() {
+    if !require_root() {
+        return;
+    }
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("svc-top")).unwrap();
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8093))]).unwrap();
+    let name = unique("svc-top");
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(["run", "--name", &name, "-p", "8093", "-m", "1", "--refusal-log-interval", "0", "--cgroup"])
+        .arg(cgroup.path())
+        .stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let run = Background::spawn(&mut cmd).unwrap();
+    assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
+    let server = SocketAddr::from(([127, 0, 0, 1], 8093));
+    // The old offender: refused many times, but before `top` starts.
+    let (old, recent) = (client_v4(0x51), client_v4(0x52));
+    let _o = netns.hello_from(old, server).unwrap();
+    for _ in 0..5 {
+        assert!(netns.hello_from(old, server).is_err());
+    }
+    let _r = netns.hello_from(recent, server).unwrap();
+
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(["top", "--name", &name, "--sort", "refused", "--interval", "2", "--json"]).stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let top = Background::spawn(&mut cmd).unwrap();
+    // Refused while `top` watches (between its two readings, whenever its
+    // first one is taken).
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(netns.hello_from(recent, server).is_err());
+    }
+    let (status, out) = top.wait();
+    assert!(status.success(), "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let clients = v["clients"].as_array().unwrap();
+    assert_eq!(clients[0]["client"], "127.1.0.82", "{out}");
+    assert_eq!(clients[1]["client"], "127.1.0.81", "{out}");
+    assert!(clients[0]["last_refused_secs_ago"].is_number(), "{out}");
+    assert!(clients[1]["last_refused_secs_ago"].is_null(), "{out}");
+    let (status, log) = run.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// The capabilities the shipped unit grants, as setpriv wants them.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(repo().join("contrib/connlimit.service")).unwrap();
+    let list = |key: &str| -> Vec<String> {
+        let line = unit.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key} in the unit"));
+        line.split_whitespace().map(str::to_owned).collect()
+    };
+    let ambient = list("AmbientCapabilities=");
+    assert_eq!(ambient, list("CapabilityBoundingSet="), "the unit must grant exactly what it bounds");
+    ambient
+}
+
+/// Gives the pin root to `uid` for a test, as the unit's ExecStartPre does,
+/// and back to root afterwards.
+struct PinRootOwner;
+
+impl PinRootOwner {
+    fn give(uid: u32) -> Self {
+        std::fs::create_dir_all(PIN_ROOT).unwrap();
+        std::os::unix::fs::chown(PIN_ROOT, Some(uid), Some(uid)).unwrap();
+        Self
+    }
+}
+
+impl Drop for PinRootOwner {
+    fn drop(&mut self) {
+        let _ = std::os::unix::fs::chown(PIN_ROOT, Some(0), Some(0));
+    }
+}
+
+#[test]
+fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
+    if !require_root() {
+        return;
+    }
+    let caps = unit_capabilities();
+    let setpriv_caps = |caps: &[String]| -> String {
+        let mut list = vec!["-all".to_owned()];
+        list.extend(caps.iter().map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase())));
+        list.join(",")
+    };
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("svc-caps")).unwrap();
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8094))]).unwrap();
+    // An unprivileged user of no importance (no passwd entry needed).
+    let uid = 61_000 + std::process::id() % 1000;
+    let _owner = PinRootOwner::give(uid);
+    let start = |caps: &[String], name: &str| {
+        let set = setpriv_caps(caps);
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            &format!("--inh-caps={set}"),
+            &format!("--ambient-caps={set}"),
+            &format!("--bounding-set={set}"),
+        ])
+        .arg(connlimit_bin())
+        .args(["run", "--name", name, "-p", "8094", "-m", "1", "--cgroup"])
+        .arg(cgroup.path())
+        .stdin(Stdio::null());
+        netns.enter_on_exec(&mut cmd);
+        Background::spawn(&mut cmd).unwrap()
+    };
+
+    // With exactly the unit's capabilities: attaches and enforces.
+    let name = unique("svc-caps");
+    let run = start(&caps, &name);
+    assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", run.pid())).unwrap();
+    assert!(status.contains(&format!("Uid:\t{uid}")), "not running as {uid}: {status}");
+    let server = SocketAddr::from(([127, 0, 0, 1], 8094));
+    let me = client_v4(0x61);
+    let _held = netns.hello_from(me, server).unwrap();
+    assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    let (status, log) = run.stop();
+    assert!(status.success(), "{log}");
+    assert!(!running(&name), "{log}");
+
+    // Without any one of them it fails, with an error naming what is missing.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let name = unique("svc-caps");
+        let started = Instant::now();
+        let (status, log) = start(&fewer, &name).wait();
+        assert!(!status.success(), "ran without {missing}: {log}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let hint = if missing == "CAP_DAC_READ_SEARCH" { "permission denied on /sys/fs/bpf" } else { missing };
+        assert!(log.contains(hint), "without {missing}: {log}");
+        assert_eq!(log.trim().lines().count(), 1, "one line: {log}");
+        assert!(!running(&name));
+    }
+}
+
+#[test]
+fn systemd_accepts_the_unit() {
+    ensure_command("systemd-analyze", "systemd");
+    let dir = TempDir::new("svc-unit");
+    // verify checks that ExecStart= programs exist: point them at this build.
+    let unit = std::fs::read_to_string(repo().join("contrib/connlimit.service")).unwrap();
+    let unit = unit.replace("/usr/bin/connlimit", &connlimit_bin().display().to_string());
+    for key in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure", "NoNewPrivileges=yes"] {
+        assert!(unit.lines().any(|l| l == key), "the unit lacks {key}");
+    }
+    let path = dir.0.join("connlimit.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "systemd-analyze verify: {said}");
+    // Warnings (an unknown setting, a bad value) are printed, not fatal.
+    assert!(said.trim().is_empty(), "systemd-analyze verify: {said}");
+}
+
+#[test]
+fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
+    let text = std::fs::read_to_string(repo().join("contrib/kubernetes/daemonset.yaml")).unwrap();
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k} in the manifest"));
+    let ds = kind("DaemonSet");
+    let config_map = kind("ConfigMap");
+    let pod = &ds["spec"]["template"];
+    let spec = &pod["spec"];
+    assert_eq!(spec["hostNetwork"], true);
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    let port = annotations["prometheus.io/port"].as_str().unwrap();
+
+    let containers = spec["containers"].as_sequence().unwrap();
+    let c = &containers[0];
+    let security = &c["securityContext"];
+    assert_ne!(security["privileged"], true, "capabilities, not privileged");
+    let add: Vec<&str> =
+        security["capabilities"]["add"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    // Root in the container owns the pins: the unit's CAP_DAC_READ_SEARCH
+    // (for its unprivileged user) is not needed. Kubernetes names
+    // capabilities without the CAP_ prefix.
+    for cap in unit_capabilities().iter().filter(|c| *c != "CAP_DAC_READ_SEARCH") {
+        assert!(add.contains(&cap.trim_start_matches("CAP_")), "{cap} missing from {add:?}");
+    }
+    assert!(!add.contains(&"SYS_ADMIN"), "{add:?}");
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert!(
+        c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["containerPort"].as_u64().map(|n| n.to_string()) == Some(port.to_owned()))
+    );
+
+    let volumes = spec["volumes"].as_sequence().unwrap();
+    let host_path = |path: &str| {
+        volumes.iter().find(|v| v["hostPath"]["path"] == path).unwrap_or_else(|| panic!("no hostPath volume {path}"))
+    };
+    let mounts = c["volumeMounts"].as_sequence().unwrap();
+    let mount_of = |volume: &serde_yaml::Value| {
+        mounts
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .unwrap_or_else(|| panic!("{:?} not mounted", volume["name"]))
+    };
+    let bpffs_volume = host_path("/sys/fs/bpf");
+    let bpffs = mount_of(bpffs_volume);
+    assert_eq!(bpffs["mountPath"], "/sys/fs/bpf");
+    assert_eq!(bpffs["mountPropagation"], "HostToContainer");
+    // Mounting bpffs for the node takes Bidirectional propagation, which
+    // Kubernetes allows only in a privileged container: a one-shot init
+    // container.
+    let init = spec["initContainers"].as_sequence().unwrap();
+    assert!(init.iter().any(|i| {
+        i["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == bpffs_volume["name"] && m["mountPropagation"] == "Bidirectional")
+    }));
+    let cgroup = mount_of(host_path("/sys/fs/cgroup"));
+    assert_eq!(cgroup["mountPath"], "/sys/fs/cgroup");
+
+    // The config is the ConfigMap, mounted where `serve --config` reads it.
+    let config_volume =
+        volumes.iter().find(|v| v["configMap"]["name"] == config_map["metadata"]["name"]).expect("ConfigMap volume");
+    let config_dir = mount_of(config_volume)["mountPath"].as_str().unwrap().to_owned();
+    let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    let file = args.iter().position(|a| *a == "--config").map(|i| args[i + 1]).expect("--config");
+    let key = file.strip_prefix(&format!("{config_dir}/")).expect("config file in the ConfigMap mount");
+    let toml = config_map["data"][key].as_str().expect("the config file in the ConfigMap");
+    // The shipped config is valid.
+    let dir = TempDir::new("svc-k8s");
+    std::fs::write(dir.0.join("c.toml"), toml).unwrap();
+    let out = Command::new(connlimit_bin()).arg("check-config").arg(dir.0.join("c.toml")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(toml.contains(&format!(":{port}\"")), "metrics_listen on the annotated port {port}");
+}
