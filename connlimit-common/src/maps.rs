@@ -10,6 +10,7 @@
 //! | `HANDSHAKES` | LRU hash | [`FlowKey`] | [`Handshake`] | kernel, at SYN |
 //! | `LAST_SYN` | per-CPU array, 1 entry | `u32` 0 | [`LastSyn`] | kernel, at SYN |
 //! | `CONNS` | hash | socket cookie (`u64`) | [`ClientKey`] | kernel |
+//! | `CARRIED` | hash | [`ClientKey`] | `u32`: connections of the key the kernel does not count under it | user space |
 //! | `ENDINGS` | ring buffer | | [`Ending`] | kernel → user space |
 //! | `STATS` | per-CPU array | [`Stat`] | `u64` | kernel |
 //! | `INSTANCE` | array, 1 entry | `u32` 0 | [`InstanceInfo`] | user space |
@@ -40,6 +41,10 @@ pub mod names {
     pub const LAST_SYN: &str = "LAST_SYN";
     /// Counted established connections, by socket cookie.
     pub const CONNS: &str = "CONNS";
+    /// Connections of a key that the kernel does not count under it (open
+    /// before the instance attached, or counted under a key of an earlier
+    /// grouping), kept up to date by the owning process.
+    pub const CARRIED: &str = "CARRIED";
     /// Connections the kernel asks user space to end.
     pub const ENDINGS: &str = "ENDINGS";
     /// Global counters.
@@ -47,8 +52,8 @@ pub mod names {
     /// What this instance guards, for other processes to read.
     pub const INSTANCE: &str = "INSTANCE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 11] =
-        [CONFIG, PORTS, EXEMPT, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, ENDINGS, STATS, INSTANCE];
+    pub const ALL: [&str; 12] =
+        [CONFIG, PORTS, EXEMPT, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, CARRIED, ENDINGS, STATS, INSTANCE];
 }
 
 /// Program names, as the kernel object declares them.
@@ -72,6 +77,8 @@ pub mod capacity {
     pub const HANDSHAKES: u32 = 1 << 16;
     /// Established connections counted at once.
     pub const CONNS: u32 = 1 << 18;
+    /// Client keys with carried connections.
+    pub const CARRIED: u32 = 1 << 16;
     /// Bytes of the `ENDINGS` ring buffer (a power of two, whole pages).
     pub const ENDINGS_BYTES: u32 = 1 << 16;
 }

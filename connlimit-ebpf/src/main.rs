@@ -88,6 +88,9 @@ static LAST_SYN: PerCpuArray<LastSyn> = PerCpuArray::with_max_entries(1, 0);
 // Keyed by socket cookie: unique per socket, and cheap to hash.
 #[map]
 static CONNS: HashMap<u64, ClientKey> = HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
+// Written by user space only (a single writer: no lost updates).
+#[map]
+static CARRIED: HashMap<ClientKey, u32> = HashMap::with_max_entries(capacity::CARRIED, BPF_F_NO_PREALLOC);
 #[map]
 static ENDINGS: RingBuf = RingBuf::with_byte_size(capacity::ENDINGS_BYTES, 0);
 #[map]
@@ -127,7 +130,14 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
 }
 
 /// Reserves a slot for a new connection of `client`, or refuses it.
-fn admit(lookup: &bpf_sk_lookup, config: &KernelConfig, flow: &FlowKey, client: &ClientKey, epoch: u64, now_ns: u64) -> u32 {
+fn admit(
+    lookup: &bpf_sk_lookup,
+    config: &KernelConfig,
+    flow: &FlowKey,
+    client: &ClientKey,
+    epoch: u64,
+    now_ns: u64,
+) -> u32 {
     let Some(pending) = pending_state(client) else {
         // No handshake state: admit, and judge the connection when it completes.
         return sk_action::SK_PASS;
@@ -169,7 +179,7 @@ fn admit(lookup: &bpf_sk_lookup, config: &KernelConfig, flow: &FlowKey, client: 
 /// Takes a slot for `client` if it holds fewer than `limit`; returns the
 /// epoch it was booked in.
 fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u32) -> Option<u64> {
-    let established = established_count(client);
+    let established = established_count(client).saturating_add(carried_count(client));
     // SAFETY: `pending` points into a live map entry.
     compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
         Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
@@ -305,7 +315,7 @@ fn on_established(ctx: &SockOpsContext) {
                 // SAFETY: `p` points into a live map entry.
                 Pending(unsafe { (*p).reservations }).reserved(epoch)
             });
-            limit.saturating_sub(reserved)
+            limit.saturating_sub(reserved).saturating_sub(carried_count(&client))
         }
         _ => NO_CAP,
     };
@@ -400,7 +410,10 @@ fn remove_established(client: &ClientKey) {
     };
     // Retire the word only if nothing was added since: then the removal
     // cannot lose a count.
-    if left == 0 && compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| (w == 0).then_some((established::RETIRED, ()))).is_some() {
+    if left == 0
+        && compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| (w == 0).then_some((established::RETIRED, ())))
+            .is_some()
+    {
         let _ = CLIENTS.remove(client);
     }
 }
@@ -445,6 +458,12 @@ fn established_count(client: &ClientKey) -> u32 {
     })
 }
 
+/// Connections of `client` that user space counts for it (see `CARRIED`).
+fn carried_count(client: &ClientKey) -> u32 {
+    // SAFETY: entries are plain data.
+    unsafe { CARRIED.get(client) }.copied().unwrap_or(0)
+}
+
 /// The client's handshake state, made if it is new.
 fn pending_state(client: &ClientKey) -> Option<*mut PendingState> {
     if let Some(state) = PENDING.get_ptr_mut(client) {
@@ -471,7 +490,8 @@ fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
     // SAFETY: the kernel hands the program a valid context.
     let ops: &bpf_sock_ops = unsafe { &*ctx.ops };
     // Read every field unconditionally (see `lookup_flow`).
-    let (family, remote_port, local_port) = (read_ctx(&ops.family), read_ctx(&ops.remote_port), read_ctx(&ops.local_port));
+    let (family, remote_port, local_port) =
+        (read_ctx(&ops.family), read_ctx(&ops.remote_port), read_ctx(&ops.local_port));
     let (remote4, local4) = (read_ctx(&ops.remote_ip4), read_ctx(&ops.local_ip4));
     let (remote6, local6) = (read_ctx(&ops.remote_ip6), read_ctx(&ops.local_ip6));
     // A dual-stack socket of an IPv4 client holds the mapped form already.

@@ -34,7 +34,8 @@ fn v4(ip: IpAddr) -> Ipv4Addr {
     }
 }
 
-/// Once every connection has closed, nothing is counted any more.
+/// Once every connection has closed, nothing is counted any more (carried
+/// counts follow within a reconcile, about a second).
 fn assert_all_released(s: &Setup) {
     assert!(
         eventually(WAIT, || s.limiter.tracked_connections().unwrap() == 0
@@ -60,7 +61,8 @@ fn withheld_final_acks_cannot_take_the_server_past_the_limit() {
     }
     const L: u32 = 3;
     let epoch = Duration::from_millis(50);
-    let s = Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let s =
+        Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
     let me = client_v4(21);
     // The client's own host drops its pure ACKs to the server, so each
     // handshake stays half-open on the server for as long as the client
@@ -151,7 +153,11 @@ fn epoch_in_half(upper: bool) -> Duration {
         .find(|&e| half(now, e) == upper && half(now + 20_000_000_000, e) == upper)
         .map(Duration::from_nanos)
         .unwrap_or_else(|| {
-            panic!("no epoch of 10 ms to 2 s puts the old tag in the {} half: uptime {} s", ["lower", "upper"][upper as usize], now / 1_000_000_000)
+            panic!(
+                "no epoch of 10 ms to 2 s puts the old tag in the {} half: uptime {} s",
+                ["lower", "upper"][upper as usize],
+                now / 1_000_000_000
+            )
         })
 }
 
@@ -163,8 +169,10 @@ fn abandoned_handshakes_expire_at_every_clock_value() {
     const L: u32 = 2;
     for upper in [true, false] {
         let epoch = epoch_in_half(upper);
-        let s =
-            Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+        let s = Setup::with(
+            |o| o.config(Config::new(L)).reservation_epoch(epoch),
+            &[SocketAddr::from(([0, 0, 0, 0], PORT))],
+        );
         let me = client_v4(if upper { 60 } else { 61 });
         // Handshakes that can never complete: no socket of the client's
         // host owns these ports, so it answers the SYN-ACK with a RST.
@@ -280,13 +288,95 @@ fn connections_of_the_cgroup_in_other_namespaces_are_not_counted() {
     let _held = s.hello(me).unwrap();
     // The same cgroup, the same port, another namespace.
     let elsewhere = Netns::new().unwrap();
-    let _server2 =
-        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &elsewhere, &s.cgroup, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
-            .unwrap();
+    let _server2 = Server::hold(
+        env!("CARGO_BIN_EXE_hold-server"),
+        &elsewhere,
+        &s.cgroup,
+        &[SocketAddr::from(([0, 0, 0, 0], PORT))],
+    )
+    .unwrap();
     let there: Vec<_> = (0..3).map(|_| elsewhere.hello_from(me, server()).unwrap()).collect();
     assert_eq!(s.open(me), 1);
     assert_eq!(s.limiter.stats().unwrap().ended, 0);
     assert_refused(s.hello(me));
     drop((there, _held));
     assert_all_released(&s);
+}
+
+#[test]
+fn connections_open_at_attach_are_counted() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 3;
+    let name = unique("connlimit-busy");
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&name).unwrap();
+    let busy =
+        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
+            .unwrap();
+    let me = client_v4(110);
+    // A busy server: the client holds its limit before connlimit attaches.
+    let mut held: Vec<_> = (0..L).map(|_| netns.hello_from(me, server()).unwrap()).collect();
+    let limiter = EbpfLimiter::attach(
+        AttachOptions::new(&name, cgroup.path()).netns(netns.path()).port(PORT).config(Config::new(L)),
+    )
+    .unwrap();
+    let s = Setup { limiter, server: busy, netns, cgroup };
+    assert_eq!(s.open(me), L, "counted from the first moment");
+    assert_refused(s.hello(me));
+    // One of them closes: the slot comes back.
+    held.pop();
+    assert!(eventually(WAIT, || s.open(me) == L - 1), "{} open", s.open(me));
+    held.push(s.hello(me).unwrap());
+    assert_refused(s.hello(me));
+    drop(held);
+    assert!(eventually(WAIT, || s.open(me) == 0));
+    assert_all_released(&s);
+}
+
+#[test]
+fn a_prefix_change_keeps_existing_connections_counted() {
+    if !require_root() {
+        return;
+    }
+    const L: u32 = 2;
+    let s = Setup::new(Config::new(L));
+    let (first, neighbour) = (client_v4(0x0701), client_v4(0x0702));
+    let held: Vec<_> = (0..L).map(|_| s.hello(first).unwrap()).collect();
+    // Group by /24: the first client's connections now count for its network.
+    s.limiter.set_config(Config::new(L).with_ipv4_prefix_len(24)).unwrap();
+    assert!(eventually(WAIT, || s.open(neighbour) == L), "{} open for the /24", s.open(neighbour));
+    assert_refused(s.hello(neighbour));
+    drop(held);
+    assert!(eventually(WAIT, || s.open(neighbour) == 0));
+    let admitted = s.hello(neighbour).unwrap();
+    drop(admitted);
+    assert_all_released(&s);
+}
+
+#[test]
+fn a_listener_outside_the_guarded_cgroup_is_reported() {
+    use connlimit::ebpf::{
+        host,
+        listeners::{self, ListenerProblem},
+    };
+    if !require_root() {
+        return;
+    }
+    let name = unique("connlimit-outside");
+    let netns = Netns::new().unwrap();
+    let guarded = TestCgroup::create(&name).unwrap();
+    let guarded_id = host::inode(guarded.path()).unwrap();
+    let problems = listeners::check(&netns.path(), &[PORT], guarded_id).unwrap();
+    assert_eq!(problems, [ListenerProblem::NoListener { port: PORT }]);
+    // Socket activation, or a server moved after it opened its socket.
+    let elsewhere = TestCgroup::create(&unique("connlimit-outside")).unwrap();
+    let _server =
+        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns, &elsewhere, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
+            .unwrap();
+    let problems = listeners::check(&netns.path(), &[PORT], guarded_id).unwrap();
+    let outside = ListenerProblem::OutsideCgroup { port: PORT, cgroup_id: host::inode(elsewhere.path()).unwrap() };
+    assert_eq!(problems, std::slice::from_ref(&outside));
+    assert!(outside.to_string().contains("neither counted nor limited"), "{outside}");
 }

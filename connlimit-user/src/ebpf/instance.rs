@@ -61,9 +61,10 @@ pub struct Instance {
     clients: HashMap<MapData, ClientKey, ClientState>,
     pending: HashMap<MapData, ClientKey, PendingState>,
     conns: HashMap<MapData, u64, ClientKey>,
+    carried: HashMap<MapData, ClientKey, u32>,
     stats: PerCpuArray<MapData, u64>,
     info: Array<MapData, InstanceInfo>,
-    /// Taken by the one endings worker of this handle.
+    /// Taken by the one upkeep thread of this handle.
     endings: Option<RingBuf<MapData>>,
 }
 
@@ -149,6 +150,7 @@ impl Instance {
             clients: typed!(names::CLIENTS),
             pending: typed!(names::PENDING),
             conns: typed!(names::CONNS),
+            carried: typed!(names::CARRIED),
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
             endings: Some(typed!(names::ENDINGS)),
@@ -326,11 +328,12 @@ impl Instance {
         } else {
             ClientKey::grouped(&words, config.ipv4_prefix_len, config.ipv6_prefix_len)
         };
-        match self.clients.get(&key, 0) {
-            Ok(state) => Ok(established::count(state.established)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(0),
-            Err(e) => Err(EbpfError::system("reading the clients map", e)),
-        }
+        let counted = match self.clients.get(&key, 0) {
+            Ok(state) => established::count(state.established),
+            Err(aya::maps::MapError::KeyNotFound) => 0,
+            Err(e) => return Err(EbpfError::system("reading the clients map", e)),
+        };
+        Ok(counted + self.carried.get(&key, 0).unwrap_or(0))
     }
 
     /// Every tracked client key with its figures, most open connections
@@ -364,6 +367,9 @@ impl Instance {
             c.open = established::count(state.established);
             c.accepted = state.accepted;
         }
+        for (key, n) in self.carried.iter().filter_map(Result::ok) {
+            all.entry(key).or_insert_with(|| blank(&key)).open += n;
+        }
         for entry in self.pending.iter() {
             let (key, state) = match entry {
                 Ok(kv) => kv,
@@ -379,16 +385,65 @@ impl Instance {
         Ok(all)
     }
 
-    /// Starts ending the connections the kernel asks to end (see
-    /// [`EndingsWorker`](super::EndingsWorker)), in the network namespace
-    /// `netns` the instance guards. The process owning an instance runs one
-    /// (only one per handle); [`EbpfLimiter`](super::EbpfLimiter) does so
-    /// itself.
-    pub fn start_endings_worker(&mut self, netns: &Path) -> Result<super::EndingsWorker, EbpfError> {
-        let ring = self.endings.take().ok_or_else(|| {
-            EbpfError::system("starting the endings worker", "this handle's worker was started already")
-        })?;
-        super::EndingsWorker::start(ring, netns, &self.name)
+    /// Starts the instance's [`Upkeep`](super::Upkeep) in the network
+    /// namespace `netns` it guards: ending the connections the kernel asks
+    /// to end, and counting those it cannot see. The process owning an
+    /// instance runs it (once per handle); [`EbpfLimiter`](super::EbpfLimiter)
+    /// does so itself.
+    pub fn start_upkeep(&mut self, netns: &Path) -> Result<super::Upkeep, EbpfError> {
+        let ring = self
+            .endings
+            .take()
+            .ok_or_else(|| EbpfError::system("starting the upkeep thread", "this handle's was started already"))?;
+        super::Upkeep::start(ring, self.duplicate()?, netns)
+    }
+
+    /// Another handle on the same maps (the ring buffer stays with this one).
+    fn duplicate(&self) -> Result<Self, EbpfError> {
+        use aya::maps::IterableMap;
+        fn reopen<M: TryFrom<Map, Error = aya::maps::MapError>>(data: &MapData) -> Result<M, EbpfError> {
+            let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| EbpfError::system("duplicating a map", e))?;
+            let data = MapData::from_fd(fd).map_err(sys("duplicating a map"))?;
+            Map::from_map_data(data).map_err(sys("duplicating a map"))?.try_into().map_err(sys("duplicating a map"))
+        }
+        Ok(Self {
+            name: self.name.clone(),
+            config: reopen(self.config.map())?,
+            ports: reopen(self.ports.map())?,
+            exempt: reopen(self.exempt.map())?,
+            clients: reopen(self.clients.map())?,
+            pending: reopen(self.pending.map())?,
+            conns: reopen(self.conns.map())?,
+            carried: reopen(self.carried.map())?,
+            stats: reopen(self.stats.map())?,
+            info: reopen(self.info.map())?,
+            endings: None,
+        })
+    }
+
+    /// The key the kernel counts the connection with socket cookie
+    /// `cookie` under, if it counts it.
+    pub(crate) fn counted_under(&self, cookie: u64) -> Result<Option<ClientKey>, EbpfError> {
+        match self.conns.get(&cookie, 0) {
+            Ok(key) => Ok(Some(key)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(EbpfError::system("reading the connections map", e)),
+        }
+    }
+
+    /// Replaces the carried counts with `carried` (see [`Upkeep`](super::Upkeep)).
+    pub(crate) fn write_carried(
+        &mut self,
+        carried: &std::collections::HashMap<ClientKey, u32>,
+    ) -> Result<(), EbpfError> {
+        let old: Vec<ClientKey> = self.carried.keys().filter_map(Result::ok).collect();
+        for (key, n) in carried {
+            self.carried.insert(key, n, 0).map_err(sys("writing the carried map"))?;
+        }
+        for key in old.iter().filter(|k| !carried.contains_key(k)) {
+            let _ = self.carried.remove(key);
+        }
+        Ok(())
     }
 
     /// Connections the kernel is tracking to their close.

@@ -33,7 +33,6 @@
 
 pub mod attachments;
 pub mod cgroup;
-mod endings;
 mod error;
 mod guard;
 pub mod host;
@@ -44,6 +43,7 @@ mod object;
 pub mod owner;
 pub mod pin_root;
 pub mod sock_diag;
+mod upkeep;
 
 use std::{
     fs::File,
@@ -62,11 +62,11 @@ use connlimit_common::{
     pending::{MAX_EPOCH_NS, MIN_EPOCH_NS},
 };
 
-pub use endings::EndingsWorker;
 pub use error::EbpfError;
 pub use instance::{ClientCount, Instance};
 pub use owner::{Detached, Owner, Ownership};
 pub use pin_root::{PIN_ROOT, PIN_ROOT_ENV, PinRoot, pin_root};
+pub use upkeep::Upkeep;
 
 use crate::{Config, PeerAddr, Stats};
 
@@ -125,7 +125,9 @@ impl std::str::FromStr for WhenFull {
         match s {
             "open" => Ok(Self::Open),
             "closed" => Ok(Self::Closed),
-            _ => Err(format!("{s:?} is not a full-map policy; use `open` (admit uncounted) or `closed` (end the connection)")),
+            _ => Err(format!(
+                "{s:?} is not a full-map policy; use `open` (admit uncounted) or `closed` (end the connection)"
+            )),
         }
     }
 }
@@ -246,7 +248,7 @@ pub struct EbpfLimiter {
     /// Already let go of (by [`EbpfLimiter::detach`]).
     released: bool,
     program_ids: Vec<u32>,
-    _endings: EndingsWorker,
+    _upkeep: Upkeep,
     _log: Option<log::KernelLog>,
     // While these live, the programs stay attached.
     _links: [FdLink; 2],
@@ -338,7 +340,7 @@ impl EbpfLimiter {
             object_hash: OBJECT_HASH,
         })?;
 
-        let endings = instance.start_endings_worker(&netns)?;
+        let upkeep = instance.start_upkeep(&netns)?;
         let links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
         // Pinned links keep the kernel enforcing if this process crashes.
         let links = pin_links(&staging, links)?;
@@ -356,7 +358,7 @@ impl EbpfLimiter {
             keep_pins: persist,
             released: false,
             program_ids,
-            _endings: endings,
+            _upkeep: upkeep,
             _log: log,
             _links: links,
             _ebpf: ebpf,

@@ -77,6 +77,8 @@ pub struct TcpSocket {
     pub remote_port: u16,
     /// The id (cgroupfs inode) of the cgroup v2 it belongs to.
     pub cgroup_id: u64,
+    /// The socket's cookie (what `bpf_get_socket_cookie` returns).
+    pub cookie: u64,
 }
 
 /// `TcpSocket::state` of an established connection.
@@ -109,9 +111,8 @@ impl SockDiag {
     /// Opens a socket in the caller's network namespace.
     pub fn open() -> io::Result<Self> {
         // SAFETY: plain syscall; the fd is owned below.
-        let fd = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -136,7 +137,8 @@ impl SockDiag {
     /// `NotFound` if that socket is gone already.
     pub fn destroy(&self, flow: &FlowKey, cookie: u64) -> io::Result<()> {
         let v4 = is_v4_mapped(&flow.client);
-        let (src, dst) = if v4 { ([flow.local[3], 0, 0, 0], [flow.client[3], 0, 0, 0]) } else { (flow.local, flow.client) };
+        let (src, dst) =
+            if v4 { ([flow.local[3], 0, 0, 0], [flow.client[3], 0, 0, 0]) } else { (flow.local, flow.client) };
         let request = Request {
             family: if v4 { libc::AF_INET } else { libc::AF_INET6 } as u8,
             protocol: libc::IPPROTO_TCP as u8,
@@ -276,6 +278,7 @@ fn socket(payload: &[u8]) -> Option<TcpSocket> {
         remote: ip(answer.id.dst),
         remote_port: u16::from_be(answer.id.dport),
         cgroup_id,
+        cookie: u64::from(answer.id.cookie[0]) | u64::from(answer.id.cookie[1]) << 32,
     })
 }
 

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfError, EbpfLimiter, EndingsWorker, Instance, WhenFull, cgroup::Cgroup, host},
+    ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, Upkeep, WhenFull, cgroup::Cgroup, host},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -71,7 +71,7 @@ pub(crate) enum Enforcement {
     Adopted {
         instance: Instance,
         persist: bool,
-        _endings: EndingsWorker,
+        _upkeep: Upkeep,
     },
 }
 
@@ -84,9 +84,9 @@ impl Enforcement {
             Ok(limiter) => Ok(Self::Attached(limiter)),
             Err(EbpfError::InstanceExists(_)) => {
                 let mut instance = Instance::adopt(&options)?;
-                let endings = instance.start_endings_worker(netns)?;
+                let upkeep = instance.start_upkeep(netns)?;
                 tracing::info!(instance = %instance.name(), ports = ?plan.ports, "adopted the instance, counts intact");
-                Ok(Self::Adopted { instance, persist: plan.persist, _endings: endings })
+                Ok(Self::Adopted { instance, persist: plan.persist, _upkeep: upkeep })
             }
             Err(e) => Err(e.into()),
         }

@@ -156,15 +156,7 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Trac
     write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
     writeln!(out, "{}", if by_refused { format!(" {:>13}", "LAST REFUSED") } else { String::new() })?;
     for c in shown {
-        write!(
-            out,
-            "{:<40} {:>6} {:>9} {:>9} {:>9}",
-            client_label(c),
-            c.open,
-            c.reserved,
-            c.refused,
-            c.accepted
-        )?;
+        write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", client_label(c), c.open, c.reserved, c.refused, c.accepted)?;
         let last = match ago(c) {
             _ if !by_refused => String::new(),
             Some(secs) => format!(" {:>13}", format!("{secs:.0} s ago")),
