@@ -35,7 +35,7 @@ pub enum EbpfError {
     #[error("cannot open the network namespace {0}: {1}")]
     Netns(PathBuf, #[source] io::Error),
     /// The kernel cannot run sk_lookup programs.
-    #[error("this kernel cannot attach sk_lookup programs (Linux 5.9 or later is needed): {0}")]
+    #[error("this kernel cannot attach sk_lookup programs (connlimit needs Linux 5.19 or later): {0}")]
     NoSkLookup(#[source] io::Error),
     /// Another instance already guards one of the ports in this namespace.
     #[error(
