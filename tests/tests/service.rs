@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use connlimit::ebpf::{Instance, PIN_ROOT};
+use connlimit::ebpf::Instance;
 use harness::{Background, Netns, Server, TestCgroup, client_v4, eventually, require_root, unique};
 use serde_json::Value;
 
@@ -255,7 +255,7 @@ fn persisted_instances_survive_a_crash_and_are_adopted_by_the_next_serve() {
 
     // The restarted service adopts it, counts intact.
     let serve = start();
-    assert!(serve.log().contains("adopted the persisted instance"), "{}", serve.log());
+    assert!(serve.log().contains("adopted the instance, counts intact"), "{}", serve.log());
     assert_eq!(Instance::open(&p).unwrap().num_open(me).unwrap(), 1);
     assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
 
@@ -472,21 +472,29 @@ fn unit_capabilities() -> Vec<String> {
     ambient
 }
 
-/// Gives the pin root to `uid` for a test, as the unit's ExecStartPre does,
-/// and back to root afterwards.
-struct PinRootOwner;
+/// A pin root of the test's own, on bpffs, owned by `uid` as the unit's
+/// ExecStartPre makes it (the shared root stays root's: other tests use it
+/// meanwhile). Removed on drop.
+struct PinRootOwner(PathBuf);
 
 impl PinRootOwner {
     fn give(uid: u32) -> Self {
-        std::fs::create_dir_all(PIN_ROOT).unwrap();
-        std::os::unix::fs::chown(PIN_ROOT, Some(uid), Some(uid)).unwrap();
-        Self
+        let root = std::path::Path::new("/sys/fs/bpf").join(unique("svc-caps-root"));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(&root, Some(uid), Some(uid)).unwrap();
+        Self(root)
+    }
+
+    /// Whether instance `name` is pinned in this root.
+    fn holds(&self, name: &str) -> bool {
+        self.0.join(name).exists()
     }
 }
 
 impl Drop for PinRootOwner {
     fn drop(&mut self) {
-        let _ = std::os::unix::fs::chown(PIN_ROOT, Some(0), Some(0));
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -506,7 +514,7 @@ fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8094))]).unwrap();
     // An unprivileged user of no importance (no passwd entry needed).
     let uid = 61_000 + std::process::id() % 1000;
-    let _owner = PinRootOwner::give(uid);
+    let root = PinRootOwner::give(uid);
     let start = |caps: &[String], name: &str| {
         let set = setpriv_caps(caps);
         let mut cmd = Command::new("setpriv");
@@ -521,6 +529,7 @@ fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
         .arg(connlimit_bin())
         .args(["run", "--name", name, "-p", "8094", "-m", "1", "--cgroup"])
         .arg(cgroup.path())
+        .env(connlimit::ebpf::PIN_ROOT_ENV, &root.0)
         .stdin(Stdio::null());
         netns.enter_on_exec(&mut cmd);
         Background::spawn(&mut cmd).unwrap()
@@ -538,7 +547,7 @@ fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
     assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
     let (status, log) = run.stop();
     assert!(status.success(), "{log}");
-    assert!(!running(&name), "{log}");
+    assert!(!root.holds(&name), "{log}");
 
     // Without any one of them it fails, with an error naming what is missing.
     for missing in &caps {
@@ -551,7 +560,7 @@ fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
         let hint = if missing == "CAP_DAC_READ_SEARCH" { "permission denied on /sys/fs/bpf" } else { missing };
         assert!(log.contains(hint), "without {missing}: {log}");
         assert_eq!(log.trim().lines().count(), 1, "one line: {log}");
-        assert!(!running(&name));
+        assert!(!root.holds(&name));
     }
 }
 

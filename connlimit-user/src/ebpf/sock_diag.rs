@@ -96,15 +96,28 @@ pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> io::Result<T> + Send)
     let file = std::fs::File::open(netns)?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: setns on a namespace fd we hold; only this thread moves.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            enter_netns(&file)?;
             f()
         })
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("a thread in the network namespace panicked")))
     })
+}
+
+/// Moves the calling thread into the network namespace `netns` (an nsfs
+/// file). Nothing to do, and no privilege needed (`setns` wants
+/// CAP_SYS_ADMIN), when the thread is in it already.
+pub(crate) fn enter_netns(netns: &std::fs::File) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (target, here) = (netns.metadata()?, std::fs::metadata("/proc/thread-self/ns/net")?);
+    if (target.dev(), target.ino()) == (here.dev(), here.ino()) {
+        return Ok(());
+    }
+    // SAFETY: setns on a namespace fd we hold; only this thread moves.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl SockDiag {

@@ -61,12 +61,7 @@ impl Upkeep {
         let thread = std::thread::Builder::new()
             .name("connlimit-upkeep".into())
             .spawn(move || {
-                // SAFETY: setns on a namespace fd we hold; only this thread moves.
-                let diag = if unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    sock_diag::SockDiag::open()
-                };
+                let diag = sock_diag::enter_netns(&netns_file).and_then(|()| sock_diag::SockDiag::open());
                 let diag = match diag {
                     Ok(diag) => diag,
                     Err(e) => {
