@@ -204,10 +204,32 @@ pub fn client_v4(i: u32) -> IpAddr {
     IpAddr::from([127, 1, (i >> 8) as u8, (i & 0xff) as u8])
 }
 
-/// Asks a hold-server connection to end a certain way: `b'c'` server FIN,
-/// `b'r'` server RST, `b'h'` hold until we close.
-pub fn command(conn: &mut TcpStream, what: u8) {
-    conn.write_all(&[what]).expect("command");
+/// How a hold-server connection should end (the one command byte the
+/// server reads after its greeting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Hold the connection until the client closes.
+    Hold,
+    /// The server closes (FIN; its side ends in TIME_WAIT).
+    ServerFin,
+    /// The server resets it (SO_LINGER 0).
+    ServerRst,
+}
+
+impl Ending {
+    /// The byte hold-server reads for this ending.
+    pub const fn byte(self) -> u8 {
+        match self {
+            Self::Hold => b'h',
+            Self::ServerFin => b'c',
+            Self::ServerRst => b'r',
+        }
+    }
+}
+
+/// Asks a hold-server connection to end as `how`.
+pub fn command(conn: &mut TcpStream, how: Ending) {
+    conn.write_all(&[how.byte()]).expect("command");
 }
 
 /// Sends one TCP SYN from a spoofed `source` to `server` (IPv4) through a raw

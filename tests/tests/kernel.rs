@@ -14,7 +14,7 @@ use connlimit::{
     Config,
     ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, WhenFull},
 };
-use harness::{Netns, Server, TestCgroup, client_v4, command, eventually, require_root, spoofed_syn, unique};
+use harness::{Ending, Netns, Server, TestCgroup, client_v4, command, eventually, require_root, spoofed_syn, unique};
 
 mod common;
 use common::{PORT, Setup, WAIT, assert_accepted, assert_refused};
@@ -83,11 +83,11 @@ fn counts_fall_exactly_once_on_every_close_path() {
                             match i % 5 {
                                 0 => {
                                     conn.read_exact(&mut hello).unwrap();
-                                    command(&mut conn, b'h');
+                                    command(&mut conn, Ending::Hold);
                                 }
                                 1 => {
                                     conn.read_exact(&mut hello).unwrap();
-                                    command(&mut conn, b'c');
+                                    command(&mut conn, Ending::ServerFin);
                                     let _ = conn.read(&mut hello);
                                 }
                                 2 => {
@@ -96,7 +96,7 @@ fn counts_fall_exactly_once_on_every_close_path() {
                                 }
                                 3 => {
                                     conn.read_exact(&mut hello).unwrap();
-                                    command(&mut conn, b'r');
+                                    command(&mut conn, Ending::ServerRst);
                                     let _ = conn.read(&mut hello);
                                 }
                                 _ => {}
@@ -246,7 +246,7 @@ fn live_limit_changes_admit_at_once_and_close_nothing() {
     s.limiter.set_config(Config::new(1)).unwrap();
     assert_refused(s.hello(me));
     for conn in &mut held {
-        command(conn, b'h'); // still open and served
+        command(conn, Ending::Hold); // still open and served
     }
     assert_eq!(s.open(me), 2);
 

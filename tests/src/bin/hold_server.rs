@@ -3,9 +3,9 @@
 //!
 //! It prints `listening` once bound and `accepted <peer>` for each
 //! connection, writes `Hello` to every client, then obeys one command byte:
-//! `h` (or nothing) holds the connection until the client closes, `c`
-//! closes it (server FIN, so the server side ends in TIME_WAIT), `r` resets
-//! it (SO_LINGER 0).
+//! [`harness::Ending`]: hold the connection until the client closes (or no
+//! byte), close it (server FIN, so the server side ends in TIME_WAIT), or
+//! reset it (SO_LINGER 0).
 
 use std::{
     io::{Read, Write},
@@ -13,12 +13,14 @@ use std::{
     thread,
 };
 
+use harness::Ending;
+
 fn serve(mut conn: TcpStream) {
     let _ = conn.write_all(b"Hello");
     let mut command = [0u8; 1];
     match conn.read(&mut command) {
-        Ok(1) if command[0] == b'c' => {}
-        Ok(1) if command[0] == b'r' => {
+        Ok(1) if command[0] == Ending::ServerFin.byte() => {}
+        Ok(1) if command[0] == Ending::ServerRst.byte() => {
             let _ = socket2::SockRef::from(&conn).set_linger(Some(std::time::Duration::ZERO));
         }
         Ok(n) if n > 0 => {

@@ -105,7 +105,7 @@ pub enum Command {
     /// Show clients with open connections, most first
     #[command(
         visible_alias = "list",
-        after_help = "Examples:\n  connlimit top\n  connlimit top --limit 10 --watch\n  connlimit list --json"
+        after_help = "Examples:\n  connlimit top\n  connlimit top --rows 10 --watch\n  connlimit list --json"
     )]
     Top(TopArgs),
     /// List running instances: what they guard, since when, totals
@@ -165,7 +165,7 @@ pub struct LimitArgs {
     pub when_full: WhenFull,
 }
 
-/// The most `top --limit` shows.
+/// The most `top --rows` shows.
 pub const MAX_TOP_ROWS: usize = 1_000_000;
 /// Bounds of `top --interval`, in seconds.
 pub const TOP_INTERVAL: std::ops::RangeInclusive<f64> = 0.1..=86_400.0;
@@ -320,9 +320,9 @@ pub struct ShowArgs {
 pub struct TopArgs {
     #[command(flatten)]
     pub name: NameArg,
-    /// Show at most N clients
-    #[arg(long, short = 'n', value_name = "N", default_value_t = 20, value_parser = top_rows)]
-    pub limit: usize,
+    /// Show at most N clients (`--limit` is an old name for it)
+    #[arg(long, short = 'n', alias = "limit", value_name = "N", default_value_t = 20, value_parser = top_rows)]
+    pub rows: usize,
     /// Also show clients with nothing open but refusals on record
     #[arg(long, short = 'a')]
     pub all: bool,

@@ -63,9 +63,9 @@ fn check(cli: Cli) {
         Command::Set(args) => {
             let _ = Instance::validate_name(&args.name.name);
         }
-        Command::Top(TopArgs { interval, limit, .. }) => {
+        Command::Top(TopArgs { interval, rows, .. }) => {
             assert!(crate::cli::TOP_INTERVAL.contains(&interval), "{interval}");
-            assert!((1..=crate::cli::MAX_TOP_ROWS).contains(&limit));
+            assert!((1..=crate::cli::MAX_TOP_ROWS).contains(&rows));
             assert!(std::time::Duration::try_from_secs_f64(interval).is_ok());
         }
         Command::Config(args) => {
@@ -182,4 +182,16 @@ fn numeric_flags_are_range_checked() {
         let e = Cli::try_parse_from(std::iter::once("connlimit").chain(args.iter().copied())).unwrap_err();
         assert_eq!(e.exit_code(), 2, "{args:?}");
     }
+}
+
+#[test]
+fn top_rows_keeps_limit_as_a_hidden_alias() {
+    for flag in ["--rows", "--limit", "-n"] {
+        let Command::Top(args) = Cli::try_parse_from(["connlimit", "top", flag, "5"]).unwrap().command else {
+            panic!("not top");
+        };
+        assert_eq!(args.rows, 5, "{flag}");
+    }
+    let help = Cli::command().find_subcommand_mut("top").unwrap().render_long_help().to_string();
+    assert!(help.contains("--rows") && !help.contains("--limit <"), "{help}");
 }

@@ -119,7 +119,7 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Trac
         .filter(|c| c.open > 0 || c.reserved > 0 || ((args.all || by_refused) && c.refused > 0))
         .collect();
     let open: u32 = clients.iter().map(|c| c.open).sum();
-    let shown = &clients[..clients.len().min(args.limit)];
+    let shown = &clients[..clients.len().min(args.rows)];
     if args.json.json {
         let rows: Vec<_> = shown
             .iter()
@@ -165,7 +165,7 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Trac
         writeln!(out, "{last}")?;
     }
     if clients.len() > shown.len() {
-        writeln!(out, "… {} more (--limit)", clients.len() - shown.len())?;
+        writeln!(out, "… {} more (--rows)", clients.len() - shown.len())?;
     }
     writeln!(
         out,
