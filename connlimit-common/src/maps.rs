@@ -79,8 +79,9 @@ pub mod capacity {
     pub const CONNS: u32 = 1 << 18;
     /// Client keys with carried connections.
     pub const CARRIED: u32 = 1 << 16;
-    /// Bytes of the `ENDINGS` ring buffer (a power of two, whole pages).
-    pub const ENDINGS_BYTES: u32 = 1 << 16;
+    /// Bytes of the `ENDINGS` ring buffer (a power of two, whole pages):
+    /// room for about 5,000 endings between two reads by user space.
+    pub const ENDINGS_BYTES: u32 = 1 << 18;
 }
 
 /// `KernelConfig::flags`: count and report what would be refused, refuse nothing.
@@ -218,6 +219,12 @@ pub struct PendingState {
     pub reservations: u64,
     /// Connections of this key refused (or, in dry-run, that would have been).
     pub refused: u64,
+    /// Random, set when the entry is made: a [`Handshake`] booked in an
+    /// entry that was evicted since (the map is LRU) does not match the new
+    /// entry's, so its reservation is known to be gone.
+    pub generation: u32,
+    /// Padding; zero.
+    pub _pad: u32,
 }
 
 /// One TCP connection, from the server's side. Ports are in host byte order.
@@ -243,8 +250,8 @@ pub struct FlowKey {
 pub struct Handshake {
     /// The client key the slot was taken from.
     pub client: ClientKey,
-    /// Padding; zero.
-    pub _pad: u32,
+    /// The [`PendingState::generation`] of the entry it was booked in.
+    pub generation: u32,
     /// The epoch the reservation was booked in.
     pub epoch: u64,
 }
@@ -404,7 +411,7 @@ mod tests {
         assert_eq!(size_of::<ClientKey>(), 20);
         assert_eq!(size_of::<ExemptKey>(), 20);
         assert_eq!(size_of::<ClientState>(), 16);
-        assert_eq!(size_of::<PendingState>(), 16);
+        assert_eq!(size_of::<PendingState>(), 24);
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<Handshake>(), 32);
         assert_eq!(size_of::<LastSyn>(), 48);

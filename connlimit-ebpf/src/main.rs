@@ -27,7 +27,9 @@ use aya_ebpf::{
         BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sk_lookup, bpf_sock_ops, sk_action,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem,
+    },
     macros::{map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SkLookupContext, SockOpsContext},
@@ -148,14 +150,17 @@ fn admit(
         booked = reserve(pending, client, epoch, limit);
     }
     if let Some(booked) = booked {
-        let handshake = Handshake { client: *client, _pad: 0, epoch: booked };
-        if HANDSHAKES.insert(flow, handshake, 0).is_ok() {
+        // SAFETY: `pending` points into a live map entry.
+        let generation = unsafe { (*pending).generation };
+        let handshake = Handshake { client: *client, generation, epoch: booked };
+        // NOEXIST: a copy of the same SYN on another CPU holds it already.
+        if HANDSHAKES.insert(flow, handshake, BPF_NOEXIST as u64).is_ok() {
             if let Some(last) = LAST_SYN.get_ptr_mut(0) {
                 // SAFETY: this CPU's value of a per-CPU array.
                 unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
             }
         } else {
-            release_reservation(client, epoch, booked);
+            release_reservation(&handshake, epoch);
         }
         return sk_action::SK_PASS;
     }
@@ -178,22 +183,45 @@ fn admit(
 
 /// Takes a slot for `client` if it holds fewer than `limit`; returns the
 /// epoch it was booked in.
+///
+/// Every admission (a SYN, or a handshake judged at completion) is this one
+/// compare-and-swap on the reservations word, with the established count
+/// read after the word: a completed handshake adds to `established` before
+/// it gives its reservation back (which changes the word), so a decision
+/// can overcount a connection for an instant, never miss one.
 fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u32) -> Option<u64> {
-    let established = established_count(client).saturating_add(carried_count(client));
     // SAFETY: `pending` points into a live map entry.
     compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
-        Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
+        let held = established_count(client).saturating_add(carried_count(client));
+        Pending(w).try_reserve(epoch, held, limit).map(|(p, booked)| (p.0, booked))
     })
 }
 
-/// Gives back a reservation booked in epoch `booked`.
-fn release_reservation(client: &ClientKey, epoch: u64, booked: u64) {
-    if let Some(pending) = PENDING.get_ptr_mut(client) {
-        // SAFETY: `pending` points into a live map entry.
-        compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
-            Some((Pending(w).release(epoch, booked).0, ()))
-        });
+/// Gives back the reservation of `handshake`, if the entry it was booked in
+/// still exists (an evicted entry took its reservations with it).
+fn release_reservation(handshake: &Handshake, epoch: u64) {
+    let Some(pending) = PENDING.get_ptr_mut(handshake.client) else {
+        return;
+    };
+    // SAFETY: `pending` points into a live map entry.
+    if unsafe { (*pending).generation } != handshake.generation {
+        return;
     }
+    // SAFETY: as above.
+    compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
+        Some((Pending(w).release(epoch, handshake.epoch).0, ()))
+    });
+}
+
+/// Whether the reservation of `handshake` still stands: booked in the last
+/// two epochs, in the client's current handshake-state entry.
+fn is_held(handshake: &Handshake, epoch: u64) -> bool {
+    is_live(handshake.epoch, epoch)
+        && PENDING.get_ptr(handshake.client).is_some_and(|p| {
+            // SAFETY: `p` points into a live map entry.
+            let generation = unsafe { (*p).generation };
+            generation == handshake.generation
+        })
 }
 
 /// Ends the handshake of `flow` and returns its reservation, if no one else
@@ -207,7 +235,7 @@ fn claim_handshake(flow: &FlowKey) -> Option<Handshake> {
 /// Releases the reservation of a handshake no listener took.
 fn release_unclaimed(flow: &FlowKey, epoch: u64) {
     if let Some(h) = claim_handshake(flow) {
-        release_reservation(&h.client, epoch, h.epoch);
+        release_reservation(&h, epoch);
         count(Stat::Unconfirmed);
     }
 }
@@ -298,35 +326,38 @@ fn on_established(ctx: &SockOpsContext) {
     }
     let flow = socket_flow(ctx);
     let epoch = epoch_of(now_ns(), config.epoch_ns);
-    // A reservation that expired (the client held back its final ACK) no
-    // longer holds a slot: such a handshake is judged like an unreserved one.
-    let handshake = claim_handshake(&flow).filter(|h| is_live(h.epoch, epoch));
-    let client = match handshake {
+    // A reservation that expired (the client held back its final ACK) or
+    // whose handshake state was evicted no longer holds a slot: such a
+    // handshake is judged now, as a SYN would be.
+    let mut reservation = claim_handshake(&flow).filter(|h| is_held(h, epoch));
+    let client = match reservation {
         Some(h) => h.client,
         None => client_key(config, &flow.client),
     };
-    // A claimed reservation is this connection's slot. Without one (it
-    // expired, or was evicted), the handshake is judged now: counting it
-    // within the limit is one atomic step.
     let limit = config.max_conns_per_client;
-    let cap = match handshake {
-        None if limit != 0 && !client.is_exempt() => {
-            let reserved = PENDING.get_ptr(client).map_or(0, |p| {
-                // SAFETY: `p` points into a live map entry.
-                Pending(unsafe { (*p).reservations }).reserved(epoch)
-            });
-            limit.saturating_sub(reserved).saturating_sub(carried_count(&client))
+    let mut over = false;
+    if reservation.is_none()
+        && limit != 0
+        && !client.is_exempt()
+        && let Some(pending) = pending_state(&client)
+    {
+        match reserve(pending, &client, epoch, limit) {
+            // SAFETY: `pending` points into a live map entry.
+            Some(booked) => {
+                reservation = Some(Handshake { client, generation: unsafe { (*pending).generation }, epoch: booked })
+            }
+            None => over = true,
         }
-        _ => NO_CAP,
-    };
-    let counted = count_connection(ctx, &client, cap);
-    // Counted before released: a concurrent SYN sees the slot taken throughout.
-    if let Some(h) = handshake {
-        release_reservation(&h.client, epoch, h.epoch);
+    }
+    let counted = count_connection(ctx, &client);
+    // Counted before released: a concurrent admission sees the slot taken
+    // throughout (see `reserve`).
+    if let Some(h) = reservation {
+        release_reservation(&h, epoch);
     }
     match counted {
-        Ok(true) => count(Stat::Accepted),
-        Ok(false) => {
+        Ok(()) if !over => count(Stat::Accepted),
+        Ok(()) => {
             count(Stat::Accepted);
             if let Some(pending) = pending_state(&client) {
                 // SAFETY: `pending` points into a live map entry.
@@ -346,52 +377,56 @@ fn on_established(ctx: &SockOpsContext) {
     }
 }
 
-/// `cap` of a connection counted with no limit check.
-// Not an `Option`: the compiler may pass a `None` with an unset register,
-// which the verifier rejects.
-const NO_CAP: u32 = u32::MAX;
-
-/// Counts a new connection of `client` and asks to see it close. Returns
-/// whether it was within `cap` (connections the key may already hold), or
-/// an error when it cannot be counted (a map is full).
-fn count_connection(ctx: &SockOpsContext, client: &ClientKey, cap: u32) -> Result<bool, ()> {
+/// Counts a new connection of `client` and asks to see it close; an error
+/// when it cannot be counted (a map is full, or its entry kept being
+/// removed under us).
+fn count_connection(ctx: &SockOpsContext, client: &ClientKey) -> Result<(), ()> {
     // Ask to hear of this socket's state changes, to see it close.
     ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).map_err(|_| ())?;
-    let within = add_established(client, cap).ok_or(())?;
+    if !add_established(client) {
+        return Err(());
+    }
     if CONNS.insert(socket_cookie(ctx), client, BPF_NOEXIST as u64).is_err() {
         remove_established(client);
         return Err(());
     }
-    Ok(within)
+    Ok(())
 }
 
 /// One more established connection for `client`, in an entry made if it is
-/// new; returns whether the key held fewer than `cap` before. `None` when
-/// no entry can be had (the map is full).
-fn add_established(client: &ClientKey, cap: u32) -> Option<bool> {
+/// new; `false` when no entry can be had.
+fn add_established(client: &ClientKey) -> bool {
     for _ in 0..ENTRY_ATTEMPTS {
         let state = match CLIENTS.get_ptr_mut(client) {
             Some(state) => state,
             None => {
                 // Losing a race to create it is fine: the winner's entry is used.
-                let _ = CLIENTS.insert(client, ClientState::default(), BPF_NOEXIST as u64);
-                CLIENTS.get_ptr_mut(client)?
+                // SAFETY: a helper with no arguments.
+                let fresh = ClientState { established: established::fresh(unsafe { bpf_get_prandom_u32() }), accepted: 0 };
+                let _ = CLIENTS.insert(client, fresh, BPF_NOEXIST as u64);
+                let Some(state) = CLIENTS.get_ptr_mut(client) else {
+                    return false;
+                };
+                state
             }
         };
         // SAFETY: `state` points into a live map entry.
         let word = unsafe { &raw mut (*state).established };
-        let within = compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| match established::increment(w) {
-            Step::Write(next) => Some((next, Some(cap == NO_CAP || established::count(w) < cap))),
-            Step::Retired => Some((w, None)),
-        })?;
-        if let Some(within) = within {
-            // SAFETY: as above.
-            add(unsafe { &raw mut (*state).accepted }, 1);
-            return Some(within);
+        let added = compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| match established::increment(w) {
+            Step::Write(next) => Some((next, true)),
+            Step::Retired => Some((w, false)),
+        });
+        match added {
+            Some(true) => {
+                // SAFETY: as above.
+                add(unsafe { &raw mut (*state).accepted }, 1);
+                return true;
+            }
+            Some(false) => {} // the entry is being removed by the close of its last connection
+            None => return false,
         }
-        // The entry is being removed by the close of its last connection.
     }
-    None
+    false
 }
 
 /// One established connection fewer for `client`; the entry goes when its
@@ -400,19 +435,15 @@ fn remove_established(client: &ClientKey) {
     let Some(state) = CLIENTS.get_ptr_mut(client) else {
         return;
     };
-    // SAFETY: `state` points into a live map entry.
+    // SAFETY: `state` points into a live map entry that counts this
+    // connection, so it cannot be retired or reused before this add.
     let word = unsafe { &raw mut (*state).established };
-    let Some(left) = compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| {
-        let next = established::decrement(w);
-        Some((next, next))
-    }) else {
-        return;
-    };
-    // Retire the word only if nothing was added since: then the removal
-    // cannot lose a count.
-    if left == 0
-        && compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| (w == 0).then_some((established::RETIRED, ())))
-            .is_some()
+    let before = unsafe { atomic::fetch_add(word, established::DECREMENT) };
+    // Retire the word only if nothing was added since, and only this
+    // entry's word (its tag): then the removal cannot lose a count.
+    if let Some((expected, retired)) = established::retirement(before)
+        // SAFETY: as above; a failed exchange changes nothing.
+        && unsafe { atomic::compare_exchange(word, expected, retired) }.is_ok()
     {
         let _ = CLIENTS.remove(client);
     }
@@ -469,7 +500,9 @@ fn pending_state(client: &ClientKey) -> Option<*mut PendingState> {
     if let Some(state) = PENDING.get_ptr_mut(client) {
         return Some(state);
     }
-    let _ = PENDING.insert(client, PendingState::default(), BPF_NOEXIST as u64);
+    // SAFETY: a helper with no arguments.
+    let fresh = PendingState { generation: unsafe { bpf_get_prandom_u32() }, ..PendingState::default() };
+    let _ = PENDING.insert(client, fresh, BPF_NOEXIST as u64);
     PENDING.get_ptr_mut(client)
 }
 
