@@ -55,11 +55,11 @@ const TCP_CLOSE: u32 = 7;
 /// budget; running out there refuses a SYN (a client whose own SYNs contend
 /// that hard is flooding), while sock_ops, counting a real connection,
 /// tries longer.
-const LOOKUP_CAS_ATTEMPTS: u32 = 16;
-const SOCK_OPS_CAS_ATTEMPTS: u32 = 16;
+const LOOKUP_CAS_ATTEMPTS: u32 = 8;
+const SOCK_OPS_CAS_ATTEMPTS: u32 = 8;
 /// Attempts to find a live `CLIENTS` entry while another CPU removes a
 /// retired one.
-const ENTRY_ATTEMPTS: u32 = 4;
+const ENTRY_ATTEMPTS: u32 = 2;
 /// An unconfirmed SYN older than this on another CPU was not taken by a
 /// listener (a listener takes a SYN microseconds after its lookup, on the
 /// same CPU, in the same softirq).
@@ -145,11 +145,15 @@ fn admit(
         return sk_action::SK_PASS;
     };
     let limit = config.max_conns_per_client;
-    let mut booked = reserve(pending, client, epoch, limit);
-    if booked.is_none() && release_stale_syn(epoch, now_ns) {
-        booked = reserve(pending, client, epoch, limit);
+    // At the limit by a first look: free another CPU's SYN that no listener
+    // took, if there is one, before the decisive attempt. (One attempt site
+    // keeps the program within the verifier's budget.)
+    // SAFETY: `pending` points into a live map entry.
+    let reserved = Pending(unsafe { (*pending).reservations }).reserved(epoch);
+    if established_count(client).saturating_add(carried_count(client)).saturating_add(reserved) >= limit {
+        release_stale_syn(epoch, now_ns);
     }
-    if let Some(booked) = booked {
+    if let Some(booked) = reserve(pending, client, epoch, limit) {
         // SAFETY: `pending` points into a live map entry.
         let generation = unsafe { (*pending).generation };
         let handshake = Handshake { client: *client, generation, epoch: booked };
@@ -256,9 +260,8 @@ fn release_unconfirmed_syn(epoch: u64) {
 }
 
 /// At the limit: releases one SYN another CPU admitted that no listener
-/// took (each CPU's is normally released by its own next lookup). Returns
-/// whether one was released.
-fn release_stale_syn(epoch: u64, now_ns: u64) -> bool {
+/// took (each CPU's is normally released by its own next lookup).
+fn release_stale_syn(epoch: u64, now_ns: u64) {
     let map = (&raw const LAST_SYN).cast_mut().cast();
     let key = 0u32;
     // The scan only finds; the release, with its compare-and-swap loop, runs
@@ -279,12 +282,8 @@ fn release_stale_syn(epoch: u64, now_ns: u64) -> bool {
             break;
         }
     }
-    match stale {
-        Some(flow) => {
-            release_unclaimed(&flow, epoch);
-            true
-        }
-        None => false,
+    if let Some(flow) = stale {
+        release_unclaimed(&flow, epoch);
     }
 }
 
@@ -402,7 +401,8 @@ fn add_established(client: &ClientKey) -> bool {
             None => {
                 // Losing a race to create it is fine: the winner's entry is used.
                 // SAFETY: a helper with no arguments.
-                let fresh = ClientState { established: established::fresh(unsafe { bpf_get_prandom_u32() }), accepted: 0 };
+                let fresh =
+                    ClientState { established: established::fresh(unsafe { bpf_get_prandom_u32() }), accepted: 0 };
                 let _ = CLIENTS.insert(client, fresh, BPF_NOEXIST as u64);
                 let Some(state) = CLIENTS.get_ptr_mut(client) else {
                     return false;
