@@ -188,8 +188,10 @@ impl Server<'_> {
                 seen.record(self.first, reaped);
             }
             if let Some(code) = seen.first {
-                if seen.main_pid.is_none() {
-                    seen.main_pid = self.pid_file.as_deref().and_then(read_pid_file);
+                // A daemon writes its pid file after its launcher exits;
+                // a stale one names no process of the cgroup.
+                if let Some(pid) = self.pid_file.as_deref().and_then(read_pid_file).filter(|&p| self.owns(p)) {
+                    seen.main_pid = Some(pid);
                 }
                 if !self.cgroup.populated() {
                     break;
