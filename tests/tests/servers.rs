@@ -241,7 +241,27 @@ fn nginx_daemonizing_by_default_stays_guarded_until_it_stops() {
     assert!(exec.procs().contains(&master), "the master runs in the guarded cgroup: {:?}", exec.procs());
     assert_eq!(exec.procs().len(), 2, "master and one worker");
 
-    exactly_the_limit(&netns, &root.path, &name, SocketAddr::from(([127, 0, 0, 1], port)), 2, 2);
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    exactly_the_limit(&netns, &root.path, &name, server, 2, 2);
+
+    // SIGHUP reaches the master alone, which reloads: a new worker, the
+    // same master and listener, still guarded.
+    let old_worker: Vec<i32> = exec.procs().into_iter().filter(|&p| p != master).collect();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(exec.exec.pid() as i32, libc::SIGHUP) };
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let procs = exec.procs();
+            procs.len() == 2 && procs.contains(&master) && !old_worker.iter().any(|p| procs.contains(p))
+        }),
+        "nginx reloaded: {:?} {}",
+        exec.procs(),
+        exec.exec.log()
+    );
+    let _a = http_hold(&netns, client_v4(9), server).unwrap();
+    let _b = http_hold(&netns, client_v4(9), server).unwrap();
+    assert_eq!(netns.connect_from(client_v4(9), server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    drop((_a, _b));
 
     // SIGTERM reaches the master (the pid file's), which stops its worker
     // and exits 0; connlimit detaches once the cgroup is empty.
@@ -273,7 +293,11 @@ fn nginx_with_two_reuseport_workers_is_limited_across_both() {
         &[nginx.to_str().unwrap(), "-c", &conf, "-e", &dir.file("error.log")],
     );
     exec.daemonized();
-    assert!(eventually(Duration::from_secs(5), || exec.procs().len() == 3), "master and two workers: {:?}", exec.procs());
+    assert!(
+        eventually(Duration::from_secs(5), || exec.procs().len() == 3),
+        "master and two workers: {:?}",
+        exec.procs()
+    );
     // One listening socket per worker.
     let listeners = netns.run(move || {
         use connlimit::ebpf::sock_diag::SockDiag;
@@ -334,11 +358,13 @@ fn lighttpd_daemonizing_by_default_is_limited() {
     let chown = Command::new("chown").args(["www-data:www-data", &dir.file("error.log")]).status().unwrap();
     assert!(chown.success());
     let name = unique("srv-lighttpd");
-    let exec = Exec::start(&netns, &root.path, &name, &["--port", "18802", "-m", "2"], &[
-        lighttpd.to_str().unwrap(),
-        "-f",
-        &conf,
-    ]);
+    let exec = Exec::start(
+        &netns,
+        &root.path,
+        &name,
+        &["--port", "18802", "-m", "2"],
+        &[lighttpd.to_str().unwrap(), "-f", &conf],
+    );
     exec.daemonized();
     let daemon = exec.procs();
     assert_eq!(daemon.len(), 1, "{daemon:?}: {}", exec.exec.log());
@@ -366,9 +392,13 @@ fn shell_daemons_keep_exec_guarding_and_set_its_status() {
         "sh -c 'trap \"exit 7\" TERM; while :; do sleep 0.05; done' & echo $! > {pid_file}; sleep 300 & exit 0"
     );
     let name = unique("srv-sh");
-    let exec = Exec::start(&netns, &root.path, &name, &["-p", "18803", "-m", "1", "--pid-file", &pid_file], &[
-        "sh", "-c", &script,
-    ]);
+    let exec = Exec::start(
+        &netns,
+        &root.path,
+        &name,
+        &["-p", "18803", "-m", "1", "--pid-file", &pid_file],
+        &["sh", "-c", &script],
+    );
     exec.daemonized();
     let main: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
     assert!(status_row(&netns, &root.path, &name).is_some(), "still enforcing after the launcher exited");
@@ -443,7 +473,9 @@ fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
     // A running unit: its ControlGroup is guarded, in its main PID's namespace.
     let path = fake_systemctl(
         &dir,
-        &format!("echo LoadState=loaded; echo ActiveState=active; echo ControlGroup=/{relative}; echo MainPID={main_pid}"),
+        &format!(
+            "echo LoadState=loaded; echo ActiveState=active; echo ControlGroup=/{relative}; echo MainPID={main_pid}"
+        ),
     );
     let guard = Background::spawn(&mut run(&path, "hold.service")).unwrap();
     assert!(guard.wait_for("enforcing;", Duration::from_secs(10)), "{}", guard.log());
@@ -459,9 +491,11 @@ fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
 
     // What systemctl says about a unit that does not exist, one that is
     // stopped, and on a host not booted with systemd.
-    let path = fake_systemctl(&dir, "echo LoadState=not-found; echo ActiveState=inactive; echo ControlGroup=; echo MainPID=0");
+    let path =
+        fake_systemctl(&dir, "echo LoadState=not-found; echo ActiveState=inactive; echo ControlGroup=; echo MainPID=0");
     fails(&mut run(&path, "nope.service"), "no systemd unit named \"nope.service\"");
-    let path = fake_systemctl(&dir, "echo LoadState=loaded; echo ActiveState=inactive; echo ControlGroup=; echo MainPID=0");
+    let path =
+        fake_systemctl(&dir, "echo LoadState=loaded; echo ActiveState=inactive; echo ControlGroup=; echo MainPID=0");
     fails(&mut run(&path, "web.service"), "the systemd unit \"web.service\" has no processes (it is inactive)");
     let path = fake_systemctl(
         &dir,

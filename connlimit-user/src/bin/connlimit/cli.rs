@@ -76,7 +76,7 @@ pub enum Command {
     /// Start a server in a fresh cgroup, under a limit, and exit with its status
     #[command(after_help = "Examples:\n  \
         connlimit exec --port 8080 --max-conns-per-client-ip 10 --user nobody -- python3 -m http.server 8080\n  \
-        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n\n\
+        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n  \
         connlimit exec --port 80 --max-conns-per-client-ip 50 --pid-file /run/nginx.pid -- nginx\n\n\
         connlimit follows the server's cgroup, as a service manager does: a server that daemonizes \
         (its first process exits with status 0, leaving others behind) stays guarded until the \

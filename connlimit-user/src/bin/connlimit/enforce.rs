@@ -212,10 +212,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     }
     let code = runtime.block_on(async {
         // Both before the server starts, so no exit goes unseen.
-        let mut children = {
-            let _entered = tokio::runtime::Handle::current().enter();
-            signal(SignalKind::child()).context("catching SIGCHLD")?
-        };
+        let mut children = signal(SignalKind::child()).context("catching SIGCHLD")?;
         follow::become_subreaper()?;
         let child = command.spawn().with_context(|| format!("starting {}", program.to_string_lossy()))?;
         let first = child.id() as i32;

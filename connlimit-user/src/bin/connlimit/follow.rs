@@ -73,7 +73,8 @@ impl EventsWatch {
         }
         // SAFETY: a fresh fd nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.join("cgroup.events").as_os_str()))?;
+        let path =
+            std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.join("cgroup.events").as_os_str()))?;
         // SAFETY: a valid inotify fd and a NUL-terminated path.
         if unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_MODIFY) } < 0 {
             return Err(io::Error::last_os_error());
@@ -200,9 +201,16 @@ impl Server<'_> {
                     announced = true;
                     let remaining = self.cgroup.procs().len();
                     if code == 0 {
-                        tracing::info!(remaining, "the server's first process exited with status 0, leaving processes in its cgroup (a daemon); guarding until they exit");
+                        tracing::info!(
+                            remaining,
+                            "the server's first process exited with status 0, leaving processes in its cgroup (a daemon); guarding until they exit"
+                        );
                     } else {
-                        tracing::warn!(code, remaining, "the server's first process failed, leaving processes in its cgroup; guarding until they exit (stop them with SIGTERM)");
+                        tracing::warn!(
+                            code,
+                            remaining,
+                            "the server's first process failed, leaving processes in its cgroup; guarding until they exit (stop them with SIGTERM)"
+                        );
                     }
                 }
             }
@@ -254,7 +262,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("connlimit-pidfile-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join("pid");
-        for (text, pid) in [("1234\n", Some(1234)), ("  77  ", Some(77)), ("0\n", None), ("-1", None), ("x", None), ("", None)]
+        for (text, pid) in
+            [("1234\n", Some(1234)), ("  77  ", Some(77)), ("0\n", None), ("-1", None), ("x", None), ("", None)]
         {
             fs::write(&file, text).unwrap();
             assert_eq!(read_pid_file(&file), pid, "{text:?}");

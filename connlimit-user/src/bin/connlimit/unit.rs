@@ -61,10 +61,7 @@ pub(crate) fn resolve(unit: &str) -> Result<(PathBuf, PathBuf)> {
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let why = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no message");
-        bail!(
-            "`systemctl show {unit}` failed ({}): {why}; give the server's --cgroup or --pid instead",
-            output.status
-        );
+        bail!("`systemctl show {unit}` failed ({}): {why}; give the server's --cgroup or --pid instead", output.status);
     }
     let shown = Shown::parse(&String::from_utf8_lossy(&output.stdout));
     locate(unit, &shown, &host::cgroup2_mount()?)
@@ -119,7 +116,8 @@ mod tests {
 
     #[test]
     fn systemctl_show_output_parses_in_any_order() {
-        let text = "MainPID=1234\nControlGroup=/system.slice/nginx.service\nActiveState=active\nLoadState=loaded\nOther=x=y\n";
+        let text =
+            "MainPID=1234\nControlGroup=/system.slice/nginx.service\nActiveState=active\nLoadState=loaded\nOther=x=y\n";
         assert_eq!(
             Shown::parse(text),
             Shown {
@@ -144,9 +142,13 @@ mod tests {
         assert!(err.contains("is masked, not loaded"), "{err}");
         let stopped = Shown::parse("LoadState=loaded\nActiveState=inactive\nControlGroup=\nMainPID=0\n");
         let err = locate("web.service", &stopped, &mount).unwrap_err().to_string();
-        assert!(err.contains("has no processes (it is inactive); start it first (`systemctl start web.service`)"), "{err}");
+        assert!(
+            err.contains("has no processes (it is inactive); start it first (`systemctl start web.service`)"),
+            "{err}"
+        );
         // A ControlGroup that has gone away in the meantime.
-        let gone = Shown::parse("LoadState=loaded\nActiveState=deactivating\nControlGroup=/no/such.service\nMainPID=0\n");
+        let gone =
+            Shown::parse("LoadState=loaded\nActiveState=deactivating\nControlGroup=/no/such.service\nMainPID=0\n");
         let err = locate("web.service", &gone, &mount).unwrap_err().to_string();
         assert!(err.contains("has no processes (it is deactivating)"), "{err}");
     }
@@ -158,12 +160,14 @@ mod tests {
         let own = host::cgroup_of_pid(std::process::id()).unwrap();
         let relative = format!("/{}", own.strip_prefix(&mount).unwrap().display());
         let me = std::process::id();
-        let shown = Shown::parse(&format!("LoadState=loaded\nActiveState=active\nControlGroup={relative}\nMainPID={me}\n"));
+        let shown =
+            Shown::parse(&format!("LoadState=loaded\nActiveState=active\nControlGroup={relative}\nMainPID={me}\n"));
         let (cgroup, netns) = locate("self.service", &shown, &mount).unwrap();
         assert_eq!(cgroup, own);
         assert_eq!(netns, PathBuf::from(format!("/proc/{me}/ns/net")));
         // Without a main PID, any process of the cgroup names the namespace.
-        let shown = Shown::parse(&format!("LoadState=loaded\nActiveState=active\nControlGroup={relative}\nMainPID=0\n"));
+        let shown =
+            Shown::parse(&format!("LoadState=loaded\nActiveState=active\nControlGroup={relative}\nMainPID=0\n"));
         let (cgroup, netns) = locate("self.service", &shown, &mount).unwrap();
         assert_eq!(cgroup, own);
         assert!(netns.starts_with("/proc") && netns.ends_with("ns/net"), "{}", netns.display());
