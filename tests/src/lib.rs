@@ -428,3 +428,26 @@ impl Drop for TestPinRoot {
         }
     }
 }
+
+/// Fails the test with the fix unless `command` (from Debian package
+/// `package`) is installed; installs the package first if it is missing
+/// and apt-get is at hand, as `cargo xtask test` does for the whole suite.
+pub fn require_command(command: &str, package: &str) -> PathBuf {
+    let find = || {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].iter().map(|d| PathBuf::from(d).join(command)).find(|p| p.is_file())
+    };
+    if let Some(path) = find() {
+        return path;
+    }
+    eprintln!("installing {package} (for {command})");
+    for args in [&["update", "-qq"][..], &["install", "-y", "-qq", package][..]] {
+        let status = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "{command} is missing and `apt-get {}` failed ({status:?}); install the Debian package {package} \
+             (`apt-get install {package}`, or `cargo xtask test` does it)",
+            args.join(" ")
+        );
+    }
+    find().unwrap_or_else(|| panic!("the package {package} did not install {command}"))
+}

@@ -5,7 +5,8 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 /// Commands the test suite runs, with the packages that provide them.
-pub const FOR_TESTS: &[(&str, &str)] = &[("iptables", "iptables")];
+/// nginx and lighttpd are the real servers `tests/tests/servers.rs` guards.
+pub const FOR_TESTS: &[(&str, &str)] = &[("iptables", "iptables"), ("nginx", "nginx"), ("lighttpd", "lighttpd")];
 
 /// Installs Debian packages whose commands are missing.
 pub fn ensure(commands: &[(&str, &str)]) -> Result<()> {

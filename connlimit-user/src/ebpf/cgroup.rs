@@ -60,6 +60,13 @@ impl Cgroup {
         }
     }
 
+    /// Whether any process is in the cgroup or a cgroup below it
+    /// (`populated` in `cgroup.events`, which the kernel updates as
+    /// processes come and go and signals as a file modification).
+    pub fn populated(&self) -> bool {
+        populated(&self.path)
+    }
+
     /// Process ids in the cgroup.
     pub fn procs(&self) -> Vec<i32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
@@ -67,6 +74,16 @@ impl Cgroup {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect()
+    }
+}
+
+/// Whether the cgroup v2 directory `dir` holds any process, itself or below
+/// (see [`Cgroup::populated`]); when `cgroup.events` cannot be read, whether
+/// `cgroup.procs` lists any.
+pub fn populated(dir: &Path) -> bool {
+    match fs::read_to_string(dir.join("cgroup.events")) {
+        Ok(events) => events.lines().any(|l| l.trim() == "populated 1"),
+        Err(_) => fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty()),
     }
 }
 

@@ -164,6 +164,15 @@ pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf, EbpfError> {
     Ok(cgroup2_mount()?.join(relative.trim_start_matches('/')))
 }
 
+/// Whether `dir` is the root of the cgroup v2 hierarchy (its mount point):
+/// every process on the host not placed in a cgroup of its own is in it.
+pub fn is_cgroup2_root(dir: &Path) -> bool {
+    match (cgroup2_mount(), fs::canonicalize(dir)) {
+        (Ok(mount), Ok(dir)) => fs::canonicalize(mount).is_ok_and(|mount| mount == dir),
+        _ => false,
+    }
+}
+
 /// A network namespace's identity: the device and inode of its nsfs file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetnsId {
@@ -247,5 +256,8 @@ mod tests {
         let mount = cgroup2_mount().unwrap();
         require_cgroup2_dir(&mount).unwrap();
         assert!(require_cgroup2_dir(Path::new("/tmp")).is_err());
+        assert!(is_cgroup2_root(&mount));
+        assert!(is_cgroup2_root(&mount.join(".")));
+        assert!(!is_cgroup2_root(Path::new("/tmp")));
     }
 }

@@ -61,7 +61,12 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         connlimit run --port 8080 --max-conns-per-client-ip 10 --pid 1234\n  \
         connlimit run --port 80 --port 443 --max-conns-per-client-ip 50 --cgroup /sys/fs/cgroup/system.slice/nginx.service\n  \
-        connlimit run --name api --port 8080 --max-conns-per-client-ip 10 --pid 1234 --persist\n\n\
+        connlimit run --name api --port 8080 --max-conns-per-client-ip 10 --pid 1234 --persist\n  \
+        connlimit run --port 80 --max-conns-per-client-ip 50 --unit nginx.service\n  \
+        connlimit run --port 8080 --max-conns-per-client-ip 10 --pid $(docker inspect -f '{{.State.Pid}}' web)\n\n\
+        --unit finds the unit's cgroup with `systemctl show`. A server in the root cgroup (one started \
+        by hand outside any service manager) shares it with every process on the host: connlimit \
+        then counts all of their connections to the guarded ports, and warns.\n\n\
         Stops on SIGINT, SIGTERM or SIGHUP (a closed terminal) and detaches, unless --persist was \
         given: then enforcement stays pinned, owned by nobody. If connlimit is killed or crashes, \
         the kernel keeps enforcing the last config and `status` says \"orphaned\"; running the \
@@ -71,12 +76,19 @@ pub enum Command {
     /// Start a server in a fresh cgroup, under a limit, and exit with its status
     #[command(after_help = "Examples:\n  \
         connlimit exec --port 8080 --max-conns-per-client-ip 10 --user nobody -- python3 -m http.server 8080\n  \
-        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n\n\
-        The server's exit status becomes connlimit's (128 + signal number if it was killed). The \
-        server runs in its own process group: SIGINT (Ctrl-C), SIGTERM and SIGHUP reach connlimit, \
-        which passes each on to the server once, and detaches when the server exits. If connlimit \
-        is killed, the server keeps running under the limit (the instance is left orphaned; \
-        `connlimit detach` removes it).")]
+        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n  \
+        connlimit exec --port 80 --max-conns-per-client-ip 50 --pid-file /run/nginx.pid -- nginx\n\n\
+        connlimit follows the server's cgroup, as a service manager does: a server that daemonizes \
+        (its first process exits with status 0, leaving others behind) stays guarded until the \
+        cgroup is empty. The server runs in its own process group: SIGINT (Ctrl-C), SIGTERM and \
+        SIGHUP reach connlimit, which passes each on once: to the PID in --pid-file if it names a \
+        process of the cgroup, else to the first process while it runs, else to every process in \
+        the cgroup. connlimit stops no process by itself; it detaches once the cgroup is empty.\n\n\
+        Exit status: the first process's if it failed; else that of the server's main process (the \
+        PID in --pid-file, else the last process connlimit reaped: it adopts the orphans a daemon \
+        leaves), 0 if none was seen; 128 + signal number for a process killed by a signal. If \
+        connlimit is killed, the server keeps running under the limit (the instance is left \
+        orphaned; `connlimit detach` removes it).")]
     Exec(ExecArgs),
     /// Run every instance a service file lists, as a long-lived service
     #[command(after_help = "Examples:\n  \
@@ -209,6 +221,16 @@ fn user_spec(s: &str) -> Result<String, String> {
     }
 }
 
+/// A systemd unit name: no path, no option, nothing systemctl would read
+/// as something else.
+fn unit_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 256
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.@\\".contains(&b));
+    if ok { Ok(s.to_owned()) } else { Err(format!("{s:?} is not a systemd unit name, e.g. nginx.service")) }
+}
+
 fn port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(0) | Err(_) => Err(format!("{s:?} is not a TCP port; give 1 to 65535")),
@@ -248,17 +270,21 @@ pub struct CheckConfigArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("target").required(true).multiple(false))]
 pub struct RunArgs {
     #[command(flatten)]
     pub limits: LimitArgs,
     #[command(flatten)]
     pub report: ReportArgs,
     /// Count the connections of the processes in this cgroup v2 directory
-    #[arg(long, value_name = "PATH", required_unless_present = "pid", conflicts_with = "pid")]
+    #[arg(long, value_name = "PATH", group = "target")]
     pub cgroup: Option<PathBuf>,
     /// Count the connections of this process's cgroup (and refuse in its network namespace)
-    #[arg(long, value_name = "PID", value_parser = pid)]
+    #[arg(long, value_name = "PID", value_parser = pid, group = "target")]
     pub pid: Option<u32>,
+    /// Count the connections of this systemd unit's cgroup (and refuse in its main process's network namespace)
+    #[arg(long, value_name = "UNIT", value_parser = unit_name, group = "target")]
+    pub unit: Option<String>,
     /// Keep enforcing after connlimit exits, even gracefully (detach later with `connlimit detach`)
     #[arg(long)]
     pub persist: bool,
@@ -271,6 +297,9 @@ pub struct ExecArgs {
     /// Run the server as this user (and its groups, or GROUP), not as root
     #[arg(long, short = 'u', value_name = "USER[:GROUP]", value_parser = user_spec)]
     pub user: Option<String>,
+    /// The server's main PID is in FILE (e.g. nginx's `pid` file): signals are passed to it alone
+    #[arg(long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
     #[command(flatten)]
     pub report: ReportArgs,
     /// The server command and its arguments

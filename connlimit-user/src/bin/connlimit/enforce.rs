@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::{ExecArgs, LimitArgs, RunArgs},
-    notify,
+    follow, notify,
     report::Reports,
 };
 
@@ -80,6 +80,12 @@ impl Enforcement {
     /// earlier owner for the same cgroup and namespace crashed or persisted it.
     pub(crate) fn start(plan: &Plan, cgroup: &Path, netns: &Path) -> Result<Self> {
         let options = plan.options(cgroup, netns);
+        if host::is_cgroup2_root(cgroup) {
+            tracing::warn!(
+                cgroup = %cgroup.display(),
+                "the guarded cgroup is the cgroup2 root: every process on the host not in a cgroup of its own is counted for the guarded ports; give the server a cgroup of its own (see \"Guarding real servers\" in the README)"
+            );
+        }
         match EbpfLimiter::attach(options.clone()) {
             Ok(limiter) => Ok(Self::Attached(limiter)),
             Err(EbpfError::InstanceExists(_)) => {
@@ -165,7 +171,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (cgroup, netns) = match (&args.cgroup, args.pid) {
         (Some(cgroup), _) => (cgroup.clone(), PathBuf::from("/proc/self/ns/net")),
         (None, Some(pid)) => (host::cgroup_of_pid(pid)?, PathBuf::from(format!("/proc/{pid}/ns/net"))),
-        (None, None) => unreachable!("clap requires --cgroup or --pid"),
+        (None, None) => crate::unit::resolve(args.unit.as_deref().expect("clap requires --cgroup, --pid or --unit"))?,
     };
     let (runtime, mut signals) = Signals::catch()?;
     let mut reports = Reports::start(&runtime, &args.report)?;
@@ -204,29 +210,22 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
         // After joining the cgroup, which needs root.
         user.drop_on_exec(&mut command);
     }
-    let status = runtime.block_on(async {
-        let mut child = tokio::process::Command::from(command)
-            .spawn()
-            .with_context(|| format!("starting {}", program.to_string_lossy()))?;
-        let pid = child.id().context("the server exited at once")? as i32;
-        tracing::info!(pid, "server started");
+    let code = runtime.block_on(async {
+        // Both before the server starts, so no exit goes unseen.
+        let mut children = signal(SignalKind::child()).context("catching SIGCHLD")?;
+        follow::become_subreaper()?;
+        let child = command.spawn().with_context(|| format!("starting {}", program.to_string_lossy()))?;
+        let first = child.id() as i32;
+        tracing::info!(pid = first, "server started");
         notify::send("READY=1");
-        loop {
-            let forward = tokio::select! {
-                status = child.wait() => return anyhow::Ok(status?),
-                signal = signals.next() => signal,
-            };
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, forward) };
-        }
+        let server = follow::Server { cgroup: &cgroup, first, pid_file: args.pid_file.clone() };
+        anyhow::Ok(server.supervise(&mut signals, &mut children).await)
     });
     drop(reports);
     let finished = enforcement.finish();
     drop(cgroup);
-    let status = status?;
+    let code = code?;
     finished?;
-    use std::os::unix::process::ExitStatusExt;
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     tracing::info!(code, "server exited");
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }

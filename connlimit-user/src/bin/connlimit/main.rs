@@ -8,6 +8,7 @@ mod config_file;
 mod enforce;
 #[cfg(test)]
 mod fuzz;
+mod follow;
 mod manage;
 mod metrics;
 mod notify;
@@ -15,6 +16,7 @@ mod refusals;
 mod report;
 mod serve;
 mod show;
+mod unit;
 mod user;
 
 use std::process::ExitCode;
