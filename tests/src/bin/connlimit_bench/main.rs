@@ -28,7 +28,7 @@ const CHURN_LIMIT: u32 = 100_000;
 const BURST_LIMIT: u32 = 10;
 const FLOOD_ATTEMPTS: u32 = 10_000;
 /// Entries left free in `CLIENTS` by the scale runs' filler: the minimal
-/// server falls up to ~3,000 connections behind in reading the clients'
+/// server falls thousands of connections behind in reading the clients'
 /// EOFs, and each of those still counts.
 const SCALE_HEADROOM: u32 = 16_384;
 
@@ -511,7 +511,7 @@ fn report(args: &Args, results: &Results) -> Result<String> {
             out,
             "Each connection from its own 127.x address, cycling through {} addresses; connlimit's `CLIENTS` map \
              (capacity {}) was first filled with {scale_fill} other clients' entries, leaving room for the \
-             connections in flight (the server falls up to ~3,000 behind in closing), and its `PENDING` map fills \
+             connections in flight (the server falls thousands of connections behind in closing), and its `PENDING` map fills \
              with the churning clients. Minimal server; ratios as above.\n",
             args.scale_clients,
             capacity::CLIENTS
