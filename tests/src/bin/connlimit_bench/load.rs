@@ -1,5 +1,5 @@
 //! The load generator: bounded in count and time, on the namespace's
-//! loopback only. Every client connects from a 127.1.x.y source.
+//! loopback only. Every client connects from a 127.x source of its own.
 
 use std::{
     io::Read,
@@ -19,13 +19,13 @@ use crate::setup::{Env, PORT};
 /// Set by SIGINT: loads stop early and the run tears down cleanly.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
-fn server() -> SocketAddr {
+pub fn server() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], PORT))
 }
 
 /// A client socket bound to `source` with its port left to connect(), so
 /// ports in TIME_WAIT can be reused.
-fn client(source: IpAddr) -> std::io::Result<Socket> {
+pub fn client(source: IpAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     let on: libc::c_int = 1;
     // SAFETY: a valid socket and option value.
@@ -48,7 +48,7 @@ fn client(source: IpAddr) -> std::io::Result<Socket> {
 
 /// Connects; `Some(latency)` if the server's byte arrives (admitted), `None`
 /// if refused at connect or closed by the server.
-fn attempt(source: IpAddr) -> (Option<Duration>, Option<Socket>) {
+pub fn attempt(source: IpAddr) -> (Option<Duration>, Option<Socket>) {
     let Ok(socket) = client(source) else { return (None, None) };
     let start = Instant::now();
     if socket.connect_timeout(&server().into(), Duration::from_secs(2)).is_err() {
@@ -62,9 +62,10 @@ fn attempt(source: IpAddr) -> (Option<Duration>, Option<Socket>) {
     }
 }
 
-/// `127.1.x.y`, the `i`-th client address.
+/// The `i`-th client address: 127.1.0.1 onwards (127.2.134.160 is the
+/// 100,000th).
 pub fn source(i: u32) -> IpAddr {
-    harness::client_v4(1 + i)
+    IpAddr::from(std::net::Ipv4Addr::from(0x7f01_0001 + i))
 }
 
 pub struct Churn {

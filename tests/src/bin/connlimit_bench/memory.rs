@@ -68,3 +68,25 @@ pub fn measure() -> Result<Vec<Footprint>> {
     }
     Ok(out)
 }
+
+/// Fills instance `name`'s `CLIENTS` map with `n` entries of clients that
+/// never connect (10.x addresses), as if that many held connections;
+/// returns how many were added.
+pub fn fill_clients(name: &str, n: u32) -> Result<u32> {
+    let path = Instance::dir_of(name).join(names::CLIENTS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut table: HashMap<MapData, ClientKey, ClientState> = Map::from_map_data(data)?.try_into()?;
+    for i in 0..n {
+        let addr = connlimit::addr::to_words(std::net::IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()));
+        table.insert(ClientKey::grouped(&addr, 32, 128), ClientState::default(), 0)?;
+    }
+    Ok(n)
+}
+
+/// Entries in instance `name`'s `CLIENTS` map.
+pub fn count_clients(name: &str) -> Result<usize> {
+    let path = Instance::dir_of(name).join(names::CLIENTS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let table: HashMap<MapData, ClientKey, ClientState> = Map::from_map_data(data)?.try_into()?;
+    Ok(table.keys().filter(Result::is_ok).count())
+}

@@ -29,14 +29,22 @@ pub enum Kind {
     Iptables,
     /// nftables `ct count over N` in a dynamic set, `reject with tcp reset`.
     Nftables,
-    /// The user-space `Limiter` in the server's accept loop.
+    /// The user-space `Limiter` in the server's accept loop (tokio server only).
     Userspace,
+    /// No listener on the guarded port: the kernel's own RST, the floor of
+    /// what refusing can cost.
+    ClosedPort,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
-    /// The ones that refuse (all but the baseline).
+    /// Churn configurations in front of the minimal server.
+    pub const MINIMAL: [Kind; 4] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
+    /// Churn configurations in front of the tokio server.
+    pub const TOKIO: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
+    /// The ones that refuse (all but the baseline), for bursts and floods.
     pub const LIMITERS: [Kind; 4] = [Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
+    /// Refusal rate: the floor first, then the kernel limiters.
+    pub const REFUSERS: [Kind; 4] = [Kind::ClosedPort, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -45,30 +53,69 @@ impl Kind {
             Kind::Iptables => "iptables connlimit",
             Kind::Nftables => "nftables ct count",
             Kind::Userspace => "userspace core",
+            Kind::ClosedPort => "closed port (floor)",
         }
     }
+}
+
+/// The server behind the limiter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// `bench-server-min`: one thread, epoll, no runtime.
+    Minimal,
+    /// `bench-server`: a tokio accept loop, a task per connection.
+    Tokio,
+}
+
+impl Server {
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Minimal => "epoll (minimal)",
+            Server::Tokio => "tokio",
+        }
+    }
+}
+
+/// Paths of the two server binaries.
+pub struct Bins {
+    pub minimal: String,
+    pub tokio: String,
+}
+
+/// How an environment is set up, besides its [`Kind`].
+#[derive(Clone, Copy)]
+pub struct Setup<'a> {
+    pub server: Server,
+    pub limit: u32,
+    /// IPv4 prefix length clients are grouped by (32: each address alone).
+    pub prefix_v4: u8,
+    pub bins: &'a Bins,
 }
 
 /// A namespace with the bench server in its own cgroup, behind one limiter.
 pub struct Env {
     pub netns: Netns,
     pub server: Background,
-    // Held for its side effect: attached while the environment lives.
-    _ebpf: Option<EbpfLimiter>,
+    /// The connlimit instance's name, when there is one.
+    pub instance: Option<String>,
+    /// connlimit, attached while the environment lives.
+    pub ebpf: Option<EbpfLimiter>,
     _cgroup: TestCgroup,
 }
 
 impl Env {
-    pub fn new(kind: Kind, limit: u32, server_bin: &str) -> Result<Self> {
+    pub fn new(kind: Kind, setup: Setup<'_>) -> Result<Self> {
+        let Setup { server, limit, prefix_v4, bins } = setup;
         let netns = Netns::new()?;
         tune(&netns)?;
         let cgroup = TestCgroup::create(&unique("connlimit-bench"))?;
+        let instance = (kind == Kind::Connlimit).then(|| unique("bench"));
         let ebpf = match kind {
             Kind::Connlimit => Some(EbpfLimiter::attach(
-                AttachOptions::new(unique("bench"), cgroup.path())
+                AttachOptions::new(instance.clone().unwrap_or_default(), cgroup.path())
                     .netns(netns.path())
                     .port(PORT)
-                    .config(Config::new(limit)),
+                    .config(Config::new(limit).with_ipv4_prefix_len(prefix_v4)),
             )?),
             Kind::Iptables => {
                 let limit = limit.to_string();
@@ -88,7 +135,7 @@ impl Env {
                         "--connlimit-above",
                         &limit,
                         "--connlimit-mask",
-                        "32",
+                        &prefix_v4.to_string(),
                         "-j",
                         "REJECT",
                         "--reject-with",
@@ -98,21 +145,28 @@ impl Env {
                 None
             }
             Kind::Nftables => {
+                let mask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix_v4)).unwrap_or(0));
                 let rules = format!(
                     "table inet bench {{\n\
                        set clients {{ type ipv4_addr; flags dynamic; }}\n\
                        chain input {{ type filter hook input priority 0; policy accept;\n\
-                         tcp dport {PORT} ct state new add @clients {{ ip saddr ct count over {limit} }} reject with tcp reset\n\
+                         tcp dport {PORT} ct state new add @clients {{ ip saddr & {mask} ct count over {limit} }} reject with tcp reset\n\
                        }}\n\
                      }}\n"
                 );
                 nft_stdin(&netns, &rules)?;
                 None
             }
-            Kind::Baseline | Kind::Userspace => None,
+            Kind::Baseline | Kind::Userspace | Kind::ClosedPort => None,
         };
-        let mut cmd = Command::new(server_bin);
-        cmd.arg(SocketAddr::from(([0, 0, 0, 0], PORT)).to_string()).stdin(Stdio::piped());
+        let bin = match server {
+            Server::Minimal => &bins.minimal,
+            Server::Tokio => &bins.tokio,
+        };
+        let mut cmd = Command::new(bin);
+        // With a closed port the server listens elsewhere, so the guarded port has no listener.
+        let port = if kind == Kind::ClosedPort { PORT + 1 } else { PORT };
+        cmd.arg(SocketAddr::from(([0, 0, 0, 0], port)).to_string()).stdin(Stdio::piped());
         if kind == Kind::Userspace {
             cmd.arg(limit.to_string());
         }
@@ -122,7 +176,7 @@ impl Env {
         if !server.wait_for("listening", Duration::from_secs(10)) {
             bail!("the bench server did not start: {}", server.log());
         }
-        Ok(Self { netns, server, _ebpf: ebpf, _cgroup: cgroup })
+        Ok(Self { netns, server, instance, ebpf, _cgroup: cgroup })
     }
 
     /// (connections accepted, connections refused by the user-space core)
