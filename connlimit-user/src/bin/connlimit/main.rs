@@ -6,9 +6,9 @@
 mod cli;
 mod config_file;
 mod enforce;
+mod follow;
 #[cfg(test)]
 mod fuzz;
-mod follow;
 mod manage;
 mod metrics;
 mod notify;
