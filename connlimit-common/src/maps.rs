@@ -323,7 +323,7 @@ impl Stat {
 /// whenever a pinned map changes shape, so a connlimit never opens or
 /// adopts an instance another version pinned. 0 means a connlimit from
 /// before versioning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// [`InstanceInfo::flags`]: a graceful exit of the owner leaves the instance
 /// enforcing (`--persist`) instead of detaching it.
