@@ -43,3 +43,21 @@ pub unsafe fn add(ptr: *mut u64, n: u64) {
         unsafe { AtomicU64::from_ptr(ptr) }.fetch_add(n, Relaxed);
     }
 }
+
+/// Adds `n` to `*ptr` and returns what it held before.
+///
+/// # Safety
+/// As for [`compare_exchange`].
+#[inline(always)]
+pub unsafe fn fetch_add(ptr: *mut u64, n: u64) -> u64 {
+    #[cfg(target_arch = "bpf")]
+    {
+        use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xadd};
+        unsafe { atomic_xadd::<u64, u64, { SeqCst }>(ptr, n) }
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    {
+        use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        unsafe { AtomicU64::from_ptr(ptr) }.fetch_add(n, SeqCst)
+    }
+}

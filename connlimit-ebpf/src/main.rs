@@ -38,7 +38,8 @@ use connlimit_common::{
     established::{self, Step},
     maps::{
         ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FlowKey, Handshake,
-        InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, Stat, capacity,
+        InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, SLOT_CLIENT, SLOT_TOTAL, Stat, TotalState,
+        capacity,
     },
     pending::{Pending, epoch_of, is_live},
 };
@@ -70,8 +71,14 @@ const MAX_CPUS: u32 = 64;
 static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
+// Per-network limits: the longest prefix holding a client gives its limit;
+// 0 makes it exempt.
 #[map]
-static EXEMPT: LpmTrie<ExemptKey, u8> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
+static NETWORKS: LpmTrie<ExemptKey, u32> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
+// The total limit's state: one word of reservations and one count, shared
+// by all clients.
+#[map]
+static TOTAL: Array<TotalState> = Array::with_max_entries(1, 0);
 // Not LRU: an entry is a live count, made by a completed handshake and
 // removed when its count returns to zero. Nothing a SYN does can evict it.
 #[map]
@@ -105,7 +112,7 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     let Some(config) = CONFIG.get(0) else {
         return sk_action::SK_PASS;
     };
-    if config.max_conns_per_client == 0 {
+    if config.max_conns_per_client == 0 && config.max_conns_total == 0 && config.flags & FLAG_EXEMPT == 0 {
         return sk_action::SK_PASS;
     }
     let flow = lookup_flow(lookup);
@@ -119,44 +126,80 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     if unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch)) {
         return sk_action::SK_PASS;
     }
-    let client = client_key(config, &flow.client);
-    if client.is_exempt() {
+    let (client, limit) = client_key(config, &flow.client);
+    if client.is_exempt() || (limit == 0 && config.max_conns_total == 0) {
         return sk_action::SK_PASS;
     }
-    admit(lookup, config, &flow, &client, epoch, now_ns)
+    match admit(config, &flow, &client, limit, now_ns) {
+        ADMITTED => sk_action::SK_PASS,
+        over => refuse(lookup, config, &client, over == OVER_TOTAL),
+    }
 }
 
-/// Reserves a slot for a new connection of `client`, or refuses it.
-fn admit(lookup: &bpf_sk_lookup, config: &KernelConfig, flow: &FlowKey, client: &ClientKey, epoch: u64, now_ns: u64) -> u32 {
+/// What [`admit`] decided. (Plain numbers: a returned tuple or enum with
+/// data would be passed on the stack, which BPF calls cannot do.)
+const ADMITTED: u32 = 0;
+const OVER_CLIENT: u32 = 1;
+const OVER_TOTAL: u32 = 2;
+
+/// Reserves a slot for a new connection of `client` (limited to `limit`,
+/// 0 = unlimited) and one under the total limit: [`ADMITTED`], or which
+/// limit refuses it.
+fn admit(config: &KernelConfig, flow: &FlowKey, client: &ClientKey, limit: u32, now_ns: u64) -> u32 {
+    let epoch = epoch_of(now_ns, config.epoch_ns);
     let Some(pending) = pending_state(client) else {
         // No handshake state: admit, and judge the connection when it completes.
-        return sk_action::SK_PASS;
+        return ADMITTED;
     };
-    let limit = config.max_conns_per_client;
-    let mut booked = reserve(pending, client, epoch, limit);
-    if booked.is_none() && release_stale_syn(epoch, now_ns) {
-        booked = reserve(pending, client, epoch, limit);
-    }
-    if let Some(booked) = booked {
-        let handshake = Handshake { client: *client, _pad: 0, epoch: booked };
-        if HANDSHAKES.insert(flow, handshake, 0).is_ok() {
-            if let Some(last) = LAST_SYN.get_ptr_mut(0) {
-                // SAFETY: this CPU's value of a per-CPU array.
-                unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
-            }
-        } else {
-            release_reservation(client, epoch, booked);
+    let mut handshake = Handshake { client: *client, slots: 0, epoch: 0, total_epoch: 0 };
+    if limit != 0 {
+        let mut booked = reserve(pending, client, epoch, limit);
+        if booked.is_none() && release_stale_syn(epoch, now_ns) {
+            booked = reserve(pending, client, epoch, limit);
         }
-        return sk_action::SK_PASS;
+        let Some(booked) = booked else {
+            return OVER_CLIENT;
+        };
+        handshake.slots = SLOT_CLIENT;
+        handshake.epoch = booked;
     }
+    if config.max_conns_total != 0 {
+        // (No second look for a stale SYN here: the verifier's budget.)
+        let Some(booked) = reserve_total(epoch, config.max_conns_total) else {
+            release_handshake(&handshake, epoch);
+            return OVER_TOTAL;
+        };
+        handshake.slots |= SLOT_TOTAL;
+        handshake.total_epoch = booked;
+        if limit == 0 {
+            handshake.epoch = booked;
+        }
+    }
+    if HANDSHAKES.insert(flow, handshake, 0).is_ok() {
+        if let Some(last) = LAST_SYN.get_ptr_mut(0) {
+            // SAFETY: this CPU's value of a per-CPU array.
+            unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
+        }
+    } else {
+        release_handshake(&handshake, epoch);
+    }
+    ADMITTED
+}
 
+/// Refuses a SYN over a limit (`total`: the instance's total limit).
+fn refuse(lookup: &bpf_sk_lookup, config: &KernelConfig, client: &ClientKey, total: bool) -> u32 {
     if config.flags & FLAG_DRY_RUN != 0 {
         // Admitted without a reservation: sock_ops judges it when its
         // handshake completes, and records the would-be refusal then.
         return sk_action::SK_PASS;
     }
-    // SAFETY: `pending` points into a live map entry.
-    add(unsafe { &raw mut (*pending).refused }, 1);
+    if total {
+        count(Stat::TotalRefused);
+    }
+    if let Some(pending) = PENDING.get_ptr_mut(client) {
+        // SAFETY: `pending` points into a live map entry.
+        add(unsafe { &raw mut (*pending).refused }, 1);
+    }
     count(Stat::Refused);
     // SAFETY: reading the union's pointer member, which the kernel sets.
     if !unsafe { lookup.__bindgen_anon_1.__bindgen_anon_1.sk }.is_null() {
@@ -174,6 +217,66 @@ fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u3
     compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
         Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
     })
+}
+
+/// Takes an instance-wide slot if the instance holds fewer than `limit`
+/// connections; returns the epoch it was booked in.
+fn reserve_total(epoch: u64, limit: u32) -> Option<u64> {
+    match connlimit_reserve_total(epoch, limit) {
+        NOT_BOOKED => None,
+        booked => Some(booked),
+    }
+}
+
+/// [`reserve_total`]'s result when no slot was taken.
+const NOT_BOOKED: u64 = u64::MAX;
+
+/// [`reserve_total`] as a global BPF function: the verifier checks it once,
+/// apart from the lookup program, whose budget is tight. Returns the epoch
+/// booked, or [`NOT_BOOKED`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn connlimit_reserve_total(epoch: u64, limit: u32) -> u64 {
+    let Some(total) = TOTAL.get_ptr_mut(0) else {
+        return NOT_BOOKED;
+    };
+    // SAFETY: `total` points into a live map entry; an aligned 64-bit load
+    // is atomic on BPF.
+    let established = unsafe { (&raw const (*total).established).read_volatile() }.min(u32::MAX as u64) as u32;
+    // SAFETY: as above.
+    compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
+        Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
+    })
+    .unwrap_or(NOT_BOOKED)
+}
+
+/// Gives back the slots a handshake holds.
+fn release_handshake(h: &Handshake, epoch: u64) {
+    if h.slots & SLOT_CLIENT != 0 {
+        release_reservation(&h.client, epoch, h.epoch);
+    }
+    if h.slots & SLOT_TOTAL != 0 {
+        release_total(epoch, h.total_epoch);
+    }
+}
+
+/// Gives back an instance-wide reservation booked in epoch `booked`.
+/// A global BPF function, checked once by the verifier (see
+/// [`connlimit_reserve_total`]); returns 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn connlimit_release_total(epoch: u64, booked: u64) -> u64 {
+    if let Some(total) = TOTAL.get_ptr_mut(0) {
+        // SAFETY: `total` points into a live map entry.
+        compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
+            Some((Pending(w).release(epoch, booked).0, ()))
+        });
+    }
+    0
+}
+
+fn release_total(epoch: u64, booked: u64) {
+    connlimit_release_total(epoch, booked);
 }
 
 /// Gives back a reservation booked in epoch `booked`.
@@ -197,7 +300,7 @@ fn claim_handshake(flow: &FlowKey) -> Option<Handshake> {
 /// Releases the reservation of a handshake no listener took.
 fn release_unclaimed(flow: &FlowKey, epoch: u64) {
     if let Some(h) = claim_handshake(flow) {
-        release_reservation(&h.client, epoch, h.epoch);
+        release_handshake(&h, epoch);
         count(Stat::Unconfirmed);
     }
 }
@@ -291,14 +394,14 @@ fn on_established(ctx: &SockOpsContext) {
     // A reservation that expired (the client held back its final ACK) no
     // longer holds a slot: such a handshake is judged like an unreserved one.
     let handshake = claim_handshake(&flow).filter(|h| is_live(h.epoch, epoch));
+    let (key, limit) = client_key(config, &flow.client);
     let client = match handshake {
         Some(h) => h.client,
-        None => client_key(config, &flow.client),
+        None => key,
     };
     // A claimed reservation is this connection's slot. Without one (it
     // expired, or was evicted), the handshake is judged now: counting it
     // within the limit is one atomic step.
-    let limit = config.max_conns_per_client;
     let cap = match handshake {
         None if limit != 0 && !client.is_exempt() => {
             let reserved = PENDING.get_ptr(client).map_or(0, |p| {
@@ -309,15 +412,19 @@ fn on_established(ctx: &SockOpsContext) {
         }
         _ => NO_CAP,
     };
-    let counted = count_connection(ctx, &client, cap);
+    let total_cap = total_cap(config, handshake.as_ref(), &client, epoch);
+    let counted = count_connection(ctx, &client, cap).map(|within| (within, add_total(total_cap)));
     // Counted before released: a concurrent SYN sees the slot taken throughout.
     if let Some(h) = handshake {
-        release_reservation(&h.client, epoch, h.epoch);
+        release_handshake(&h, epoch);
     }
     match counted {
-        Ok(true) => count(Stat::Accepted),
-        Ok(false) => {
+        Ok((true, true)) => count(Stat::Accepted),
+        Ok((_, within_total)) => {
             count(Stat::Accepted);
+            if !within_total {
+                count(Stat::TotalRefused);
+            }
             if let Some(pending) = pending_state(&client) {
                 // SAFETY: `pending` points into a live map entry.
                 add(unsafe { &raw mut (*pending).refused }, 1);
@@ -333,6 +440,42 @@ fn on_established(ctx: &SockOpsContext) {
             count(Stat::Untracked);
             warn!(ctx, "connlimit: a map is full; a connection is not counted");
         }
+    }
+}
+
+/// How many connections the instance may already hold for this one to be
+/// within the total limit: `NO_CAP` when there is none, when the handshake
+/// holds an instance-wide slot, or for an exempt client.
+fn total_cap(config: &KernelConfig, handshake: Option<&Handshake>, client: &ClientKey, epoch: u64) -> u32 {
+    let limit = config.max_conns_total;
+    if limit == 0 || client.is_exempt() || handshake.is_some_and(|h| h.slots & SLOT_TOTAL != 0) {
+        return NO_CAP;
+    }
+    let reserved = TOTAL.get_ptr(0).map_or(0, |t| {
+        // SAFETY: `t` points into a live map entry.
+        Pending(unsafe { (&raw const (*t).reservations).read_volatile() }).reserved(epoch)
+    });
+    limit.saturating_sub(reserved)
+}
+
+/// One more connection of the instance; returns whether it held fewer
+/// than `cap` before (one atomic step, so two CPUs never both take the
+/// last place).
+fn add_total(cap: u32) -> bool {
+    let Some(total) = TOTAL.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: `total` points into a live map entry, 8-byte aligned.
+    let before = unsafe { atomic::fetch_add(&raw mut (*total).established, 1) };
+    cap == NO_CAP || before < u64::from(cap)
+}
+
+/// One connection of the instance fewer.
+fn remove_total() {
+    if let Some(total) = TOTAL.get_ptr_mut(0) {
+        // Adding 2^64 - 1 subtracts one; every decrement follows its increment.
+        // SAFETY: `total` points into a live map entry, 8-byte aligned.
+        add(unsafe { &raw mut (*total).established }, u64::MAX);
     }
 }
 
@@ -425,15 +568,22 @@ fn on_close(ctx: &SockOpsContext) {
     // Whoever removes the entry gives the slot back: exactly once.
     if CONNS.remove(cookie).is_ok() {
         remove_established(&client);
+        remove_total();
     }
 }
 
-/// The key `addr` is counted under: its own if exempt, else its group's.
-fn client_key(config: &KernelConfig, addr: &AddrWords) -> ClientKey {
-    if config.flags & FLAG_EXEMPT != 0 && EXEMPT.get(Key::new(ExemptKey::FULL_LEN, ExemptKey::of(addr))).is_some() {
-        return ClientKey::exempt(addr);
+/// The key `addr` is counted under (its own if exempt, else its group's)
+/// and its limit: the one of the longest network prefix holding it, else
+/// the instance's.
+fn client_key(config: &KernelConfig, addr: &AddrWords) -> (ClientKey, u32) {
+    if config.flags & FLAG_EXEMPT != 0 {
+        match NETWORKS.get(Key::new(ExemptKey::FULL_LEN, ExemptKey::of(addr))) {
+            Some(&0) => return (ClientKey::exempt(addr), 0),
+            Some(&limit) => return (ClientKey::grouped(addr, config.ipv4_prefix_len, config.ipv6_prefix_len), limit),
+            None => {}
+        }
     }
-    ClientKey::grouped(addr, config.ipv4_prefix_len, config.ipv6_prefix_len)
+    (ClientKey::grouped(addr, config.ipv4_prefix_len, config.ipv6_prefix_len), config.max_conns_per_client)
 }
 
 /// Established connections counted under `client`.

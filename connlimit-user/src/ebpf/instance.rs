@@ -17,7 +17,7 @@ use connlimit_common::{
     established,
     maps::{
         ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, InstanceInfo, KernelConfig,
-        LAYOUT_VERSION, PendingState, Stat, names,
+        LAYOUT_VERSION, PendingState, Stat, TotalState, names,
     },
     pending::{Pending, epoch_of},
 };
@@ -26,7 +26,7 @@ use super::{
     EbpfError, WhenFull, host,
     pin_root::{self, PinRoot, Staging, fd_path},
 };
-use crate::{Cidr, Config, Stats, addr};
+use crate::{Cidr, Config, NetworkLimit, Stats, addr};
 
 /// Pin names of the links of a persisted instance.
 pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
@@ -57,7 +57,9 @@ pub struct Instance {
     name: String,
     config: Array<MapData, KernelConfig>,
     ports: Array<MapData, u8>,
-    exempt: LpmTrie<MapData, ExemptKey, u8>,
+    /// Exempt prefixes (limit 0) and per-network limits.
+    networks: LpmTrie<MapData, ExemptKey, u32>,
+    total: Array<MapData, TotalState>,
     clients: HashMap<MapData, ClientKey, ClientState>,
     pending: HashMap<MapData, ClientKey, PendingState>,
     conns: HashMap<MapData, u64, ClientKey>,
@@ -145,7 +147,8 @@ impl Instance {
             name: name.to_owned(),
             config: typed!(names::CONFIG),
             ports: typed!(names::PORTS),
-            exempt: typed!(names::EXEMPT),
+            networks: typed!(names::NETWORKS),
+            total: typed!(names::TOTAL),
             clients: typed!(names::CLIENTS),
             pending: typed!(names::PENDING),
             conns: typed!(names::CONNS),
@@ -187,27 +190,34 @@ impl Instance {
     /// The configuration in force, as the kernel reads it.
     pub fn config(&self) -> Result<Config, EbpfError> {
         let k = self.kernel_config()?;
-        let mut exempt = Vec::new();
-        for entry in self.exempt.keys() {
-            let key = entry.map_err(sys("reading the exempt map"))?;
+        let (mut exempt, mut network_limits) = (Vec::new(), Vec::new());
+        for entry in self.networks.iter() {
+            let (key, limit) = entry.map_err(sys("reading the networks map"))?;
             let words = key.data().addr;
             let addr = addr::from_words(words);
             let len = key.prefix_len() - ExemptKey::prefix_len(&words, 0);
-            exempt.push(Cidr::new(addr, len as u8).map_err(|e| EbpfError::system("reading the exempt map", e))?);
+            let cidr = Cidr::new(addr, len as u8).map_err(|e| EbpfError::system("reading the networks map", e))?;
+            match limit {
+                0 => exempt.push(cidr),
+                n => network_limits.push(NetworkLimit::new(cidr, n)),
+            }
         }
         exempt.sort_by_key(|c| (c.addr(), c.prefix_len()));
+        network_limits.sort_by_key(|n| (n.cidr.addr(), n.cidr.prefix_len()));
         Ok(Config {
             max_conns_per_client_ip: k.max_conns_per_client,
             ipv4_prefix_len: k.ipv4_prefix_len,
             ipv6_prefix_len: k.ipv6_prefix_len,
             exempt,
+            network_limits,
+            max_conns_total: k.max_conns_total,
             dry_run: k.flags & FLAG_DRY_RUN != 0,
         })
     }
 
-    /// Replaces the configuration. Newly exempt prefixes are added before the
-    /// limit changes and old ones removed after, so no exempt client is
-    /// ever limited in between.
+    /// Replaces the configuration. Network entries (exempt prefixes and
+    /// network limits) are written before the limits change and stale ones
+    /// removed after, so no exempt client is ever limited in between.
     pub fn set_config(&mut self, config: &Config) -> Result<(), EbpfError> {
         config.validate()?;
         let kernel = self.kernel_config()?;
@@ -230,22 +240,27 @@ impl Instance {
     /// Writes `config`, keeping the other fields of `base` (epoch, namespace,
     /// full-map policy).
     pub(crate) fn write_config(&mut self, config: &Config, base: KernelConfig) -> Result<(), EbpfError> {
-        let old: Vec<Key<ExemptKey>> = self.exempt.keys().filter_map(Result::ok).collect();
-        let new: Vec<Key<ExemptKey>> = config
+        let old: Vec<Key<ExemptKey>> = self.networks.keys().filter_map(Result::ok).collect();
+        let key = |c: &Cidr| {
+            let words = addr::to_words(c.addr());
+            Key::new(ExemptKey::prefix_len(&words, u32::from(c.prefix_len())), ExemptKey::of(&words))
+        };
+        // Exempt is limit 0; a network limit on the same prefix is refused
+        // by `Config::validate`.
+        let new: Vec<(Key<ExemptKey>, u32)> = config
             .exempt
             .iter()
-            .map(|c| {
-                let words = addr::to_words(c.addr());
-                Key::new(ExemptKey::prefix_len(&words, u32::from(c.prefix_len())), ExemptKey::of(&words))
-            })
+            .map(|c| (key(c), 0))
+            .chain(config.network_limits.iter().map(|n| (key(&n.cidr), n.limit)))
             .collect();
-        for key in &new {
-            self.exempt.insert(key, 1, 0).map_err(sys("writing the exempt map"))?;
+        for (key, limit) in &new {
+            self.networks.insert(key, limit, 0).map_err(sys("writing the networks map"))?;
         }
         let kernel = KernelConfig {
             max_conns_per_client: config.max_conns_per_client_ip,
             ipv4_prefix_len: config.ipv4_prefix_len,
             ipv6_prefix_len: config.ipv6_prefix_len,
+            max_conns_total: config.max_conns_total,
             flags: (base.flags & FLAG_FULL_CLOSED)
                 | if config.dry_run { FLAG_DRY_RUN } else { 0 }
                 | if new.is_empty() { 0 } else { FLAG_EXEMPT },
@@ -253,8 +268,8 @@ impl Instance {
         };
         self.config.set(0, kernel, 0).map_err(sys("writing the config map"))?;
         let same = |a: &Key<ExemptKey>, b: &Key<ExemptKey>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-        for key in old.iter().filter(|k| !new.iter().any(|n| same(k, n))) {
-            let _ = self.exempt.remove(key);
+        for key in old.iter().filter(|k| !new.iter().any(|(n, _)| same(k, n))) {
+            let _ = self.networks.remove(key);
         }
         Ok(())
     }
@@ -411,7 +426,14 @@ impl Instance {
             ended: total(Stat::Ended)?,
             unconfirmed: total(Stat::Unconfirmed)?,
             endings_lost: total(Stat::EndingsLost)?,
+            total_refused: total(Stat::TotalRefused)?,
         })
+    }
+
+    /// Established connections the instance counts now, across all clients
+    /// (what the total limit holds them to).
+    pub fn total_open(&self) -> Result<u64, EbpfError> {
+        Ok(self.total.get(&0, 0).map_err(sys("reading the total map"))?.established)
     }
 }
 

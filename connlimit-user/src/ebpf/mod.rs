@@ -406,6 +406,12 @@ impl EbpfLimiter {
         self.instance().stats()
     }
 
+    /// Established connections across all clients (what
+    /// [`Config::max_conns_total`] limits).
+    pub fn total_open(&self) -> Result<u64, EbpfError> {
+        self.instance().total_open()
+    }
+
     /// Connections the kernel is tracking until they close.
     pub fn tracked_connections(&self) -> Result<usize, EbpfError> {
         self.instance().tracked_connections()

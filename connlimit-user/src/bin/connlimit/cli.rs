@@ -3,7 +3,7 @@
 use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
-use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP, ebpf::WhenFull};
+use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, NetworkLimit, ebpf::WhenFull};
 
 /// `connlimit --version`: the release, the commit it was built from, and the
 /// kernel object it loads (the hash `status` shows for each instance).
@@ -61,7 +61,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         connlimit run --port 8080 --max-conns-per-client-ip 10 --pid 1234\n  \
         connlimit run --port 80 --port 443 --max-conns-per-client-ip 50 --cgroup /sys/fs/cgroup/system.slice/nginx.service\n  \
-        connlimit run --name api --port 8080 --max-conns-per-client-ip 10 --pid 1234 --persist\n\n\
+        connlimit run --name api --port 8080 --max-conns-per-client-ip 10 --pid 1234 --persist\n  \
+        connlimit run --port 443 -m 20 --max-conns-total 5000 --network-limit 203.0.113.0/24=200 --pid 1234\n\n\
         Stops on SIGINT, SIGTERM or SIGHUP (a closed terminal) and detaches, unless --persist was \
         given: then enforcement stays pinned, owned by nobody. If connlimit is killed or crashes, \
         the kernel keeps enforcing the last config and `status` says \"orphaned\"; running the \
@@ -95,7 +96,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         connlimit set --max-conns-per-client-ip 20\n  \
         connlimit set --name api --ipv6-prefix-len 64 --exempt 10.0.0.0/8 --exempt 192.0.2.7\n  \
-        connlimit set --dry-run false\n\n\
+        connlimit set --dry-run false\n  \
+        connlimit set --max-conns-total 5000 --network-limit 203.0.113.0/24=200 --network-limit 10.0.0.0/8=0\n\n\
         Fields not given keep their value. Lowering the limit closes nothing; it refuses new \
         connections until clients are back under it.")]
     Set(SetArgs),
@@ -154,6 +156,12 @@ pub struct LimitArgs {
     /// Never limit clients in this prefix, e.g. health checkers (repeat for several)
     #[arg(long = "exempt", value_name = "CIDR")]
     pub exempt: Vec<Cidr>,
+    /// Per-client limit N for clients in CIDR, e.g. 203.0.113.0/24=200; the longest prefix wins, 0 = unlimited (repeat for several)
+    #[arg(long = "network-limit", value_name = "CIDR=N")]
+    pub network_limits: Vec<NetworkLimit>,
+    /// Most concurrent connections across all clients; 0 = no total limit
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_TOTAL as i64))]
+    pub max_conns_total: u32,
     /// Count and report what would be refused, refuse nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -297,6 +305,15 @@ pub struct SetArgs {
     /// Remove all exempt prefixes
     #[arg(long)]
     pub no_exempt: bool,
+    /// Replace the network limits with these, CIDR=N (repeat for several)
+    #[arg(long = "network-limit", value_name = "CIDR=N", conflicts_with = "no_network_limits")]
+    pub network_limits: Vec<NetworkLimit>,
+    /// Remove all network limits
+    #[arg(long)]
+    pub no_network_limits: bool,
+    /// New total limit across all clients; 0 = none
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_TOTAL as i64))]
+    pub max_conns_total: Option<u32>,
     /// Turn dry-run mode on or off
     #[arg(long, value_name = "BOOL")]
     pub dry_run: Option<bool>,

@@ -26,6 +26,8 @@ impl LimitArgs {
             ipv4_prefix_len: self.ipv4_prefix_len,
             ipv6_prefix_len: self.ipv6_prefix_len,
             exempt: self.exempt.clone(),
+            network_limits: self.network_limits.clone(),
+            max_conns_total: self.max_conns_total,
             dry_run: self.dry_run,
         }
     }

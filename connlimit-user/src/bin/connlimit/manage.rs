@@ -13,6 +13,9 @@ pub fn set(args: SetArgs) -> Result<()> {
         || args.ipv6_prefix_len.is_some()
         || !args.exempt.is_empty()
         || args.no_exempt
+        || !args.network_limits.is_empty()
+        || args.no_network_limits
+        || args.max_conns_total.is_some()
         || args.dry_run.is_some()
         || args.when_full.is_some()
         || !args.ports.is_empty();
@@ -37,6 +40,14 @@ pub fn set(args: SetArgs) -> Result<()> {
         config.exempt.clear();
     } else if !args.exempt.is_empty() {
         config.exempt = args.exempt;
+    }
+    if args.no_network_limits {
+        config.network_limits.clear();
+    } else if !args.network_limits.is_empty() {
+        config.network_limits = args.network_limits;
+    }
+    if let Some(max) = args.max_conns_total {
+        config.max_conns_total = max;
     }
     if let Some(dry_run) = args.dry_run {
         config.dry_run = dry_run;

@@ -30,12 +30,24 @@ pub fn describe(config: &Config) -> String {
     } else {
         config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     };
-    format!(
+    let mut out = format!(
         "{limit}, clients grouped by IPv4 /{} and IPv6 /{}, exempt: {exempt}, dry run {}",
         config.ipv4_prefix_len,
         config.ipv6_prefix_len,
         if config.dry_run { "on" } else { "off" }
-    )
+    );
+    if !config.network_limits.is_empty() {
+        let _ = write!(out, ", network limits: {}", network_limits(config));
+    }
+    if config.max_conns_total > 0 {
+        let _ = write!(out, ", total limit {}", config.max_conns_total);
+    }
+    out
+}
+
+/// `CIDR=N, ...` of a config's network limits.
+fn network_limits(config: &Config) -> String {
+    config.network_limits.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value> {
@@ -46,6 +58,8 @@ fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value
         "ipv4_prefix_len": config.ipv4_prefix_len,
         "ipv6_prefix_len": config.ipv6_prefix_len,
         "exempt": config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "network_limits": config.network_limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "max_conns_total": config.max_conns_total,
         "dry_run": config.dry_run,
         "reservation_epoch_ms": instance.reservation_epoch()?.as_millis() as u64,
         "when_full": instance.when_full()?.to_string(),
@@ -75,6 +89,17 @@ pub fn config(name: &str, json: bool) -> Result<()> {
         ("IPv4 prefix length", format!("/{}", config.ipv4_prefix_len)),
         ("IPv6 prefix length", format!("/{}", config.ipv6_prefix_len)),
         ("exempt", if exempt.is_empty() { "none".into() } else { exempt }),
+        (
+            "network limits",
+            if config.network_limits.is_empty() { "none".into() } else { network_limits(&config) },
+        ),
+        (
+            "max conns total",
+            match config.max_conns_total {
+                0 => "0 (unlimited)".into(),
+                n => format!("{n} ({} open)", instance.total_open()?),
+            },
+        ),
         ("dry run", if config.dry_run { "on".into() } else { "off".into() }),
         ("reservation epoch", format!("{} ms", instance.reservation_epoch()?.as_millis())),
         ("when a map is full", instance.when_full()?.to_string()),
@@ -219,6 +244,12 @@ struct InstanceStatus {
     name: String,
     ports: Vec<u16>,
     max_conns_per_client_ip: u32,
+    /// 0 = no total limit.
+    max_conns_total: u32,
+    /// Established connections across all clients.
+    total_open: u64,
+    /// Refusals because the total limit was reached.
+    total_refused: u64,
     dry_run: bool,
     persistent: bool,
     /// "running", "exited" (orphaned) or "none".
@@ -262,6 +293,9 @@ impl InstanceStatus {
             name: name.to_owned(),
             ports,
             max_conns_per_client_ip: config.max_conns_per_client_ip,
+            max_conns_total: config.max_conns_total,
+            total_open: instance.total_open()?,
+            total_refused: stats.total_refused,
             dry_run: config.dry_run,
             persistent: instance.is_persistent(),
             owner,
@@ -295,6 +329,12 @@ impl InstanceStatus {
                 let _ = write!(mode, ", persisted (pid {} exited)", self.pid);
             }
             _ => mode.push_str(", persisted (no owner)"),
+        }
+        if self.max_conns_total > 0 {
+            let _ = write!(mode, ", total {}/{} open", self.total_open, self.max_conns_total);
+            if self.total_refused > 0 {
+                let _ = write!(mode, " ({} refused at the total)", self.total_refused);
+            }
         }
         // Signs of trouble, each explained in the README.
         if self.steered > 0 {
