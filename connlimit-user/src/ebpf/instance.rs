@@ -187,7 +187,8 @@ impl Instance {
         self.config.get(&0, 0).map_err(sys("reading the config map"))
     }
 
-    /// The configuration in force, as the kernel reads it.
+    /// The configuration in force, as the kernel reads it. A network limit
+    /// of 0 is an exempt prefix to the kernel, and is read back as one.
     pub fn config(&self) -> Result<Config, EbpfError> {
         let k = self.kernel_config()?;
         let (mut exempt, mut network_limits) = (Vec::new(), Vec::new());
