@@ -5,6 +5,7 @@
 //! | `CONFIG` | array, 1 entry | `u32` 0 | [`KernelConfig`] | user space |
 //! | `PORTS` | array, 65536 entries | local port | `u8` (1 = guarded) | user space |
 //! | `NETWORKS` | LPM trie | [`ExemptKey`] | `u32`: the per-client limit in the prefix, 0 = exempt | user space |
+//! | `RESPONDER` | sockmap, 2 entries | [`RESPONDER_V4`], [`RESPONDER_V6`] | the 429 responder's listeners | user space (the owner) |
 //! | `TOTAL` | array, 1 entry | `u32` 0 | [`TotalState`]: the instance's connections across all clients | kernel |
 //! | `CLIENTS` | hash | [`ClientKey`] | [`ClientState`]: established connections | kernel, at handshake completion and close |
 //! | `PENDING` | LRU hash | [`ClientKey`] | [`PendingState`]: handshakes in flight, refusals | kernel, at SYN |
@@ -33,6 +34,8 @@ pub mod names {
     pub const NETWORKS: &str = "NETWORKS";
     /// The instance's connections across all clients.
     pub const TOTAL: &str = "TOTAL";
+    /// The 429 responder's listening sockets.
+    pub const RESPONDER: &str = "RESPONDER";
     /// Established connections per client key.
     pub const CLIENTS: &str = "CLIENTS";
     /// Handshakes in flight and refusals per client key.
@@ -50,8 +53,10 @@ pub mod names {
     /// What this instance guards, for other processes to read.
     pub const INSTANCE: &str = "INSTANCE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 12] =
-        [CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, ENDINGS, STATS, INSTANCE, TOTAL];
+    pub const ALL: [&str; 13] = [
+        CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, ENDINGS, STATS, INSTANCE, TOTAL,
+        RESPONDER,
+    ];
 }
 
 /// Program names, as the kernel object declares them.
@@ -89,6 +94,16 @@ pub const FLAG_EXEMPT: u16 = 1 << 1;
 /// uncounted (fail open).
 pub const FLAG_FULL_CLOSED: u16 = 1 << 2;
 
+/// `KernelConfig::flags`: answer a refused connection with HTTP 429 by
+/// handing it to the responder's listener in `RESPONDER`; with no listener
+/// there (its owner is gone), refuse it with a reset.
+pub const FLAG_REFUSE_429: u16 = 1 << 3;
+
+/// `RESPONDER` index of the IPv4 listener.
+pub const RESPONDER_V4: u32 = 0;
+/// `RESPONDER` index of the IPv6 listener.
+pub const RESPONDER_V6: u32 = 1;
+
 /// Entries in the `PORTS` array: one per TCP port.
 pub const PORT_COUNT: u32 = 1 << 16;
 
@@ -102,7 +117,7 @@ pub struct KernelConfig {
     pub ipv4_prefix_len: u8,
     /// IPv6 clients are grouped by this many leading bits (0..=128).
     pub ipv6_prefix_len: u8,
-    /// [`FLAG_DRY_RUN`], [`FLAG_EXEMPT`], [`FLAG_FULL_CLOSED`].
+    /// [`FLAG_DRY_RUN`], [`FLAG_EXEMPT`], [`FLAG_FULL_CLOSED`], [`FLAG_REFUSE_429`].
     pub flags: u16,
     /// Length of a reservation epoch, at least
     /// [`MIN_EPOCH_NS`](crate::pending::MIN_EPOCH_NS): a reservation whose
@@ -329,11 +344,16 @@ pub enum Stat {
     /// the instance was at its total limit; also counted in `Refused`,
     /// `Ended` or `DryRunRefused`.
     TotalRefused = 8,
+    /// Refused connections handed to the 429 responder (also in `Refused`).
+    Responded = 9,
+    /// Refused connections that were to get a 429 but got a reset: no
+    /// responder listener was there (its owner is gone).
+    ResponderMissing = 10,
 }
 
 impl Stat {
     /// Number of counters in `STATS`.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 11;
 }
 
 /// The layout of an instance's pinned state (map value layouts and the

@@ -29,7 +29,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem},
     macros::{map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
@@ -37,9 +37,9 @@ use connlimit_common::{
     addr::{AddrWords, v4_mapped},
     established::{self, Step},
     maps::{
-        ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FlowKey, Handshake,
-        InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, SLOT_CLIENT, SLOT_TOTAL, Stat, TotalState,
-        capacity,
+        ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429,
+        FlowKey, Handshake, InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, RESPONDER_V4, RESPONDER_V6,
+        SLOT_CLIENT, SLOT_TOTAL, Stat, TotalState, capacity,
     },
     pending::{Pending, epoch_of, is_live},
 };
@@ -79,6 +79,10 @@ static NETWORKS: LpmTrie<ExemptKey, u32> = LpmTrie::with_max_entries(capacity::E
 // by all clients.
 #[map]
 static TOTAL: Array<TotalState> = Array::with_max_entries(1, 0);
+// The 429 responder's listeners, put here by the process owning the
+// instance; the kernel drops an entry when its socket closes.
+#[map]
+static RESPONDER: SockMap = SockMap::with_max_entries(2, 0);
 // Not LRU: an entry is a live count, made by a completed handshake and
 // removed when its count returns to zero. Nothing a SYN does can evict it.
 #[map]
@@ -132,7 +136,7 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     }
     match admit(config, &flow, &client, limit, now_ns) {
         ADMITTED => sk_action::SK_PASS,
-        over => refuse(lookup, config, &client, over == OVER_TOTAL),
+        over => refuse(&ctx, config, &client, over == OVER_TOTAL),
     }
 }
 
@@ -187,7 +191,9 @@ fn admit(config: &KernelConfig, flow: &FlowKey, client: &ClientKey, limit: u32, 
 }
 
 /// Refuses a SYN over a limit (`total`: the instance's total limit).
-fn refuse(lookup: &bpf_sk_lookup, config: &KernelConfig, client: &ClientKey, total: bool) -> u32 {
+fn refuse(ctx: &SkLookupContext, config: &KernelConfig, client: &ClientKey, total: bool) -> u32 {
+    // SAFETY: the kernel hands the program a valid context.
+    let lookup = unsafe { &*ctx.lookup };
     if config.flags & FLAG_DRY_RUN != 0 {
         // Admitted without a reservation: sock_ops judges it when its
         // handshake completes, and records the would-be refusal then.
@@ -205,6 +211,16 @@ fn refuse(lookup: &bpf_sk_lookup, config: &KernelConfig, client: &ClientKey, tot
     if !unsafe { lookup.__bindgen_anon_1.__bindgen_anon_1.sk }.is_null() {
         // An earlier program chose a socket: the kernel will ignore our drop.
         count(Stat::Steered);
+    }
+    if config.flags & FLAG_REFUSE_429 != 0 {
+        // The responder's listener takes the connection and answers 429.
+        // It is outside the guarded cgroup, so nothing counts it.
+        let index = if read_ctx(&lookup.family) == AF_INET { RESPONDER_V4 } else { RESPONDER_V6 };
+        if RESPONDER.redirect_sk_lookup(ctx, index, 0).is_ok() {
+            count(Stat::Responded);
+            return sk_action::SK_PASS;
+        }
+        count(Stat::ResponderMissing);
     }
     sk_action::SK_DROP
 }
@@ -543,7 +559,10 @@ fn remove_established(client: &ClientKey) {
     };
     // Retire the word only if nothing was added since: then the removal
     // cannot lose a count.
-    if left == 0 && compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| (w == 0).then_some((established::RETIRED, ()))).is_some() {
+    if left == 0
+        && compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| (w == 0).then_some((established::RETIRED, ())))
+            .is_some()
+    {
         let _ = CLIENTS.remove(client);
     }
 }
@@ -621,7 +640,8 @@ fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
     // SAFETY: the kernel hands the program a valid context.
     let ops: &bpf_sock_ops = unsafe { &*ctx.ops };
     // Read every field unconditionally (see `lookup_flow`).
-    let (family, remote_port, local_port) = (read_ctx(&ops.family), read_ctx(&ops.remote_port), read_ctx(&ops.local_port));
+    let (family, remote_port, local_port) =
+        (read_ctx(&ops.family), read_ctx(&ops.remote_port), read_ctx(&ops.local_port));
     let (remote4, local4) = (read_ctx(&ops.remote_ip4), read_ctx(&ops.local_ip4));
     let (remote6, local6) = (read_ctx(&ops.remote_ip6), read_ctx(&ops.local_ip6));
     // A dual-stack socket of an IPv4 client holds the mapped form already.

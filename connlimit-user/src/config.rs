@@ -74,7 +74,9 @@ pub enum ConfigError {
     #[error("IPv6 prefix length {0} is out of range; use 0 to 128 (128 counts each address apart, 64 each /64)")]
     Ipv6PrefixLen(u8),
     /// Too many exempt prefixes and network limits.
-    #[error("{0} exempt prefixes and network limits are more than the maximum of {MAX_EXEMPT}; merge them into wider prefixes")]
+    #[error(
+        "{0} exempt prefixes and network limits are more than the maximum of {MAX_EXEMPT}; merge them into wider prefixes"
+    )]
     TooManyExempt(usize),
     /// The total limit is above [`MAX_CONNS_TOTAL`].
     #[error("max connections in total {0} is above the maximum of {MAX_CONNS_TOTAL}; use 0 for no total limit")]
@@ -170,7 +172,8 @@ impl Config {
     /// exempt too) decides; without one, [`max_conns_per_client_ip`](Self::max_conns_per_client_ip).
     pub fn limit_for(&self, ip: IpAddr) -> (u32, bool) {
         let exempt = self.exempt.iter().filter(|c| c.contains(ip)).map(|c| (c.prefix_len(), 0));
-        let networks = self.network_limits.iter().filter(|n| n.cidr.contains(ip)).map(|n| (n.cidr.prefix_len(), n.limit));
+        let networks =
+            self.network_limits.iter().filter(|n| n.cidr.contains(ip)).map(|n| (n.cidr.prefix_len(), n.limit));
         match exempt.chain(networks).max_by_key(|(len, _)| *len) {
             Some((_, limit)) => (limit, limit == 0),
             None => (self.max_conns_per_client_ip, false),
@@ -214,9 +217,11 @@ mod tests {
 
     #[test]
     fn the_longest_prefix_gives_the_limit() {
-        let c = Config::new(5)
-            .with_exempt(["10.0.0.0/8".parse().unwrap()])
-            .with_network_limits(["10.1.0.0/16=50".parse().unwrap(), "10.1.2.0/24=0".parse().unwrap(), "2001:db8::/32=7".parse().unwrap()]);
+        let c = Config::new(5).with_exempt(["10.0.0.0/8".parse().unwrap()]).with_network_limits([
+            "10.1.0.0/16=50".parse().unwrap(),
+            "10.1.2.0/24=0".parse().unwrap(),
+            "2001:db8::/32=7".parse().unwrap(),
+        ]);
         c.validate().unwrap();
         let at = |s: &str| c.limit_for(s.parse().unwrap());
         assert_eq!(at("192.0.2.1"), (5, false));
@@ -231,14 +236,20 @@ mod tests {
 
     #[test]
     fn conflicting_network_limits_are_refused() {
-        let twice = Config::new(1).with_network_limits(["10.0.0.0/8=1".parse().unwrap(), "10.0.0.0/8=2".parse().unwrap()]);
+        let twice =
+            Config::new(1).with_network_limits(["10.0.0.0/8=1".parse().unwrap(), "10.0.0.0/8=2".parse().unwrap()]);
         assert_eq!(
             twice.validate().unwrap_err().to_string(),
             "10.0.0.0/8 is given more than one limit (or is also exempt); give each prefix one"
         );
-        let both = Config::new(1).with_exempt(["10.0.0.0/8".parse().unwrap()]).with_network_limits(["10.0.0.0/8=2".parse().unwrap()]);
+        let both = Config::new(1)
+            .with_exempt(["10.0.0.0/8".parse().unwrap()])
+            .with_network_limits(["10.0.0.0/8=2".parse().unwrap()]);
         assert!(matches!(both.validate(), Err(ConfigError::DuplicateNetwork(_))));
-        assert!(matches!(Config::new(1).with_max_conns_total(MAX_CONNS_TOTAL + 1).validate(), Err(ConfigError::TotalTooHigh(_))));
+        assert!(matches!(
+            Config::new(1).with_max_conns_total(MAX_CONNS_TOTAL + 1).validate(),
+            Err(ConfigError::TotalTooHigh(_))
+        ));
     }
 
     #[test]

@@ -101,6 +101,12 @@ pub struct Stats {
     /// the total limit was reached; also counted in `refused` (or
     /// `ended`, `dry_run_refused`).
     pub total_refused: u64,
+    /// Kernel limiter only: refused connections answered with HTTP 429 by
+    /// the responder (also in `refused`).
+    pub responded: u64,
+    /// Kernel limiter only: refusals that were to get a 429 but got a reset
+    /// because no process held the responder.
+    pub responder_missing: u64,
 }
 
 impl Limiter {

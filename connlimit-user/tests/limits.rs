@@ -58,8 +58,9 @@ async fn denied(limiter: Limiter, n: usize, sources: usize) -> u64 {
                 socket.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
                 let mut conn = socket.connect(addr).await.unwrap();
                 let mut buf = [0u8; 1];
-                let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut conn, &mut buf))
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut conn, &mut buf))
+                        .await;
             })
         })
         .collect();

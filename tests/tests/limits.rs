@@ -50,7 +50,11 @@ fn burst(s: &Setup, sources: &[IpAddr]) -> (Vec<socket2::Socket>, usize) {
 }
 
 fn wait_total(s: &Setup, n: u64) {
-    assert!(eventually(WAIT, || s.limiter.total_open().unwrap() == n), "total open {}, want {n}", s.limiter.total_open().unwrap());
+    assert!(
+        eventually(WAIT, || s.limiter.total_open().unwrap() == n),
+        "total open {}, want {n}",
+        s.limiter.total_open().unwrap()
+    );
 }
 
 /// A burst of 200 parallel connects from 100 addresses (2 each) under a
@@ -138,13 +142,17 @@ fn the_longest_network_prefix_gives_the_limit() {
     if !require_root() {
         return;
     }
-    let config = Config::new(1)
-        .with_exempt(["127.3.0.0/16".parse().unwrap()])
-        .with_network_limits([net("127.1.0.0/16=3"), net("127.1.5.0/24=2"), net("127.1.5.7=0"), net("127.3.3.0/24=1")]);
+    let config = Config::new(1).with_exempt(["127.3.0.0/16".parse().unwrap()]).with_network_limits([
+        net("127.1.0.0/16=3"),
+        net("127.1.5.0/24=2"),
+        net("127.1.5.7=0"),
+        net("127.3.3.0/24=1"),
+    ]);
     let s = Setup::new(config);
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let check = |client: IpAddr, admitted: usize| {
-        let held: Vec<_> = (0..admitted).map(|i| s.hello(client).unwrap_or_else(|e| panic!("{client} #{i}: {e}"))).collect();
+        let held: Vec<_> =
+            (0..admitted).map(|i| s.hello(client).unwrap_or_else(|e| panic!("{client} #{i}: {e}"))).collect();
         if admitted < 10 {
             assert_refused(s.hello(client));
         }

@@ -33,6 +33,8 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct EndingsWorker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The 429 responder, run by the same owner (see [`super::Responder`]).
+    responder: Option<super::Responder>,
 }
 
 impl EndingsWorker {
@@ -88,10 +90,22 @@ impl EndingsWorker {
             })
             .map_err(|e| EbpfError::system("starting the endings worker", e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread), responder: None }),
             Ok(Err(e)) => Err(EbpfError::system("opening a socket-diagnostics socket in the guarded namespace", e)),
             Err(_) => Err(EbpfError::system("starting the endings worker", std::io::Error::other("it stopped"))),
         }
+    }
+}
+
+impl EndingsWorker {
+    pub(crate) fn with_responder(mut self, responder: Option<super::Responder>) -> Self {
+        self.responder = responder;
+        self
+    }
+
+    /// Whether this owner answers refusals with 429 when asked to.
+    pub fn has_responder(&self) -> bool {
+        self.responder.is_some()
     }
 }
 

@@ -10,20 +10,20 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     programs::links::{FdLink, PinnedLink},
 };
 use connlimit_common::{
     established,
     maps::{
-        ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, InstanceInfo, KernelConfig,
-        LAYOUT_VERSION, PendingState, Stat, TotalState, names,
+        ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429, InstanceInfo,
+        KernelConfig, LAYOUT_VERSION, PendingState, Stat, TotalState, names,
     },
     pending::{Pending, epoch_of},
 };
 
 use super::{
-    EbpfError, WhenFull, host,
+    EbpfError, RefuseWith, WhenFull, host,
     pin_root::{self, PinRoot, Staging, fd_path},
 };
 use crate::{Cidr, Config, NetworkLimit, Stats, addr};
@@ -67,6 +67,8 @@ pub struct Instance {
     info: Array<MapData, InstanceInfo>,
     /// Taken by the one endings worker of this handle.
     endings: Option<RingBuf<MapData>>,
+    /// Taken by the 429 responder the endings worker runs.
+    responder: Option<SockMap<MapData>>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -155,6 +157,7 @@ impl Instance {
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
             endings: Some(typed!(names::ENDINGS)),
+            responder: Some(typed!(names::RESPONDER)),
         })
     }
 
@@ -238,8 +241,22 @@ impl Instance {
         self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
     }
 
+    /// How the kernel refuses connections over a limit.
+    pub fn refuse_with(&self) -> Result<RefuseWith, EbpfError> {
+        Ok(RefuseWith::from_flags(self.kernel_config()?.flags))
+    }
+
+    /// Changes how the kernel refuses connections over a limit. With
+    /// [`RefuseWith::Http429`] the process owning the instance answers;
+    /// when there is none, refusals stay resets.
+    pub fn set_refuse_with(&mut self, refuse_with: RefuseWith) -> Result<(), EbpfError> {
+        let mut kernel = self.kernel_config()?;
+        kernel.flags = (kernel.flags & !FLAG_REFUSE_429) | refuse_with.flag();
+        self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
+    }
+
     /// Writes `config`, keeping the other fields of `base` (epoch, namespace,
-    /// full-map policy).
+    /// full-map policy, how to refuse).
     pub(crate) fn write_config(&mut self, config: &Config, base: KernelConfig) -> Result<(), EbpfError> {
         let old: Vec<Key<ExemptKey>> = self.networks.keys().filter_map(Result::ok).collect();
         let key = |c: &Cidr| {
@@ -262,7 +279,7 @@ impl Instance {
             ipv4_prefix_len: config.ipv4_prefix_len,
             ipv6_prefix_len: config.ipv6_prefix_len,
             max_conns_total: config.max_conns_total,
-            flags: (base.flags & FLAG_FULL_CLOSED)
+            flags: (base.flags & (FLAG_FULL_CLOSED | FLAG_REFUSE_429))
                 | if config.dry_run { FLAG_DRY_RUN } else { 0 }
                 | if new.is_empty() { 0 } else { FLAG_EXEMPT },
             ..base
@@ -404,7 +421,17 @@ impl Instance {
         let ring = self.endings.take().ok_or_else(|| {
             EbpfError::system("starting the endings worker", "this handle's worker was started already")
         })?;
-        super::EndingsWorker::start(ring, netns, &self.name)
+        // The owner's other duty: answering refusals with 429 (when asked;
+        // its listeners idle otherwise). Without it, refusals are resets.
+        let responder = match self.responder.take().map(|map| super::Responder::start(map, netns, &self.name)) {
+            Some(Ok(responder)) => Some(responder),
+            Some(Err(e)) => {
+                tracing::warn!(instance = %self.name, error = %e, "no 429 responder: refusals get a reset");
+                None
+            }
+            None => None,
+        };
+        Ok(super::EndingsWorker::start(ring, netns, &self.name)?.with_responder(responder))
     }
 
     /// Connections the kernel is tracking to their close.
@@ -428,6 +455,8 @@ impl Instance {
             unconfirmed: total(Stat::Unconfirmed)?,
             endings_lost: total(Stat::EndingsLost)?,
             total_refused: total(Stat::TotalRefused)?,
+            responded: total(Stat::Responded)?,
+            responder_missing: total(Stat::ResponderMissing)?,
         })
     }
 

@@ -74,4 +74,3 @@ pub fn assert_refused(result: std::io::Result<std::net::TcpStream>) {
         Ok(_) => panic!("connection admitted over the limit"),
     }
 }
-

@@ -3,7 +3,10 @@
 use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
-use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, NetworkLimit, ebpf::WhenFull};
+use connlimit::{
+    Cidr, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, NetworkLimit,
+    ebpf::{RefuseWith, WhenFull},
+};
 
 /// `connlimit --version`: the release, the commit it was built from, and the
 /// kernel object it loads (the hash `status` shows for each instance).
@@ -72,7 +75,8 @@ pub enum Command {
     /// Start a server in a fresh cgroup, under a limit, and exit with its status
     #[command(after_help = "Examples:\n  \
         connlimit exec --port 8080 --max-conns-per-client-ip 10 --user nobody -- python3 -m http.server 8080\n  \
-        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n\n\
+        connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n  \
+        connlimit exec --port 8080 -m 10 --refuse-with http-429 --user nobody -- python3 -m http.server 8080\n\n\
         The server's exit status becomes connlimit's (128 + signal number if it was killed). The \
         server runs in its own process group: SIGINT (Ctrl-C), SIGTERM and SIGHUP reach connlimit, \
         which passes each on to the server once, and detaches when the server exits. If connlimit \
@@ -97,7 +101,8 @@ pub enum Command {
         connlimit set --max-conns-per-client-ip 20\n  \
         connlimit set --name api --ipv6-prefix-len 64 --exempt 10.0.0.0/8 --exempt 192.0.2.7\n  \
         connlimit set --dry-run false\n  \
-        connlimit set --max-conns-total 5000 --network-limit 203.0.113.0/24=200 --network-limit 10.0.0.0/8=0\n\n\
+        connlimit set --max-conns-total 5000 --network-limit 203.0.113.0/24=200 --network-limit 10.0.0.0/8=0\n  \
+        connlimit set --refuse-with http-429\n\n\
         Fields not given keep their value. Lowering the limit closes nothing; it refuses new \
         connections until clients are back under it.")]
     Set(SetArgs),
@@ -171,6 +176,9 @@ pub struct LimitArgs {
     /// When a connection cannot be counted because a map is full: `closed` ends it, `open` admits it uncounted
     #[arg(long, default_value_t = WhenFull::Closed, value_name = "POLICY")]
     pub when_full: WhenFull,
+    /// How to refuse: `reset` (TCP reset) or `http-429` (connlimit answers HTTP 429 Too Many Requests; a reset while connlimit is not running)
+    #[arg(long, default_value_t = RefuseWith::Reset, value_name = "HOW")]
+    pub refuse_with: RefuseWith,
 }
 
 /// The most `top --limit` shows.
@@ -320,6 +328,9 @@ pub struct SetArgs {
     /// New full-map policy: `closed` ends a connection that cannot be counted, `open` admits it uncounted
     #[arg(long, value_name = "POLICY")]
     pub when_full: Option<WhenFull>,
+    /// How to refuse from now on: `reset` or `http-429` (answered by the process running the instance)
+    #[arg(long, value_name = "HOW")]
+    pub refuse_with: Option<RefuseWith>,
     /// Replace the guarded ports with these (repeat for several)
     #[arg(long = "port", short = 'p', value_name = "PORT", value_parser = port)]
     pub ports: Vec<u16>,

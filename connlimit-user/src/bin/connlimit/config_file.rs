@@ -12,7 +12,7 @@ use std::{
 
 use connlimit::{
     Cidr, Config, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, NetworkLimit,
-    ebpf::{Instance, WhenFull},
+    ebpf::{Instance, RefuseWith, WhenFull},
 };
 use toml_edit::{Item, Table};
 
@@ -71,6 +71,7 @@ pub struct InstanceSpec {
     pub config: Config,
     pub reservation_epoch: Duration,
     pub when_full: WhenFull,
+    pub refuse_with: RefuseWith,
     pub persist: bool,
 }
 
@@ -184,7 +185,7 @@ struct Parser<'t> {
     problems: Vec<Problem>,
 }
 
-const INSTANCE_KEYS: [&str; 14] = [
+const INSTANCE_KEYS: [&str; 15] = [
     "name",
     "ports",
     "cgroup",
@@ -199,6 +200,7 @@ const INSTANCE_KEYS: [&str; 14] = [
     "persist",
     "reservation_epoch_ms",
     "when_full",
+    "refuse_with",
 ];
 
 impl Parser<'_> {
@@ -228,6 +230,13 @@ impl Parser<'_> {
             self.problem(span, format!("`{key}` must be a string in quotes, not {}", item.type_name()));
         }
         s
+    }
+
+    /// A string key that parses as `T`, e.g. `refuse_with = "http-429"`.
+    fn parsed<T: std::str::FromStr<Err = String>>(&mut self, table: &Table, key: &str) -> Option<T> {
+        let (span, item) = self.get(table, key)?;
+        let text = self.string(&span, item, key)?;
+        text.parse().map_err(|e| self.problem(&span, e)).ok()
     }
 
     /// `when_full = "open" | "closed"`.
@@ -357,11 +366,17 @@ impl Parser<'_> {
         let exempt = self.list::<Cidr>(table, "exempt", "\"10.0.0.0/8\"");
         let network_limits = self.list::<NetworkLimit>(table, "network_limits", "\"10.0.0.0/8=100\"");
         let total = self
-            .int(table, "max_conns_total", 0..i64::from(MAX_CONNS_TOTAL) + 1, &format!("use 0 (no limit) to {MAX_CONNS_TOTAL}"))
+            .int(
+                table,
+                "max_conns_total",
+                0..i64::from(MAX_CONNS_TOTAL) + 1,
+                &format!("use 0 (no limit) to {MAX_CONNS_TOTAL}"),
+            )
             .unwrap_or(0) as u32;
         let dry_run = self.bool(table, "dry_run").unwrap_or(false);
         let persist = self.bool(table, "persist").unwrap_or(false);
         let when_full = self.when_full(table).unwrap_or_default();
+        let refuse_with = self.parsed::<RefuseWith>(table, "refuse_with").unwrap_or_default();
         let epoch = self
             .int(table, "reservation_epoch_ms", 10..60_001, "use 10 to 60000 ms")
             .unwrap_or(DEFAULT_EPOCH_MS as i64);
@@ -387,6 +402,7 @@ impl Parser<'_> {
             config,
             reservation_epoch: Duration::from_millis(epoch as u64),
             when_full,
+            refuse_with,
             persist,
         })
     }
@@ -439,7 +455,9 @@ impl Parser<'_> {
             match value.as_str().map(str::parse::<T>) {
                 Some(Ok(entry)) => list.push(entry),
                 Some(Err(e)) => self.problem(&at, e.to_string()),
-                None => self.problem(&at, format!("{key} entries are strings like {example}, not {}", value.type_name())),
+                None => {
+                    self.problem(&at, format!("{key} entries are strings like {example}, not {}", value.type_name()))
+                }
             }
         }
         list
@@ -491,6 +509,7 @@ ipv6_prefix_len = 64
 exempt = ["10.0.0.0/8"]
 network_limits = ["203.0.113.0/24=200", "10.1.0.0/16=5"]
 max_conns_total = 10000
+refuse_with = "http-429"
 
 [[instance]]
 name = "db"
@@ -518,6 +537,7 @@ reservation_epoch_ms = 500
         let networks: Vec<String> = web.config.network_limits.iter().map(ToString::to_string).collect();
         assert_eq!(networks, ["203.0.113.0/24=200", "10.1.0.0/16=5"]);
         assert_eq!((web.config.max_conns_total, file.instances[1].config.max_conns_total), (10_000, 0));
+        assert_eq!((web.refuse_with, file.instances[1].refuse_with), (RefuseWith::Http429, RefuseWith::Reset));
         assert_eq!(web.reservation_epoch, Duration::from_secs(1));
         let db = &file.instances[1];
         assert_eq!(db.target, Target::Pid(1234));

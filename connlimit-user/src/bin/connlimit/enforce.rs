@@ -9,7 +9,9 @@ use std::{
 use anyhow::{Context, Result};
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfError, EbpfLimiter, EndingsWorker, Instance, WhenFull, cgroup::Cgroup, host},
+    ebpf::{
+        AttachOptions, EbpfError, EbpfLimiter, EndingsWorker, Instance, RefuseWith, WhenFull, cgroup::Cgroup, host,
+    },
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -39,6 +41,7 @@ impl LimitArgs {
             config: self.config(),
             reservation_epoch: Duration::from_millis(self.reservation_epoch_ms),
             when_full: self.when_full,
+            refuse_with: self.refuse_with,
             persist,
         }
     }
@@ -51,6 +54,7 @@ pub(crate) struct Plan {
     pub config: Config,
     pub reservation_epoch: Duration,
     pub when_full: WhenFull,
+    pub refuse_with: RefuseWith,
     pub persist: bool,
 }
 
@@ -62,6 +66,7 @@ impl Plan {
             .config(self.config.clone())
             .reservation_epoch(self.reservation_epoch)
             .when_full(self.when_full)
+            .refuse_with(self.refuse_with)
             .persist(self.persist)
     }
 }

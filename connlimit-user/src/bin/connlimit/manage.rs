@@ -18,6 +18,7 @@ pub fn set(args: SetArgs) -> Result<()> {
         || args.max_conns_total.is_some()
         || args.dry_run.is_some()
         || args.when_full.is_some()
+        || args.refuse_with.is_some()
         || !args.ports.is_empty();
     Instance::validate_name(&args.name.name)?;
     host::require_access(&connlimit::ebpf::pin_root())?;
@@ -63,6 +64,9 @@ pub fn set(args: SetArgs) -> Result<()> {
     instance.set_config(&config)?;
     if let Some(when_full) = args.when_full {
         instance.set_when_full(when_full)?;
+    }
+    if let Some(refuse_with) = args.refuse_with {
+        instance.set_refuse_with(refuse_with)?;
     }
     eprintln!("{}: {}", instance.name(), crate::show::describe(&config));
     Ok(())

@@ -116,7 +116,7 @@ impl Collector for Kernel {
                 read(name, w).map_err(|e| tracing::warn!(instance = %name, error = %e, "metrics: cannot read")).ok()
             })
             .collect();
-        let counters: [Family<Stats, u64>; 6] = [
+        let counters: [Family<Stats, u64>; 8] = [
             ("connlimit_accepted", "Connections admitted and counted", |s| s.accepted),
             ("connlimit_refused", "Connections refused because their client was at the limit", |s| s.refused),
             ("connlimit_dry_run_refused", "Connections over the limit that dry-run mode let through", |s| {
@@ -128,6 +128,10 @@ impl Collector for Kernel {
             }),
             ("connlimit_total_refused", "Connections refused because the instance was at its total limit", |s| {
                 s.total_refused
+            }),
+            ("connlimit_responded", "Refused connections answered with HTTP 429 by the responder", |s| s.responded),
+            ("connlimit_responder_missing", "Refusals reset because no process held the 429 responder", |s| {
+                s.responder_missing
             }),
         ];
         for (name, help, value) in counters {

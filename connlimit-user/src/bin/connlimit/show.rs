@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 use connlimit::{
     Config,
-    ebpf::{ClientCount, Instance, Ownership, PinRoot, hash_hex, host, listeners},
+    ebpf::{ClientCount, Instance, Ownership, PinRoot, RefuseWith, hash_hex, host, listeners},
 };
 use serde_json::json;
 
@@ -63,6 +63,7 @@ fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value
         "dry_run": config.dry_run,
         "reservation_epoch_ms": instance.reservation_epoch()?.as_millis() as u64,
         "when_full": instance.when_full()?.to_string(),
+        "refuse_with": instance.refuse_with()?.to_string(),
     }))
 }
 
@@ -89,10 +90,7 @@ pub fn config(name: &str, json: bool) -> Result<()> {
         ("IPv4 prefix length", format!("/{}", config.ipv4_prefix_len)),
         ("IPv6 prefix length", format!("/{}", config.ipv6_prefix_len)),
         ("exempt", if exempt.is_empty() { "none".into() } else { exempt }),
-        (
-            "network limits",
-            if config.network_limits.is_empty() { "none".into() } else { network_limits(&config) },
-        ),
+        ("network limits", if config.network_limits.is_empty() { "none".into() } else { network_limits(&config) }),
         (
             "max conns total",
             match config.max_conns_total {
@@ -103,6 +101,7 @@ pub fn config(name: &str, json: bool) -> Result<()> {
         ("dry run", if config.dry_run { "on".into() } else { "off".into() }),
         ("reservation epoch", format!("{} ms", instance.reservation_epoch()?.as_millis())),
         ("when a map is full", instance.when_full()?.to_string()),
+        ("refuse with", instance.refuse_with()?.to_string()),
     ];
     for (key, value) in rows {
         println!("{key:<24} {value}");
@@ -181,15 +180,7 @@ fn top_once(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Trac
     write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
     writeln!(out, "{}", if by_refused { format!(" {:>13}", "LAST REFUSED") } else { String::new() })?;
     for c in shown {
-        write!(
-            out,
-            "{:<40} {:>6} {:>9} {:>9} {:>9}",
-            client_label(c),
-            c.open,
-            c.reserved,
-            c.refused,
-            c.accepted
-        )?;
+        write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", client_label(c), c.open, c.reserved, c.refused, c.accepted)?;
         let last = match ago(c) {
             _ if !by_refused => String::new(),
             Some(secs) => format!(" {:>13}", format!("{secs:.0} s ago")),
@@ -250,6 +241,12 @@ struct InstanceStatus {
     total_open: u64,
     /// Refusals because the total limit was reached.
     total_refused: u64,
+    /// `reset` or `http-429`.
+    refuse_with: String,
+    /// Refusals answered with HTTP 429.
+    responded: u64,
+    /// Refusals that were to get a 429 but got a reset (no responder).
+    responder_missing: u64,
     dry_run: bool,
     persistent: bool,
     /// "running", "exited" (orphaned) or "none".
@@ -296,6 +293,9 @@ impl InstanceStatus {
             max_conns_total: config.max_conns_total,
             total_open: instance.total_open()?,
             total_refused: stats.total_refused,
+            refuse_with: instance.refuse_with()?.to_string(),
+            responded: stats.responded,
+            responder_missing: stats.responder_missing,
             dry_run: config.dry_run,
             persistent: instance.is_persistent(),
             owner,
@@ -334,6 +334,17 @@ impl InstanceStatus {
             let _ = write!(mode, ", total {}/{} open", self.total_open, self.max_conns_total);
             if self.total_refused > 0 {
                 let _ = write!(mode, " ({} refused at the total)", self.total_refused);
+            }
+        }
+        if self.refuse_with == RefuseWith::Http429.to_string() {
+            if self.owner == "running" {
+                let _ = write!(mode, ", refusing with HTTP 429 ({} answered)", self.responded);
+            } else {
+                // Its listeners died with their owner: the kernel resets.
+                mode.push_str(", 429 responder down: refusing with a reset");
+            }
+            if self.responder_missing > 0 {
+                let _ = write!(mode, ", {} refusals reset for want of a responder", self.responder_missing);
             }
         }
         // Signs of trouble, each explained in the README.
