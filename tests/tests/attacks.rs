@@ -60,8 +60,7 @@ fn withheld_final_acks_cannot_take_the_server_past_the_limit() {
     }
     const L: u32 = 3;
     let epoch = Duration::from_millis(50);
-    let s =
-        Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
+    let s = Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
     let me = client_v4(21);
     // The client's own host drops its pure ACKs to the server, so each
     // handshake stays half-open on the server for as long as the client
@@ -152,11 +151,7 @@ fn epoch_in_half(upper: bool) -> Duration {
         .find(|&e| half(now, e) == upper && half(now + 20_000_000_000, e) == upper)
         .map(Duration::from_nanos)
         .unwrap_or_else(|| {
-            panic!(
-                "no epoch of 10 ms to 2 s puts the old tag in the {} half: uptime {} s",
-                ["lower", "upper"][upper as usize],
-                now / 1_000_000_000
-            )
+            panic!("no epoch of 10 ms to 2 s puts the old tag in the {} half: uptime {} s", ["lower", "upper"][upper as usize], now / 1_000_000_000)
         })
 }
 
@@ -168,10 +163,8 @@ fn abandoned_handshakes_expire_at_every_clock_value() {
     const L: u32 = 2;
     for upper in [true, false] {
         let epoch = epoch_in_half(upper);
-        let s = Setup::with(
-            |o| o.config(Config::new(L)).reservation_epoch(epoch),
-            &[SocketAddr::from(([0, 0, 0, 0], PORT))],
-        );
+        let s =
+            Setup::with(|o| o.config(Config::new(L)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
         let me = client_v4(if upper { 60 } else { 61 });
         // Handshakes that can never complete: no socket of the client's
         // host owns these ports, so it answers the SYN-ACK with a RST.
@@ -287,13 +280,9 @@ fn connections_of_the_cgroup_in_other_namespaces_are_not_counted() {
     let _held = s.hello(me).unwrap();
     // The same cgroup, the same port, another namespace.
     let elsewhere = Netns::new().unwrap();
-    let _server2 = Server::hold(
-        env!("CARGO_BIN_EXE_hold-server"),
-        &elsewhere,
-        &s.cgroup,
-        &[SocketAddr::from(([0, 0, 0, 0], PORT))],
-    )
-    .unwrap();
+    let _server2 =
+        Server::hold(env!("CARGO_BIN_EXE_hold-server"), &elsewhere, &s.cgroup, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
+            .unwrap();
     let there: Vec<_> = (0..3).map(|_| elsewhere.hello_from(me, server()).unwrap()).collect();
     assert_eq!(s.open(me), 1);
     assert_eq!(s.limiter.stats().unwrap().ended, 0);

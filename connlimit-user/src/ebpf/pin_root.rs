@@ -230,10 +230,7 @@ impl PinRoot {
         // Root's, or the dedicated user's that connlimit runs as (the
         // systemd unit's `connlimit`): nobody else may control it.
         if st.st_uid != 0 && st.st_uid != me {
-            return Err(refuse(
-                &format!("is owned by uid {}, not root (or uid {me}, which runs connlimit)", st.st_uid),
-                secure,
-            ));
+            return Err(refuse(&format!("is owned by uid {}, not root (or uid {me}, which runs connlimit)", st.st_uid), secure));
         }
         if st.st_mode & 0o022 != 0 {
             return Err(refuse(&format!("is writable by group or others (mode {:04o})", st.st_mode & 0o7777), secure));

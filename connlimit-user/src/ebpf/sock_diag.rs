@@ -109,8 +109,9 @@ impl SockDiag {
     /// Opens a socket in the caller's network namespace.
     pub fn open() -> io::Result<Self> {
         // SAFETY: plain syscall; the fd is owned below.
-        let fd =
-            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+        let fd = unsafe {
+            libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -135,8 +136,7 @@ impl SockDiag {
     /// `NotFound` if that socket is gone already.
     pub fn destroy(&self, flow: &FlowKey, cookie: u64) -> io::Result<()> {
         let v4 = is_v4_mapped(&flow.client);
-        let (src, dst) =
-            if v4 { ([flow.local[3], 0, 0, 0], [flow.client[3], 0, 0, 0]) } else { (flow.local, flow.client) };
+        let (src, dst) = if v4 { ([flow.local[3], 0, 0, 0], [flow.client[3], 0, 0, 0]) } else { (flow.local, flow.client) };
         let request = Request {
             family: if v4 { libc::AF_INET } else { libc::AF_INET6 } as u8,
             protocol: libc::IPPROTO_TCP as u8,

@@ -74,3 +74,4 @@ pub fn assert_refused(result: std::io::Result<std::net::TcpStream>) {
         Ok(_) => panic!("connection admitted over the limit"),
     }
 }
+
