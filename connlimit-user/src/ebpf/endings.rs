@@ -41,6 +41,10 @@ impl EndingsWorker {
     /// Starts ending what `ring` reports, in the network namespace `netns`.
     pub(crate) fn start(mut ring: RingBuf<MapData>, netns: &Path, instance: &str) -> Result<Self, EbpfError> {
         let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
+        // Entering a namespace needs CAP_SYS_ADMIN, even one's own: skip it
+        // when the guarded namespace is ours.
+        let here = super::host::NetnsId::of(Path::new("/proc/self/ns/net")).ok();
+        let enter = here.is_none() || here != super::host::NetnsId::of(netns).ok();
         let stop = Arc::new(AtomicBool::new(false));
         let instance = instance.to_owned();
         let stopping = stop.clone();
@@ -49,7 +53,7 @@ impl EndingsWorker {
             .name("connlimit-endings".into())
             .spawn(move || {
                 // SAFETY: setns on a namespace fd we hold; only this thread moves.
-                let diag = if unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let diag = if enter && unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     Err(std::io::Error::last_os_error())
                 } else {
                     sock_diag::SockDiag::open()

@@ -126,7 +126,7 @@ impl Collector for Kernel {
             ("connlimit_steered", "Refusals overridden by another sk_lookup program steering the connection", |s| {
                 s.steered
             }),
-            ("connlimit_total_refused", "Connections refused because the instance was at its total limit", |s| {
+            ("connlimit_total_limit_refused", "Connections refused because the instance was at its total limit", |s| {
                 s.total_refused
             }),
             ("connlimit_responded", "Refused connections answered with HTTP 429 by the responder", |s| s.responded),
@@ -145,7 +145,7 @@ impl Collector for Kernel {
             ("connlimit_open_connections", "Established connections counted now", |r| r.open as i64),
             ("connlimit_clients", "Client keys holding at least one connection", |r| r.clients as i64),
             ("connlimit_max_conns_per_client", "The limit per client key (0 = no limit)", |r| i64::from(r.limit)),
-            ("connlimit_max_conns_total", "The limit across all clients (0 = no limit)", |r| i64::from(r.total_limit)),
+            ("connlimit_total_limit", "The limit across all clients (0 = no limit)", |r| i64::from(r.total_limit)),
         ];
         for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
