@@ -4,7 +4,9 @@
 //! |---|---|---|---|---|
 //! | `CONFIG` | array, 1 entry | `u32` 0 | [`KernelConfig`] | user space |
 //! | `PORTS` | array, 65536 entries | local port | `u8` (1 = guarded) | user space |
-//! | `EXEMPT` | LPM trie | [`ExemptKey`] | `u8` | user space |
+//! | `NETWORKS` | LPM trie | [`ExemptKey`] | `u32`: the per-client limit in the prefix, 0 = exempt | user space |
+//! | `RESPONDER` | sockmap, 2 entries | [`RESPONDER_V4`], [`RESPONDER_V6`] | the 429 responder's listeners | user space (the owner) |
+//! | `TOTAL` | array, 1 entry | `u32` 0 | [`TotalState`]: the instance's connections across all clients | kernel |
 //! | `CLIENTS` | hash | [`ClientKey`] | [`ClientState`]: established connections | kernel, at handshake completion and close |
 //! | `PENDING` | LRU hash | [`ClientKey`] | [`PendingState`]: handshakes in flight, refusals | kernel, at SYN |
 //! | `HANDSHAKES` | LRU hash | [`FlowKey`] | [`Handshake`] | kernel, at SYN |
@@ -29,8 +31,12 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     /// Guarded local ports.
     pub const PORTS: &str = "PORTS";
-    /// Exempt client prefixes.
-    pub const EXEMPT: &str = "EXEMPT";
+    /// Per-network limits and exempt client prefixes.
+    pub const NETWORKS: &str = "NETWORKS";
+    /// The instance's connections across all clients.
+    pub const TOTAL: &str = "TOTAL";
+    /// The 429 responder's listening sockets.
+    pub const RESPONDER: &str = "RESPONDER";
     /// Established connections per client key.
     pub const CLIENTS: &str = "CLIENTS";
     /// Handshakes in flight and refusals per client key.
@@ -52,8 +58,10 @@ pub mod names {
     /// What this instance guards, for other processes to read.
     pub const INSTANCE: &str = "INSTANCE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 12] =
-        [CONFIG, PORTS, EXEMPT, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, CARRIED, ENDINGS, STATS, INSTANCE];
+    pub const ALL: [&str; 14] = [
+        CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, CARRIED, ENDINGS, STATS, INSTANCE,
+        TOTAL, RESPONDER,
+    ];
 }
 
 /// Program names, as the kernel object declares them.
@@ -67,7 +75,7 @@ pub mod programs {
 /// Default sizes of the maps, in entries. User space may resize the ones it
 /// is told to before loading.
 pub mod capacity {
-    /// Exempt prefixes.
+    /// Exempt prefixes and per-network limits together (`NETWORKS`).
     pub const EXEMPT: u32 = 4096;
     /// Client keys holding established connections at once.
     pub const CLIENTS: u32 = 1 << 17;
@@ -86,13 +94,23 @@ pub mod capacity {
 
 /// `KernelConfig::flags`: count and report what would be refused, refuse nothing.
 pub const FLAG_DRY_RUN: u16 = 1;
-/// `KernelConfig::flags`: the `EXEMPT` trie has entries (when clear, the
-/// lookup program skips it).
+/// `KernelConfig::flags`: the `NETWORKS` trie (exempt prefixes and
+/// per-network limits) has entries (when clear, the programs skip it).
 pub const FLAG_EXEMPT: u16 = 1 << 1;
 /// `KernelConfig::flags`: when `CLIENTS` or `CONNS` is full, end the
 /// connection that cannot be counted (fail closed) instead of admitting it
 /// uncounted (fail open).
 pub const FLAG_FULL_CLOSED: u16 = 1 << 2;
+
+/// `KernelConfig::flags`: answer a refused connection with HTTP 429 by
+/// handing it to the responder's listener in `RESPONDER`; with no listener
+/// there (its owner is gone), refuse it with a reset.
+pub const FLAG_REFUSE_429: u16 = 1 << 3;
+
+/// `RESPONDER` index of the IPv4 listener.
+pub const RESPONDER_V4: u32 = 0;
+/// `RESPONDER` index of the IPv6 listener.
+pub const RESPONDER_V6: u32 = 1;
 
 /// Entries in the `PORTS` array: one per TCP port.
 pub const PORT_COUNT: u32 = 1 << 16;
@@ -107,7 +125,7 @@ pub struct KernelConfig {
     pub ipv4_prefix_len: u8,
     /// IPv6 clients are grouped by this many leading bits (0..=128).
     pub ipv6_prefix_len: u8,
-    /// [`FLAG_DRY_RUN`], [`FLAG_EXEMPT`], [`FLAG_FULL_CLOSED`].
+    /// [`FLAG_DRY_RUN`], [`FLAG_EXEMPT`], [`FLAG_FULL_CLOSED`], [`FLAG_REFUSE_429`].
     pub flags: u16,
     /// Length of a reservation epoch, at least
     /// [`MIN_EPOCH_NS`](crate::pending::MIN_EPOCH_NS): a reservation whose
@@ -116,6 +134,11 @@ pub struct KernelConfig {
     /// Cookie of the guarded network namespace: sock_ops ignores sockets of
     /// other namespaces (a cgroup can span several). 0 = no filter.
     pub netns_cookie: u64,
+    /// Most concurrent connections of the instance across all clients;
+    /// 0 means unlimited.
+    pub max_conns_total: u32,
+    /// Padding; zero.
+    pub _pad: u32,
 }
 
 /// A client key: a client address cut to a prefix length (see
@@ -166,7 +189,7 @@ impl ClientKey {
 /// lengths, so an exempt key never equals a grouped one.
 const EXEMPT_KEY: u32 = 0xff;
 
-/// The `EXEMPT` trie's key data: the address family ahead of the address,
+/// The `NETWORKS` trie's key data: the address family ahead of the address,
 /// so an IPv6 prefix (even `::/0`) never matches an IPv4 client through its
 /// mapped form.
 #[repr(C)]
@@ -252,8 +275,32 @@ pub struct Handshake {
     pub client: ClientKey,
     /// The [`PendingState::generation`] of the entry it was booked in.
     pub generation: u32,
-    /// The epoch the reservation was booked in.
+    /// The epoch the client's reservation was booked in.
     pub epoch: u64,
+    /// The epoch the instance-wide reservation was booked in.
+    pub total_epoch: u64,
+    /// Which slots the handshake holds: [`SLOT_CLIENT`], [`SLOT_TOTAL`].
+    pub slots: u32,
+    /// Padding; zero.
+    pub _pad: u32,
+}
+
+/// [`Handshake::slots`]: a reservation in the client's `PENDING` word.
+pub const SLOT_CLIENT: u32 = 1;
+/// [`Handshake::slots`]: a reservation in the `TOTAL` word.
+pub const SLOT_TOTAL: u32 = 1 << 1;
+
+/// The instance's connections across all clients (`TOTAL`, one entry),
+/// for the total limit. Exempt clients' connections count here too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TotalState {
+    /// A packed [`Pending`](crate::pending::Pending) word: handshakes in
+    /// flight holding an instance-wide slot (booked only while a total
+    /// limit is set).
+    pub reservations: u64,
+    /// Established connections counted (in `CONNS`), updated atomically.
+    pub established: u64,
 }
 
 /// The last SYN a CPU admitted (`LAST_SYN`, per CPU). A SYN that a listener
@@ -311,11 +358,20 @@ pub enum Stat {
     Unconfirmed = 6,
     /// Endings user space was not told of because `ENDINGS` was full.
     EndingsLost = 7,
+    /// Connections refused (or ended, or in dry-run let through) because
+    /// the instance was at its total limit; also counted in `Refused`,
+    /// `Ended` or `DryRunRefused`.
+    TotalRefused = 8,
+    /// Refused connections handed to the 429 responder (also in `Refused`).
+    Responded = 9,
+    /// Refused connections that were to get a 429 but got a reset: no
+    /// responder listener was there (its owner is gone).
+    ResponderMissing = 10,
 }
 
 impl Stat {
     /// Number of counters in `STATS`.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 11;
 }
 
 /// The layout of an instance's pinned state (map value layouts and the
@@ -323,7 +379,7 @@ impl Stat {
 /// whenever a pinned map changes shape, so a connlimit never opens or
 /// adopts an instance another version pinned. 0 means a connlimit from
 /// before versioning.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// [`InstanceInfo::flags`]: a graceful exit of the owner leaves the instance
 /// enforcing (`--persist`) instead of detaching it.
@@ -372,6 +428,7 @@ mod pod {
     unsafe impl aya::Pod for super::PendingState {}
     unsafe impl aya::Pod for super::ExemptKey {}
     unsafe impl aya::Pod for super::Handshake {}
+    unsafe impl aya::Pod for super::TotalState {}
     unsafe impl aya::Pod for super::LastSyn {}
     unsafe impl aya::Pod for super::Ending {}
     unsafe impl aya::Pod for super::InstanceInfo {}
@@ -407,13 +464,14 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<KernelConfig>(), 24);
+        assert_eq!(size_of::<KernelConfig>(), 32);
         assert_eq!(size_of::<ClientKey>(), 20);
         assert_eq!(size_of::<ExemptKey>(), 20);
         assert_eq!(size_of::<ClientState>(), 16);
         assert_eq!(size_of::<PendingState>(), 24);
         assert_eq!(size_of::<FlowKey>(), 36);
-        assert_eq!(size_of::<Handshake>(), 32);
+        assert_eq!(size_of::<Handshake>(), 48);
+        assert_eq!(size_of::<TotalState>(), 16);
         assert_eq!(size_of::<LastSyn>(), 48);
         assert_eq!(size_of::<Ending>(), 48);
         assert_eq!(size_of::<InstanceInfo>(), 64);

@@ -31,7 +31,7 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem,
     },
     macros::{map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
@@ -39,8 +39,9 @@ use connlimit_common::{
     addr::{AddrWords, v4_mapped},
     established::{self, Step},
     maps::{
-        ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FlowKey, Handshake,
-        InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, Stat, capacity,
+        ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429,
+        FlowKey, Handshake, InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, RESPONDER_V4, RESPONDER_V6,
+        SLOT_CLIENT, SLOT_TOTAL, Stat, TotalState, capacity,
     },
     pending::{Pending, epoch_of, is_live},
 };
@@ -72,8 +73,18 @@ const MAX_CPUS: u32 = 64;
 static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map]
 static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
+// Per-network limits: the longest prefix holding a client gives its limit;
+// 0 makes it exempt.
 #[map]
-static EXEMPT: LpmTrie<ExemptKey, u8> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
+static NETWORKS: LpmTrie<ExemptKey, u32> = LpmTrie::with_max_entries(capacity::EXEMPT, BPF_F_NO_PREALLOC);
+// The total limit's state: one word of reservations and one count, shared
+// by all clients.
+#[map]
+static TOTAL: Array<TotalState> = Array::with_max_entries(1, 0);
+// The 429 responder's listeners (IPv4, IPv6), put there by the owning
+// process; a socket leaves the map when it closes.
+#[map]
+static RESPONDER: SockMap = SockMap::with_max_entries(2, 0);
 // Not LRU: an entry is a live count, made by a completed handshake and
 // removed when its count returns to zero. Nothing a SYN does can evict it.
 #[map]
@@ -110,7 +121,7 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     let Some(config) = CONFIG.get(0) else {
         return sk_action::SK_PASS;
     };
-    if config.max_conns_per_client == 0 {
+    if config.max_conns_per_client == 0 && config.max_conns_total == 0 && config.flags & FLAG_EXEMPT == 0 {
         return sk_action::SK_PASS;
     }
     let flow = lookup_flow(lookup);
@@ -124,63 +135,103 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     if unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch)) {
         return sk_action::SK_PASS;
     }
-    let client = client_key(config, &flow.client);
-    if client.is_exempt() {
+    let (client, limit) = client_key(config, &flow.client);
+    if client.is_exempt() || (limit == 0 && config.max_conns_total == 0) {
         return sk_action::SK_PASS;
     }
-    admit(lookup, config, &flow, &client, epoch, now_ns)
+    match admit(config, &flow, &client, limit, now_ns) {
+        ADMITTED => sk_action::SK_PASS,
+        over => refuse(&ctx, config, &client, over == OVER_TOTAL),
+    }
 }
 
-/// Reserves a slot for a new connection of `client`, or refuses it.
-fn admit(
-    lookup: &bpf_sk_lookup,
-    config: &KernelConfig,
-    flow: &FlowKey,
-    client: &ClientKey,
-    epoch: u64,
-    now_ns: u64,
-) -> u32 {
+/// What [`admit`] decided. (Plain numbers: a returned tuple or enum with
+/// data would be passed on the stack, which BPF calls cannot do.)
+const ADMITTED: u32 = 0;
+const OVER_CLIENT: u32 = 1;
+const OVER_TOTAL: u32 = 2;
+
+/// Reserves a slot for a new connection of `client` (limited to `limit`,
+/// 0 = unlimited) and one under the total limit: [`ADMITTED`], or which
+/// limit refuses it.
+fn admit(config: &KernelConfig, flow: &FlowKey, client: &ClientKey, limit: u32, now_ns: u64) -> u32 {
+    let epoch = epoch_of(now_ns, config.epoch_ns);
     let Some(pending) = pending_state(client) else {
         // No handshake state: admit, and judge the connection when it completes.
-        return sk_action::SK_PASS;
+        return ADMITTED;
     };
-    let limit = config.max_conns_per_client;
-    // At the limit by a first look: free another CPU's SYN that no listener
-    // took, if there is one, before the decisive attempt. (One attempt site
-    // keeps the program within the verifier's budget.)
     // SAFETY: `pending` points into a live map entry.
-    let reserved = Pending(unsafe { (*pending).reservations }).reserved(epoch);
-    if established_count(client).saturating_add(carried_count(client)).saturating_add(reserved) >= limit {
-        release_stale_syn(epoch, now_ns);
-    }
-    if let Some(booked) = reserve(pending, client, epoch, limit) {
-        // SAFETY: `pending` points into a live map entry.
-        let generation = unsafe { (*pending).generation };
-        let handshake = Handshake { client: *client, generation, epoch: booked };
-        // NOEXIST: a copy of the same SYN on another CPU holds it already.
-        if HANDSHAKES.insert(flow, handshake, BPF_NOEXIST as u64).is_ok() {
-            if let Some(last) = LAST_SYN.get_ptr_mut(0) {
-                // SAFETY: this CPU's value of a per-CPU array.
-                unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
-            }
-        } else {
-            release_reservation(&handshake, epoch);
+    let generation = unsafe { (*pending).generation };
+    let mut handshake = Handshake { client: *client, generation, epoch: 0, total_epoch: 0, slots: 0, _pad: 0 };
+    if limit != 0 {
+        // At the limit by a first look: free another CPU's SYN that no
+        // listener took, if there is one, before the decisive attempt. (One
+        // attempt site keeps the program within the verifier's budget.)
+        // SAFETY: as above.
+        let reserved = Pending(unsafe { (*pending).reservations }).reserved(epoch);
+        if established_count(client).saturating_add(carried_count(client)).saturating_add(reserved) >= limit {
+            release_stale_syn(epoch, now_ns);
         }
-        return sk_action::SK_PASS;
+        let Some(booked) = reserve(pending, client, epoch, limit) else {
+            return OVER_CLIENT;
+        };
+        handshake.slots = SLOT_CLIENT;
+        handshake.epoch = booked;
     }
+    if config.max_conns_total != 0 {
+        let Some(booked) = reserve_total(epoch, config.max_conns_total) else {
+            release_handshake(&handshake, epoch);
+            return OVER_TOTAL;
+        };
+        handshake.slots |= SLOT_TOTAL;
+        handshake.total_epoch = booked;
+        if limit == 0 {
+            handshake.epoch = booked;
+        }
+    }
+    // NOEXIST: a copy of the same SYN on another CPU holds it already.
+    if HANDSHAKES.insert(flow, handshake, BPF_NOEXIST as u64).is_ok() {
+        if let Some(last) = LAST_SYN.get_ptr_mut(0) {
+            // SAFETY: this CPU's value of a per-CPU array.
+            unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
+        }
+    } else {
+        release_handshake(&handshake, epoch);
+    }
+    ADMITTED
+}
 
+/// Refuses a SYN over a limit (`total`: the instance's total limit).
+fn refuse(ctx: &SkLookupContext, config: &KernelConfig, client: &ClientKey, total: bool) -> u32 {
+    // SAFETY: the kernel hands the program a valid context.
+    let lookup = unsafe { &*ctx.lookup };
     if config.flags & FLAG_DRY_RUN != 0 {
         // Admitted without a reservation: sock_ops judges it when its
         // handshake completes, and records the would-be refusal then.
         return sk_action::SK_PASS;
     }
-    // SAFETY: `pending` points into a live map entry.
-    add(unsafe { &raw mut (*pending).refused }, 1);
+    if total {
+        count(Stat::TotalRefused);
+    }
+    if let Some(pending) = PENDING.get_ptr_mut(client) {
+        // SAFETY: `pending` points into a live map entry.
+        add(unsafe { &raw mut (*pending).refused }, 1);
+    }
     count(Stat::Refused);
     // SAFETY: reading the union's pointer member, which the kernel sets.
     if !unsafe { lookup.__bindgen_anon_1.__bindgen_anon_1.sk }.is_null() {
         // An earlier program chose a socket: the kernel will ignore our drop.
         count(Stat::Steered);
+    }
+    if config.flags & FLAG_REFUSE_429 != 0 {
+        // The responder's listener takes the connection and answers 429.
+        // It is outside the guarded cgroup, so nothing counts it.
+        let index = if read_ctx(&lookup.family) == AF_INET { RESPONDER_V4 } else { RESPONDER_V6 };
+        if RESPONDER.redirect_sk_lookup(ctx, index, 0).is_ok() {
+            count(Stat::Responded);
+            return sk_action::SK_PASS;
+        }
+        count(Stat::ResponderMissing);
     }
     sk_action::SK_DROP
 }
@@ -199,6 +250,66 @@ fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u3
         let held = established_count(client).saturating_add(carried_count(client));
         Pending(w).try_reserve(epoch, held, limit).map(|(p, booked)| (p.0, booked))
     })
+}
+
+/// Takes an instance-wide slot if the instance holds fewer than `limit`
+/// connections; returns the epoch it was booked in.
+fn reserve_total(epoch: u64, limit: u32) -> Option<u64> {
+    match connlimit_reserve_total(epoch, limit) {
+        NOT_BOOKED => None,
+        booked => Some(booked),
+    }
+}
+
+/// [`reserve_total`]'s result when no slot was taken.
+const NOT_BOOKED: u64 = u64::MAX;
+
+/// [`reserve_total`] as a global BPF function: the verifier checks it once,
+/// apart from the lookup program, whose budget is tight. Returns the epoch
+/// booked, or [`NOT_BOOKED`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn connlimit_reserve_total(epoch: u64, limit: u32) -> u64 {
+    let Some(total) = TOTAL.get_ptr_mut(0) else {
+        return NOT_BOOKED;
+    };
+    // SAFETY: `total` points into a live map entry; an aligned 64-bit load
+    // is atomic on BPF.
+    let established = unsafe { (&raw const (*total).established).read_volatile() }.min(u32::MAX as u64) as u32;
+    // SAFETY: as above.
+    compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
+        Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
+    })
+    .unwrap_or(NOT_BOOKED)
+}
+
+/// Gives back the slots a handshake holds.
+fn release_handshake(h: &Handshake, epoch: u64) {
+    if h.slots & SLOT_CLIENT != 0 {
+        release_reservation(h, epoch);
+    }
+    if h.slots & SLOT_TOTAL != 0 {
+        release_total(epoch, h.total_epoch);
+    }
+}
+
+/// Gives back an instance-wide reservation booked in epoch `booked`.
+/// A global BPF function, checked once by the verifier (see
+/// [`connlimit_reserve_total`]); returns 0.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn connlimit_release_total(epoch: u64, booked: u64) -> u64 {
+    if let Some(total) = TOTAL.get_ptr_mut(0) {
+        // SAFETY: `total` points into a live map entry.
+        compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
+            Some((Pending(w).release(epoch, booked).0, ()))
+        });
+    }
+    0
+}
+
+fn release_total(epoch: u64, booked: u64) {
+    connlimit_release_total(epoch, booked);
 }
 
 /// Gives back the reservation of `handshake`, if the entry it was booked in
@@ -221,11 +332,11 @@ fn release_reservation(handshake: &Handshake, epoch: u64) {
 /// two epochs, in the client's current handshake-state entry.
 fn is_held(handshake: &Handshake, epoch: u64) -> bool {
     is_live(handshake.epoch, epoch)
-        && PENDING.get_ptr(handshake.client).is_some_and(|p| {
+        && (handshake.slots & SLOT_CLIENT == 0 || PENDING.get_ptr(handshake.client).is_some_and(|p| {
             // SAFETY: `p` points into a live map entry.
             let generation = unsafe { (*p).generation };
             generation == handshake.generation
-        })
+        }))
 }
 
 /// Ends the handshake of `flow` and returns its reservation, if no one else
@@ -239,7 +350,7 @@ fn claim_handshake(flow: &FlowKey) -> Option<Handshake> {
 /// Releases the reservation of a handshake no listener took.
 fn release_unclaimed(flow: &FlowKey, epoch: u64) {
     if let Some(h) = claim_handshake(flow) {
-        release_reservation(&h, epoch);
+        release_handshake(&h, epoch);
         count(Stat::Unconfirmed);
     }
 }
@@ -328,36 +439,55 @@ fn on_established(ctx: &SockOpsContext) {
     // A reservation that expired (the client held back its final ACK) or
     // whose handshake state was evicted no longer holds a slot: such a
     // handshake is judged now, as a SYN would be.
-    let mut reservation = claim_handshake(&flow).filter(|h| is_held(h, epoch));
-    let client = match reservation {
+    let claimed = claim_handshake(&flow).filter(|h| is_held(h, epoch));
+    let (key, limit) = client_key(config, &flow.client);
+    let client = match claimed {
         Some(h) => h.client,
-        None => client_key(config, &flow.client),
+        None => key,
     };
-    let limit = config.max_conns_per_client;
-    let mut over = false;
-    if reservation.is_none()
+    // The slots this connection takes: those its handshake holds, and for
+    // each limit it holds none under, one taken now exactly as a SYN would
+    // (so every admission goes through the same compare-and-swap).
+    let mut slots = claimed.unwrap_or(Handshake { client, ..Handshake::default() });
+    let (mut over, mut over_total) = (false, false);
+    if slots.slots & SLOT_CLIENT == 0
         && limit != 0
         && !client.is_exempt()
         && let Some(pending) = pending_state(&client)
     {
         match reserve(pending, &client, epoch, limit) {
-            // SAFETY: `pending` points into a live map entry.
             Some(booked) => {
-                reservation = Some(Handshake { client, generation: unsafe { (*pending).generation }, epoch: booked })
+                slots.slots |= SLOT_CLIENT;
+                slots.epoch = booked;
+                // SAFETY: `pending` points into a live map entry.
+                slots.generation = unsafe { (*pending).generation };
             }
             None => over = true,
         }
     }
+    if slots.slots & SLOT_TOTAL == 0 && config.max_conns_total != 0 && !client.is_exempt() {
+        match reserve_total(epoch, config.max_conns_total) {
+            Some(booked) => {
+                slots.slots |= SLOT_TOTAL;
+                slots.total_epoch = booked;
+            }
+            None => over_total = true,
+        }
+    }
     let counted = count_connection(ctx, &client);
+    if counted.is_ok() {
+        add_total();
+    }
     // Counted before released: a concurrent admission sees the slot taken
     // throughout (see `reserve`).
-    if let Some(h) = reservation {
-        release_reservation(&h, epoch);
-    }
+    release_handshake(&slots, epoch);
     match counted {
-        Ok(()) if !over => count(Stat::Accepted),
+        Ok(()) if !over && !over_total => count(Stat::Accepted),
         Ok(()) => {
             count(Stat::Accepted);
+            if over_total {
+                count(Stat::TotalRefused);
+            }
             if let Some(pending) = pending_state(&client) {
                 // SAFETY: `pending` points into a live map entry.
                 add(unsafe { &raw mut (*pending).refused }, 1);
@@ -373,6 +503,23 @@ fn on_established(ctx: &SockOpsContext) {
             count(Stat::Untracked);
             warn!(ctx, "connlimit: a map is full; a connection is not counted");
         }
+    }
+}
+
+/// One more connection of the instance (the total limit's count).
+fn add_total() {
+    if let Some(total) = TOTAL.get_ptr_mut(0) {
+        // SAFETY: `total` points into a live map entry, 8-byte aligned.
+        add(unsafe { &raw mut (*total).established }, 1);
+    }
+}
+
+/// One connection of the instance fewer.
+fn remove_total() {
+    if let Some(total) = TOTAL.get_ptr_mut(0) {
+        // Adding 2^64 - 1 subtracts one; every decrement follows its increment.
+        // SAFETY: `total` points into a live map entry, 8-byte aligned.
+        add(unsafe { &raw mut (*total).established }, u64::MAX);
     }
 }
 
@@ -469,15 +616,22 @@ fn on_close(ctx: &SockOpsContext) {
     // Whoever removes the entry gives the slot back: exactly once.
     if CONNS.remove(cookie).is_ok() {
         remove_established(&client);
+        remove_total();
     }
 }
 
-/// The key `addr` is counted under: its own if exempt, else its group's.
-fn client_key(config: &KernelConfig, addr: &AddrWords) -> ClientKey {
-    if config.flags & FLAG_EXEMPT != 0 && EXEMPT.get(Key::new(ExemptKey::FULL_LEN, ExemptKey::of(addr))).is_some() {
-        return ClientKey::exempt(addr);
+/// The key `addr` is counted under (its own if exempt, else its group's)
+/// and its limit: the one of the longest network prefix holding it, else
+/// the instance's.
+fn client_key(config: &KernelConfig, addr: &AddrWords) -> (ClientKey, u32) {
+    if config.flags & FLAG_EXEMPT != 0 {
+        match NETWORKS.get(Key::new(ExemptKey::FULL_LEN, ExemptKey::of(addr))) {
+            Some(&0) => return (ClientKey::exempt(addr), 0),
+            Some(&limit) => return (ClientKey::grouped(addr, config.ipv4_prefix_len, config.ipv6_prefix_len), limit),
+            None => {}
+        }
     }
-    ClientKey::grouped(addr, config.ipv4_prefix_len, config.ipv6_prefix_len)
+    (ClientKey::grouped(addr, config.ipv4_prefix_len, config.ipv6_prefix_len), config.max_conns_per_client)
 }
 
 /// Established connections counted under `client`.

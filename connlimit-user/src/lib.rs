@@ -58,6 +58,7 @@ pub mod http;
 mod limited;
 mod limiter;
 mod listener;
+mod network_limit;
 mod peer;
 
 /// The README's example compiles (checked by `cargo test --doc`).
@@ -66,11 +67,12 @@ mod peer;
 struct ReadmeDoctests;
 
 pub use cidr::{Cidr, CidrError};
-pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_EXEMPT};
+pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, MAX_EXEMPT};
 #[cfg(all(feature = "ebpf", target_os = "linux"))]
 pub use ebpf::EbpfLimiter;
 pub use error::Error;
 pub use limited::Limited;
 pub use limiter::{Limiter, Slot, Stats};
 pub use listener::{LimitedListener, Refusal};
+pub use network_limit::{NetworkLimit, NetworkLimitError};
 pub use peer::PeerAddr;

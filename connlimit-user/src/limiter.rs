@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
 };
 
@@ -48,9 +48,12 @@ struct Inner {
     config: ArcSwap<Config>,
     shards: Box<[Mutex<HashMap<Key, u32>>]>,
     shard_hasher: RandomState,
+    /// Connections held across all clients, for the total limit.
+    total: AtomicU32,
     accepted: AtomicU64,
     refused: AtomicU64,
     dry_run_refused: AtomicU64,
+    total_refused: AtomicU64,
 }
 
 impl Default for Inner {
@@ -59,9 +62,11 @@ impl Default for Inner {
             config: ArcSwap::from_pointee(Config::default()),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             shard_hasher: RandomState::new(),
+            total: AtomicU32::new(0),
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             dry_run_refused: AtomicU64::new(0),
+            total_refused: AtomicU64::new(0),
         }
     }
 }
@@ -92,6 +97,16 @@ pub struct Stats {
     /// Kernel limiter only: connections to end that user space was not told
     /// of (the ring buffer was full).
     pub endings_lost: u64,
+    /// Connections refused (or, in dry-run, that would have been) because
+    /// the total limit was reached; also counted in `refused` (or
+    /// `ended`, `dry_run_refused`).
+    pub total_refused: u64,
+    /// Kernel limiter only: refused connections answered with HTTP 429 by
+    /// the responder (also in `refused`).
+    pub responded: u64,
+    /// Kernel limiter only: refusals that were to get a 429 but got a reset
+    /// because no process held the responder.
+    pub responder_missing: u64,
 }
 
 impl Limiter {
@@ -103,8 +118,10 @@ impl Limiter {
     }
 
     /// Counts a new connection under its client and returns the [`Slot`] it
-    /// holds, or [`Error::LimitReached`] when the client already holds the
-    /// maximum. Over the limit nothing is counted.
+    /// holds, or [`Error::LimitReached`] when the client already holds its
+    /// limit (the longest matching network limit, else the per-client one)
+    /// or the limiter its [total limit](Config::max_conns_total). Over a
+    /// limit nothing is counted.
     ///
     /// Exempt clients are counted under their own address, never refused,
     /// and never use up the allowance of the network they are in (as in the
@@ -113,20 +130,37 @@ impl Limiter {
     pub fn accept(&self, conn: &impl PeerAddr) -> Result<Slot, Error> {
         let ip = conn.peer_ip().map_err(Error::PeerAddr)?;
         let config = self.inner.config.load();
-        let key = Key::of(&config, ip);
+        let (limit, exempt) = config.limit_for(ip);
+        let key = Key::of(&config, ip, exempt);
         let mut shard = self.inner.shard(key);
-        let open = shard.entry(key).or_insert(0);
-        if config.is_limited() && *open >= config.max_conns_per_client_ip && !key.exempt {
+        let open = shard.get(&key).copied().unwrap_or(0);
+        let over_client = limit > 0 && open >= limit && !exempt;
+        // Taken under the shard lock, so the per-client and the total check
+        // pass or fail together.
+        let total = config.max_conns_total;
+        let taken = self.inner.total.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            let over_total = total > 0 && n >= total && !exempt;
+            (!over_client && !over_total).then_some(n + 1)
+        });
+        if taken.is_err() {
+            let over_total = !over_client;
             if !config.dry_run {
                 drop(shard);
                 self.inner.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client = %key.addr, "connection refused: client at its limit");
+                if over_total {
+                    self.inner.total_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(client = %key.addr, over_total, "connection refused: at a limit");
                 return Err(Error::LimitReached);
             }
+            self.inner.total.fetch_add(1, Ordering::AcqRel);
             self.inner.dry_run_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(client = %key.addr, "dry run: connection over the limit admitted");
+            if over_total {
+                self.inner.total_refused.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(client = %key.addr, over_total, "dry run: connection over a limit admitted");
         }
-        *open += 1;
+        *shard.entry(key).or_insert(0) += 1;
         drop(shard);
         self.inner.accepted.fetch_add(1, Ordering::Relaxed);
         Ok(Slot { held: Some((self.inner.clone(), key)) })
@@ -151,8 +185,14 @@ impl Limiter {
     /// own address if it is exempt; 0 if its address cannot be read).
     pub fn num_open(&self, peer: &impl PeerAddr) -> u32 {
         let Ok(ip) = peer.peer_ip() else { return 0 };
-        let key = Key::of(&self.inner.config.load(), ip);
+        let config = self.inner.config.load();
+        let key = Key::of(&config, ip, config.is_exempt(ip));
         self.inner.shard(key).get(&key).copied().unwrap_or(0)
+    }
+
+    /// Connections held now across all clients (what the total limit counts).
+    pub fn total_open(&self) -> u32 {
+        self.inner.total.load(Ordering::Acquire)
     }
 
     /// Every client key holding connections now, with its count, most first.
@@ -173,6 +213,7 @@ impl Limiter {
             accepted: self.inner.accepted.load(Ordering::Relaxed),
             refused: self.inner.refused.load(Ordering::Relaxed),
             dry_run_refused: self.inner.dry_run_refused.load(Ordering::Relaxed),
+            total_refused: self.inner.total_refused.load(Ordering::Relaxed),
             ..Stats::default()
         }
     }
@@ -193,8 +234,8 @@ struct Key {
 }
 
 impl Key {
-    fn of(config: &Config, ip: IpAddr) -> Self {
-        if config.is_exempt(ip) {
+    fn of(config: &Config, ip: IpAddr, exempt: bool) -> Self {
+        if exempt {
             Self { addr: crate::addr::canonical(ip), exempt: true }
         } else {
             Self { addr: config.client_key(ip), exempt: false }
@@ -211,6 +252,7 @@ impl Inner {
     fn release(&self, key: Key) {
         let mut shard = self.shard(key);
         if let Some(open) = shard.get_mut(&key) {
+            self.total.fetch_sub(1, Ordering::AcqRel);
             *open -= 1;
             if *open == 0 {
                 // Clients with nothing open take no memory.

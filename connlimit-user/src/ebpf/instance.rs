@@ -10,23 +10,23 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     programs::links::{FdLink, PinnedLink},
 };
 use connlimit_common::{
     established,
     maps::{
-        ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, InstanceInfo, KernelConfig,
-        LAYOUT_VERSION, PendingState, Stat, names,
+        ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429, InstanceInfo,
+        KernelConfig, LAYOUT_VERSION, PendingState, Stat, TotalState, names,
     },
     pending::{Pending, epoch_of},
 };
 
 use super::{
-    EbpfError, WhenFull, host,
+    EbpfError, RefuseWith, WhenFull, host,
     pin_root::{self, PinRoot, Staging, fd_path},
 };
-use crate::{Cidr, Config, Stats, addr};
+use crate::{Cidr, Config, NetworkLimit, Stats, addr};
 
 /// Pin names of the links of a persisted instance.
 pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
@@ -57,7 +57,9 @@ pub struct Instance {
     name: String,
     config: Array<MapData, KernelConfig>,
     ports: Array<MapData, u8>,
-    exempt: LpmTrie<MapData, ExemptKey, u8>,
+    /// Exempt prefixes (limit 0) and per-network limits.
+    networks: LpmTrie<MapData, ExemptKey, u32>,
+    total: Array<MapData, TotalState>,
     clients: HashMap<MapData, ClientKey, ClientState>,
     pending: HashMap<MapData, ClientKey, PendingState>,
     conns: HashMap<MapData, u64, ClientKey>,
@@ -66,6 +68,8 @@ pub struct Instance {
     info: Array<MapData, InstanceInfo>,
     /// Taken by the one upkeep thread of this handle.
     endings: Option<RingBuf<MapData>>,
+    /// Taken by the 429 responder the endings worker runs.
+    responder: Option<SockMap<MapData>>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -146,7 +150,8 @@ impl Instance {
             name: name.to_owned(),
             config: typed!(names::CONFIG),
             ports: typed!(names::PORTS),
-            exempt: typed!(names::EXEMPT),
+            networks: typed!(names::NETWORKS),
+            total: typed!(names::TOTAL),
             clients: typed!(names::CLIENTS),
             pending: typed!(names::PENDING),
             conns: typed!(names::CONNS),
@@ -154,6 +159,7 @@ impl Instance {
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
             endings: Some(typed!(names::ENDINGS)),
+            responder: Some(typed!(names::RESPONDER)),
         })
     }
 
@@ -186,30 +192,38 @@ impl Instance {
         self.config.get(&0, 0).map_err(sys("reading the config map"))
     }
 
-    /// The configuration in force, as the kernel reads it.
+    /// The configuration in force, as the kernel reads it. A network limit
+    /// of 0 is an exempt prefix to the kernel, and is read back as one.
     pub fn config(&self) -> Result<Config, EbpfError> {
         let k = self.kernel_config()?;
-        let mut exempt = Vec::new();
-        for entry in self.exempt.keys() {
-            let key = entry.map_err(sys("reading the exempt map"))?;
+        let (mut exempt, mut network_limits) = (Vec::new(), Vec::new());
+        for entry in self.networks.iter() {
+            let (key, limit) = entry.map_err(sys("reading the networks map"))?;
             let words = key.data().addr;
             let addr = addr::from_words(words);
             let len = key.prefix_len() - ExemptKey::prefix_len(&words, 0);
-            exempt.push(Cidr::new(addr, len as u8).map_err(|e| EbpfError::system("reading the exempt map", e))?);
+            let cidr = Cidr::new(addr, len as u8).map_err(|e| EbpfError::system("reading the networks map", e))?;
+            match limit {
+                0 => exempt.push(cidr),
+                n => network_limits.push(NetworkLimit::new(cidr, n)),
+            }
         }
         exempt.sort_by_key(|c| (c.addr(), c.prefix_len()));
+        network_limits.sort_by_key(|n| (n.cidr.addr(), n.cidr.prefix_len()));
         Ok(Config {
             max_conns_per_client_ip: k.max_conns_per_client,
             ipv4_prefix_len: k.ipv4_prefix_len,
             ipv6_prefix_len: k.ipv6_prefix_len,
             exempt,
+            network_limits,
+            max_conns_total: k.max_conns_total,
             dry_run: k.flags & FLAG_DRY_RUN != 0,
         })
     }
 
-    /// Replaces the configuration. Newly exempt prefixes are added before the
-    /// limit changes and old ones removed after, so no exempt client is
-    /// ever limited in between.
+    /// Replaces the configuration. Network entries (exempt prefixes and
+    /// network limits) are written before the limits change and stale ones
+    /// removed after, so no exempt client is ever limited in between.
     pub fn set_config(&mut self, config: &Config) -> Result<(), EbpfError> {
         config.validate()?;
         let kernel = self.kernel_config()?;
@@ -229,34 +243,53 @@ impl Instance {
         self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
     }
 
+    /// How the kernel refuses connections over a limit.
+    pub fn refuse_with(&self) -> Result<RefuseWith, EbpfError> {
+        Ok(RefuseWith::from_flags(self.kernel_config()?.flags))
+    }
+
+    /// Changes how the kernel refuses connections over a limit. With
+    /// [`RefuseWith::Http429`] the process owning the instance answers;
+    /// when there is none, refusals stay resets.
+    pub fn set_refuse_with(&mut self, refuse_with: RefuseWith) -> Result<(), EbpfError> {
+        let mut kernel = self.kernel_config()?;
+        kernel.flags = (kernel.flags & !FLAG_REFUSE_429) | refuse_with.flag();
+        self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
+    }
+
     /// Writes `config`, keeping the other fields of `base` (epoch, namespace,
-    /// full-map policy).
+    /// full-map policy, how to refuse).
     pub(crate) fn write_config(&mut self, config: &Config, base: KernelConfig) -> Result<(), EbpfError> {
-        let old: Vec<Key<ExemptKey>> = self.exempt.keys().filter_map(Result::ok).collect();
-        let new: Vec<Key<ExemptKey>> = config
+        let old: Vec<Key<ExemptKey>> = self.networks.keys().filter_map(Result::ok).collect();
+        let key = |c: &Cidr| {
+            let words = addr::to_words(c.addr());
+            Key::new(ExemptKey::prefix_len(&words, u32::from(c.prefix_len())), ExemptKey::of(&words))
+        };
+        // Exempt is limit 0; a network limit on the same prefix is refused
+        // by `Config::validate`.
+        let new: Vec<(Key<ExemptKey>, u32)> = config
             .exempt
             .iter()
-            .map(|c| {
-                let words = addr::to_words(c.addr());
-                Key::new(ExemptKey::prefix_len(&words, u32::from(c.prefix_len())), ExemptKey::of(&words))
-            })
+            .map(|c| (key(c), 0))
+            .chain(config.network_limits.iter().map(|n| (key(&n.cidr), n.limit)))
             .collect();
-        for key in &new {
-            self.exempt.insert(key, 1, 0).map_err(sys("writing the exempt map"))?;
+        for (key, limit) in &new {
+            self.networks.insert(key, limit, 0).map_err(sys("writing the networks map"))?;
         }
         let kernel = KernelConfig {
             max_conns_per_client: config.max_conns_per_client_ip,
             ipv4_prefix_len: config.ipv4_prefix_len,
             ipv6_prefix_len: config.ipv6_prefix_len,
-            flags: (base.flags & FLAG_FULL_CLOSED)
+            max_conns_total: config.max_conns_total,
+            flags: (base.flags & (FLAG_FULL_CLOSED | FLAG_REFUSE_429))
                 | if config.dry_run { FLAG_DRY_RUN } else { 0 }
                 | if new.is_empty() { 0 } else { FLAG_EXEMPT },
             ..base
         };
         self.config.set(0, kernel, 0).map_err(sys("writing the config map"))?;
         let same = |a: &Key<ExemptKey>, b: &Key<ExemptKey>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-        for key in old.iter().filter(|k| !new.iter().any(|n| same(k, n))) {
-            let _ = self.exempt.remove(key);
+        for key in old.iter().filter(|k| !new.iter().any(|(n, _)| same(k, n))) {
+            let _ = self.networks.remove(key);
         }
         Ok(())
     }
@@ -395,7 +428,17 @@ impl Instance {
             .endings
             .take()
             .ok_or_else(|| EbpfError::system("starting the upkeep thread", "this handle's was started already"))?;
-        super::Upkeep::start(ring, self.duplicate()?, netns)
+        // The owner's other duty: answering refusals with 429 (when asked;
+        // its listeners idle otherwise). Without it, refusals are resets.
+        let responder = match self.responder.take().map(|map| super::Responder::start(map, netns, &self.name)) {
+            Some(Ok(responder)) => Some(responder),
+            Some(Err(e)) => {
+                tracing::warn!(instance = %self.name, error = %e, "no 429 responder: refusals get a reset");
+                None
+            }
+            None => None,
+        };
+        Ok(super::Upkeep::start(ring, self.duplicate()?, netns)?.with_responder(responder))
     }
 
     /// Another handle on the same maps (the ring buffer stays with this one).
@@ -410,7 +453,8 @@ impl Instance {
             name: self.name.clone(),
             config: reopen(self.config.map())?,
             ports: reopen(self.ports.map())?,
-            exempt: reopen(self.exempt.map())?,
+            networks: reopen(self.networks.map())?,
+            total: reopen(self.total.map())?,
             clients: reopen(self.clients.map())?,
             pending: reopen(self.pending.map())?,
             conns: reopen(self.conns.map())?,
@@ -418,6 +462,7 @@ impl Instance {
             stats: reopen(self.stats.map())?,
             info: reopen(self.info.map())?,
             endings: None,
+            responder: None,
         })
     }
 
@@ -466,7 +511,16 @@ impl Instance {
             ended: total(Stat::Ended)?,
             unconfirmed: total(Stat::Unconfirmed)?,
             endings_lost: total(Stat::EndingsLost)?,
+            total_refused: total(Stat::TotalRefused)?,
+            responded: total(Stat::Responded)?,
+            responder_missing: total(Stat::ResponderMissing)?,
         })
+    }
+
+    /// Established connections the instance counts now, across all clients
+    /// (what the total limit holds them to).
+    pub fn total_open(&self) -> Result<u64, EbpfError> {
+        Ok(self.total.get(&0, 0).map_err(sys("reading the total map"))?.established)
     }
 }
 

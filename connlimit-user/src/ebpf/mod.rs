@@ -42,6 +42,7 @@ mod log;
 mod object;
 pub mod owner;
 pub mod pin_root;
+mod responder;
 pub mod sock_diag;
 mod upkeep;
 
@@ -66,6 +67,7 @@ pub use error::EbpfError;
 pub use instance::{ClientCount, Instance};
 pub use owner::{Detached, Owner, Ownership};
 pub use pin_root::{PIN_ROOT, PIN_ROOT_ENV, PinRoot, pin_root};
+pub use responder::{BACKLOG, MAX_RESPONDING, RefuseWith, Responder, WRITE_DEADLINE};
 pub use upkeep::Upkeep;
 
 use crate::{Config, PeerAddr, Stats};
@@ -143,6 +145,7 @@ pub struct AttachOptions {
     persist: bool,
     reservation_epoch: Duration,
     when_full: WhenFull,
+    refuse_with: RefuseWith,
     max_clients: Option<u32>,
     max_connections: Option<u32>,
 }
@@ -161,6 +164,7 @@ impl AttachOptions {
             persist: false,
             reservation_epoch: DEFAULT_RESERVATION_EPOCH,
             when_full: WhenFull::default(),
+            refuse_with: RefuseWith::default(),
             max_clients: None,
             max_connections: None,
         }
@@ -217,6 +221,14 @@ impl AttachOptions {
     /// full. Default: [`WhenFull::Closed`].
     pub fn when_full(mut self, when_full: WhenFull) -> Self {
         self.when_full = when_full;
+        self
+    }
+
+    /// How to refuse a connection over a limit: a TCP reset (the default) or
+    /// an HTTP 429 answered by this process (see [`RefuseWith`]). Change it
+    /// live with [`EbpfLimiter::set_refuse_with`].
+    pub fn refuse_with(mut self, refuse_with: RefuseWith) -> Self {
+        self.refuse_with = refuse_with;
         self
     }
 
@@ -277,6 +289,7 @@ impl EbpfLimiter {
             persist,
             reservation_epoch,
             when_full,
+            refuse_with,
             max_clients,
             max_connections,
         } = options;
@@ -320,7 +333,7 @@ impl EbpfLimiter {
         let base = KernelConfig {
             epoch_ns,
             netns_cookie: host::netns_cookie(&netns),
-            flags: when_full.flag(),
+            flags: when_full.flag() | refuse_with.flag(),
             ..KernelConfig::default()
         };
         instance.write_config(&config, base)?;
@@ -406,6 +419,24 @@ impl EbpfLimiter {
     /// Totals since the instance was attached.
     pub fn stats(&self) -> Result<Stats, EbpfError> {
         self.instance().stats()
+    }
+
+    /// How the kernel refuses connections over a limit.
+    pub fn refuse_with(&self) -> Result<RefuseWith, EbpfError> {
+        self.instance().refuse_with()
+    }
+
+    /// Changes how the kernel refuses connections over a limit; the next
+    /// SYN sees it.
+    pub fn set_refuse_with(&self, refuse_with: RefuseWith) -> Result<(), EbpfError> {
+        let _lock = PinRoot::write()?;
+        self.instance().set_refuse_with(refuse_with)
+    }
+
+    /// Established connections across all clients (what
+    /// [`Config::max_conns_total`] limits).
+    pub fn total_open(&self) -> Result<u64, EbpfError> {
+        self.instance().total_open()
     }
 
     /// Connections the kernel is tracking until they close.

@@ -164,7 +164,7 @@ impl Instance {
         instance.set_ports(&ports)?;
         let kernel = KernelConfig {
             epoch_ns: super::validated_epoch_ns(options.reservation_epoch)?,
-            flags: options.when_full.flag(),
+            flags: options.when_full.flag() | options.refuse_with.flag(),
             ..instance.kernel_config()?
         };
         instance.write_config(&options.config, kernel)?;

@@ -48,6 +48,8 @@ const RECONCILE: Duration = Duration::from_secs(1);
 pub struct Upkeep {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The 429 responder, run by the same owner (see [`super::Responder`]).
+    responder: Option<super::Responder>,
 }
 
 impl Upkeep {
@@ -80,10 +82,22 @@ impl Upkeep {
             })
             .map_err(|e| EbpfError::system("starting the upkeep thread", e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread), responder: None }),
             Ok(Err(e)) => Err(EbpfError::system("opening a socket-diagnostics socket in the guarded namespace", e)),
             Err(_) => Err(EbpfError::system("starting the upkeep thread", "it stopped")),
         }
+    }
+}
+
+impl Upkeep {
+    pub(crate) fn with_responder(mut self, responder: Option<super::Responder>) -> Self {
+        self.responder = responder;
+        self
+    }
+
+    /// Whether this owner answers refusals with 429 when asked to.
+    pub fn has_responder(&self) -> bool {
+        self.responder.is_some()
     }
 }
 

@@ -3,7 +3,10 @@
 use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser as _};
-use connlimit::{Cidr, MAX_CONNS_PER_CLIENT_IP, ebpf::WhenFull};
+use connlimit::{
+    Cidr, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, NetworkLimit,
+    ebpf::{RefuseWith, WhenFull},
+};
 
 /// `connlimit --version`: the release, the commit it was built from, and the
 /// kernel object it loads (the hash `status` shows for each instance).
@@ -63,7 +66,8 @@ pub enum Command {
         connlimit run --port 80 --port 443 --max-conns-per-client-ip 50 --cgroup /sys/fs/cgroup/system.slice/nginx.service\n  \
         connlimit run --name api --port 8080 --max-conns-per-client-ip 10 --pid 1234 --persist\n  \
         connlimit run --port 80 --max-conns-per-client-ip 50 --unit nginx.service\n  \
-        connlimit run --port 8080 --max-conns-per-client-ip 10 --pid $(docker inspect -f '{{.State.Pid}}' web)\n\n\
+        connlimit run --port 8080 --max-conns-per-client-ip 10 --pid $(docker inspect -f '{{.State.Pid}}' web)\n  \
+        connlimit run --port 443 -m 20 --max-conns-total 5000 --network-limit 203.0.113.0/24=200 --pid 1234\n\n\
         --unit finds the unit's cgroup with `systemctl show`. A server in the root cgroup (one started \
         by hand outside any service manager) shares it with every process on the host: connlimit \
         then counts all of their connections to the guarded ports, and warns.\n\n\
@@ -77,7 +81,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         connlimit exec --port 8080 --max-conns-per-client-ip 10 --user nobody -- python3 -m http.server 8080\n  \
         connlimit exec --port 6379 --max-conns-per-client-ip 20 --exempt 10.0.0.0/8 --user redis -- redis-server\n  \
-        connlimit exec --port 80 --max-conns-per-client-ip 50 --pid-file /run/nginx.pid -- nginx\n\n\
+        connlimit exec --port 80 --max-conns-per-client-ip 50 --pid-file /run/nginx.pid -- nginx\n  \
+        connlimit exec --port 8080 -m 10 --refuse-with http-429 --user nobody -- python3 -m http.server 8080\n\n\
         connlimit follows the server's cgroup, as a service manager does: a server that daemonizes \
         (its first process exits with status 0, leaving others behind) stays guarded until the \
         cgroup is empty. The server runs in its own process group: SIGINT (Ctrl-C), SIGTERM and \
@@ -107,7 +112,9 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         connlimit set --max-conns-per-client-ip 20\n  \
         connlimit set --name api --ipv6-prefix-len 64 --exempt 10.0.0.0/8 --exempt 192.0.2.7\n  \
-        connlimit set --dry-run false\n\n\
+        connlimit set --dry-run false\n  \
+        connlimit set --max-conns-total 5000 --network-limit 203.0.113.0/24=200 --network-limit 10.0.0.0/8=0\n  \
+        connlimit set --refuse-with http-429\n\n\
         Fields not given keep their value. Lowering the limit closes nothing; it refuses new \
         connections until clients are back under it.")]
     Set(SetArgs),
@@ -166,6 +173,12 @@ pub struct LimitArgs {
     /// Never limit clients in this prefix, e.g. health checkers (repeat for several)
     #[arg(long = "exempt", value_name = "CIDR")]
     pub exempt: Vec<Cidr>,
+    /// Per-client limit N for clients in CIDR, e.g. 203.0.113.0/24=200; the longest prefix wins, 0 = unlimited (repeat for several)
+    #[arg(long = "network-limit", value_name = "CIDR=N")]
+    pub network_limits: Vec<NetworkLimit>,
+    /// Most concurrent connections across all clients; 0 = no total limit
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_TOTAL as i64))]
+    pub max_conns_total: u32,
     /// Count and report what would be refused, refuse nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -175,6 +188,9 @@ pub struct LimitArgs {
     /// When a connection cannot be counted because a map is full: `closed` ends it, `open` admits it uncounted
     #[arg(long, default_value_t = WhenFull::Closed, value_name = "POLICY")]
     pub when_full: WhenFull,
+    /// How to refuse: `reset` (TCP reset) or `http-429` (connlimit answers HTTP 429 Too Many Requests; a reset while connlimit is not running)
+    #[arg(long, default_value_t = RefuseWith::Reset, value_name = "HOW")]
+    pub refuse_with: RefuseWith,
 }
 
 /// The most `top --rows` shows.
@@ -326,12 +342,24 @@ pub struct SetArgs {
     /// Remove all exempt prefixes
     #[arg(long)]
     pub no_exempt: bool,
+    /// Replace the network limits with these, CIDR=N (repeat for several)
+    #[arg(long = "network-limit", value_name = "CIDR=N", conflicts_with = "no_network_limits")]
+    pub network_limits: Vec<NetworkLimit>,
+    /// Remove all network limits
+    #[arg(long)]
+    pub no_network_limits: bool,
+    /// New total limit across all clients; 0 = none
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_TOTAL as i64))]
+    pub max_conns_total: Option<u32>,
     /// Turn dry-run mode on or off
     #[arg(long, value_name = "BOOL")]
     pub dry_run: Option<bool>,
     /// New full-map policy: `closed` ends a connection that cannot be counted, `open` admits it uncounted
     #[arg(long, value_name = "POLICY")]
     pub when_full: Option<WhenFull>,
+    /// How to refuse from now on: `reset` or `http-429` (answered by the process running the instance)
+    #[arg(long, value_name = "HOW")]
+    pub refuse_with: Option<RefuseWith>,
     /// Replace the guarded ports with these (repeat for several)
     #[arg(long = "port", short = 'p', value_name = "PORT", value_parser = port)]
     pub ports: Vec<u16>,

@@ -11,8 +11,8 @@ use std::{
 };
 
 use connlimit::{
-    Cidr, Config, MAX_CONNS_PER_CLIENT_IP,
-    ebpf::{Instance, WhenFull},
+    Cidr, Config, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, NetworkLimit,
+    ebpf::{Instance, RefuseWith, WhenFull},
 };
 use toml_edit::{Item, Table};
 
@@ -71,6 +71,7 @@ pub struct InstanceSpec {
     pub config: Config,
     pub reservation_epoch: Duration,
     pub when_full: WhenFull,
+    pub refuse_with: RefuseWith,
     pub persist: bool,
 }
 
@@ -184,7 +185,7 @@ struct Parser<'t> {
     problems: Vec<Problem>,
 }
 
-const INSTANCE_KEYS: [&str; 12] = [
+const INSTANCE_KEYS: [&str; 15] = [
     "name",
     "ports",
     "cgroup",
@@ -193,10 +194,13 @@ const INSTANCE_KEYS: [&str; 12] = [
     "ipv4_prefix_len",
     "ipv6_prefix_len",
     "exempt",
+    "network_limits",
+    "max_conns_total",
     "dry_run",
     "persist",
     "reservation_epoch_ms",
     "when_full",
+    "refuse_with",
 ];
 
 impl Parser<'_> {
@@ -226,6 +230,13 @@ impl Parser<'_> {
             self.problem(span, format!("`{key}` must be a string in quotes, not {}", item.type_name()));
         }
         s
+    }
+
+    /// A string key that parses as `T`, e.g. `refuse_with = "http-429"`.
+    fn parsed<T: std::str::FromStr<Err = String>>(&mut self, table: &Table, key: &str) -> Option<T> {
+        let (span, item) = self.get(table, key)?;
+        let text = self.string(&span, item, key)?;
+        text.parse().map_err(|e| self.problem(&span, e)).ok()
     }
 
     /// `when_full = "open" | "closed"`.
@@ -352,10 +363,20 @@ impl Parser<'_> {
         };
         let v4 = self.int(table, "ipv4_prefix_len", 0..33, "use 0 to 32").unwrap_or(32) as u8;
         let v6 = self.int(table, "ipv6_prefix_len", 0..129, "use 0 to 128").unwrap_or(128) as u8;
-        let exempt = self.exempt(table);
+        let exempt = self.list::<Cidr>(table, "exempt", "\"10.0.0.0/8\"");
+        let network_limits = self.list::<NetworkLimit>(table, "network_limits", "\"10.0.0.0/8=100\"");
+        let total = self
+            .int(
+                table,
+                "max_conns_total",
+                0..i64::from(MAX_CONNS_TOTAL) + 1,
+                &format!("use 0 (no limit) to {MAX_CONNS_TOTAL}"),
+            )
+            .unwrap_or(0) as u32;
         let dry_run = self.bool(table, "dry_run").unwrap_or(false);
         let persist = self.bool(table, "persist").unwrap_or(false);
         let when_full = self.when_full(table).unwrap_or_default();
+        let refuse_with = self.parsed::<RefuseWith>(table, "refuse_with").unwrap_or_default();
         let epoch = self
             .int(table, "reservation_epoch_ms", 10..60_001, "use 10 to 60000 ms")
             .unwrap_or(DEFAULT_EPOCH_MS as i64);
@@ -364,6 +385,8 @@ impl Parser<'_> {
             ipv4_prefix_len: v4,
             ipv6_prefix_len: v6,
             exempt,
+            network_limits,
+            max_conns_total: total,
             dry_run,
         };
         if let Err(e) = config.validate() {
@@ -379,6 +402,7 @@ impl Parser<'_> {
             config,
             reservation_epoch: Duration::from_millis(epoch as u64),
             when_full,
+            refuse_with,
             persist,
         })
     }
@@ -414,23 +438,29 @@ impl Parser<'_> {
         ok.then_some(ports)
     }
 
-    fn exempt(&mut self, table: &Table) -> Vec<Cidr> {
-        let Some((span, item)) = self.get(table, "exempt") else { return Vec::new() };
+    /// A list of strings that each parse as `T`, e.g. `exempt`; `example`
+    /// is one entry, quoted.
+    fn list<T: std::str::FromStr>(&mut self, table: &Table, key: &str, example: &str) -> Vec<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let Some((span, item)) = self.get(table, key) else { return Vec::new() };
         let Some(array) = item.as_array() else {
-            self.problem(&span, format!("`exempt` must be a list like [\"10.0.0.0/8\"], not {}", item.type_name()));
+            self.problem(&span, format!("`{key}` must be a list like [{example}], not {}", item.type_name()));
             return Vec::new();
         };
-        let mut exempt = Vec::new();
+        let mut list = Vec::new();
         for value in array.iter() {
             let at = value.span().unwrap_or_else(|| span.clone());
-            match value.as_str().map(str::parse::<Cidr>) {
-                Some(Ok(cidr)) => exempt.push(cidr),
+            match value.as_str().map(str::parse::<T>) {
+                Some(Ok(entry)) => list.push(entry),
                 Some(Err(e)) => self.problem(&at, e.to_string()),
-                None => self
-                    .problem(&at, format!("exempt entries are strings like \"10.0.0.0/8\", not {}", value.type_name())),
+                None => {
+                    self.problem(&at, format!("{key} entries are strings like {example}, not {}", value.type_name()))
+                }
             }
         }
-        exempt
+        list
     }
 
     /// Problems between instances: names and ports must not clash.
@@ -477,6 +507,9 @@ cgroup = "/sys/fs/cgroup/system.slice/nginx.service"
 max_conns_per_client_ip = 50
 ipv6_prefix_len = 64
 exempt = ["10.0.0.0/8"]
+network_limits = ["203.0.113.0/24=200", "10.1.0.0/16=5"]
+max_conns_total = 10000
+refuse_with = "http-429"
 
 [[instance]]
 name = "db"
@@ -501,6 +534,10 @@ reservation_epoch_ms = 500
         assert_eq!(web.config.max_conns_per_client_ip, 50);
         assert_eq!((web.config.ipv4_prefix_len, web.config.ipv6_prefix_len), (32, 64));
         assert_eq!(web.config.exempt, ["10.0.0.0/8".parse().unwrap()]);
+        let networks: Vec<String> = web.config.network_limits.iter().map(ToString::to_string).collect();
+        assert_eq!(networks, ["203.0.113.0/24=200", "10.1.0.0/16=5"]);
+        assert_eq!((web.config.max_conns_total, file.instances[1].config.max_conns_total), (10_000, 0));
+        assert_eq!((web.refuse_with, file.instances[1].refuse_with), (RefuseWith::Http429, RefuseWith::Reset));
         assert_eq!(web.reservation_epoch, Duration::from_secs(1));
         let db = &file.instances[1];
         assert_eq!(db.target, Target::Pid(1234));

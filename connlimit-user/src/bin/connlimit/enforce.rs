@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, Upkeep, WhenFull, cgroup::Cgroup, host},
+    ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, RefuseWith, Upkeep, WhenFull, cgroup::Cgroup, host},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -26,6 +26,8 @@ impl LimitArgs {
             ipv4_prefix_len: self.ipv4_prefix_len,
             ipv6_prefix_len: self.ipv6_prefix_len,
             exempt: self.exempt.clone(),
+            network_limits: self.network_limits.clone(),
+            max_conns_total: self.max_conns_total,
             dry_run: self.dry_run,
         }
     }
@@ -37,6 +39,7 @@ impl LimitArgs {
             config: self.config(),
             reservation_epoch: Duration::from_millis(self.reservation_epoch_ms),
             when_full: self.when_full,
+            refuse_with: self.refuse_with,
             persist,
         }
     }
@@ -49,6 +52,7 @@ pub(crate) struct Plan {
     pub config: Config,
     pub reservation_epoch: Duration,
     pub when_full: WhenFull,
+    pub refuse_with: RefuseWith,
     pub persist: bool,
 }
 
@@ -60,6 +64,7 @@ impl Plan {
             .config(self.config.clone())
             .reservation_epoch(self.reservation_epoch)
             .when_full(self.when_full)
+            .refuse_with(self.refuse_with)
             .persist(self.persist)
     }
 }

@@ -116,11 +116,23 @@ proptest! {
         v6 in any::<u8>(),
         exempt in proptest::collection::vec(value(), 0..6),
         dry_run in any::<bool>(),
+        total in any::<u32>(),
     ) {
         let exempt: Vec<Cidr> = exempt.iter().filter_map(|s| s.parse().ok()).collect();
-        let config = Config { max_conns_per_client_ip: max, ipv4_prefix_len: v4, ipv6_prefix_len: v6, exempt, dry_run };
+        let network_limits: Vec<connlimit::NetworkLimit> = exempt.iter().map(|c| connlimit::NetworkLimit::new(*c, max)).collect();
+        let config = Config {
+            max_conns_per_client_ip: max,
+            ipv4_prefix_len: v4,
+            ipv6_prefix_len: v6,
+            exempt,
+            network_limits: Vec::new(),
+            max_conns_total: total,
+            dry_run,
+        };
         let ok = config.validate().is_ok();
-        prop_assert_eq!(ok, max <= connlimit::MAX_CONNS_PER_CLIENT_IP && v4 <= 32 && v6 <= 128);
+        prop_assert_eq!(ok, max <= connlimit::MAX_CONNS_PER_CLIENT_IP && v4 <= 32 && v6 <= 128 && total <= connlimit::MAX_CONNS_TOTAL);
+        // Any of them as network limits too: valid or a clear error, never a panic.
+        let _ = Config { network_limits, ..config }.validate();
     }
 
     /// Service files: arbitrary text, and arbitrary values under the real

@@ -13,8 +13,12 @@ pub fn set(args: SetArgs) -> Result<()> {
         || args.ipv6_prefix_len.is_some()
         || !args.exempt.is_empty()
         || args.no_exempt
+        || !args.network_limits.is_empty()
+        || args.no_network_limits
+        || args.max_conns_total.is_some()
         || args.dry_run.is_some()
         || args.when_full.is_some()
+        || args.refuse_with.is_some()
         || !args.ports.is_empty();
     Instance::validate_name(&args.name.name)?;
     host::require_access(&connlimit::ebpf::pin_root())?;
@@ -38,6 +42,14 @@ pub fn set(args: SetArgs) -> Result<()> {
     } else if !args.exempt.is_empty() {
         config.exempt = args.exempt;
     }
+    if args.no_network_limits {
+        config.network_limits.clear();
+    } else if !args.network_limits.is_empty() {
+        config.network_limits = args.network_limits;
+    }
+    if let Some(max) = args.max_conns_total {
+        config.max_conns_total = max;
+    }
     if let Some(dry_run) = args.dry_run {
         config.dry_run = dry_run;
     }
@@ -52,6 +64,9 @@ pub fn set(args: SetArgs) -> Result<()> {
     instance.set_config(&config)?;
     if let Some(when_full) = args.when_full {
         instance.set_when_full(when_full)?;
+    }
+    if let Some(refuse_with) = args.refuse_with {
+        instance.set_refuse_with(refuse_with)?;
     }
     eprintln!("{}: {}", instance.name(), crate::show::describe(&config));
     Ok(())

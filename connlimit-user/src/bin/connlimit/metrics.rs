@@ -72,6 +72,7 @@ struct Reading {
     open: u64,
     clients: u64,
     limit: u32,
+    total_limit: u32,
     keys: u64,
     keys_capacity: u32,
     conns: u64,
@@ -86,6 +87,7 @@ fn read(name: &str, w: &Watched) -> Result<Reading> {
         open: clients.iter().map(|c| u64::from(c.open)).sum(),
         clients: clients.iter().filter(|c| c.open > 0 || c.reserved > 0).count() as u64,
         limit: w.instance.config()?.max_conns_per_client_ip,
+        total_limit: w.instance.config()?.max_conns_total,
         keys: clients.len() as u64,
         keys_capacity: w.clients_capacity,
         conns: w.instance.tracked_connections()? as u64,
@@ -114,7 +116,7 @@ impl Collector for Kernel {
                 read(name, w).map_err(|e| tracing::warn!(instance = %name, error = %e, "metrics: cannot read")).ok()
             })
             .collect();
-        let counters: [Family<Stats, u64>; 5] = [
+        let counters: [Family<Stats, u64>; 8] = [
             ("connlimit_accepted", "Connections admitted and counted", |s| s.accepted),
             ("connlimit_refused", "Connections refused because their client was at the limit", |s| s.refused),
             ("connlimit_dry_run_refused", "Connections over the limit that dry-run mode let through", |s| {
@@ -124,6 +126,13 @@ impl Collector for Kernel {
             ("connlimit_steered", "Refusals overridden by another sk_lookup program steering the connection", |s| {
                 s.steered
             }),
+            ("connlimit_total_limit_refused", "Connections refused because the instance was at its total limit", |s| {
+                s.total_refused
+            }),
+            ("connlimit_responded", "Refused connections answered with HTTP 429 by the responder", |s| s.responded),
+            ("connlimit_responder_missing", "Refusals reset because no process held the 429 responder", |s| {
+                s.responder_missing
+            }),
         ];
         for (name, help, value) in counters {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -132,10 +141,11 @@ impl Collector for Kernel {
                 ConstCounter::new(value(&r.stats)).encode(family.encode_family(&label)?)?;
             }
         }
-        let gauges: [Family<Reading, i64>; 3] = [
+        let gauges: [Family<Reading, i64>; 4] = [
             ("connlimit_open_connections", "Established connections counted now", |r| r.open as i64),
             ("connlimit_clients", "Client keys holding at least one connection", |r| r.clients as i64),
             ("connlimit_max_conns_per_client", "The limit per client key (0 = no limit)", |r| i64::from(r.limit)),
+            ("connlimit_total_limit", "The limit across all clients (0 = no limit)", |r| i64::from(r.total_limit)),
         ];
         for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;

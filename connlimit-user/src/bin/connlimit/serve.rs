@@ -106,6 +106,7 @@ impl Service {
             config: spec.config.clone(),
             reservation_epoch: spec.reservation_epoch,
             when_full: spec.when_full,
+            refuse_with: spec.refuse_with,
             persist: spec.persist,
         };
         let enforcement =
@@ -217,6 +218,7 @@ fn update(spec: &InstanceSpec) -> Result<()> {
     instance.replace_ports(&root, &spec.ports)?;
     instance.set_config(&spec.config)?;
     instance.set_when_full(spec.when_full)?;
+    instance.set_refuse_with(spec.refuse_with)?;
     Ok(())
 }
 

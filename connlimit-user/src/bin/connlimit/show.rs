@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 use connlimit::{
     Config,
-    ebpf::{ClientCount, Instance, Ownership, PinRoot, hash_hex, host, listeners},
+    ebpf::{ClientCount, Instance, Ownership, PinRoot, RefuseWith, hash_hex, host, listeners},
 };
 use serde_json::json;
 
@@ -30,12 +30,24 @@ pub fn describe(config: &Config) -> String {
     } else {
         config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     };
-    format!(
+    let mut out = format!(
         "{limit}, clients grouped by IPv4 /{} and IPv6 /{}, exempt: {exempt}, dry run {}",
         config.ipv4_prefix_len,
         config.ipv6_prefix_len,
         if config.dry_run { "on" } else { "off" }
-    )
+    );
+    if !config.network_limits.is_empty() {
+        let _ = write!(out, ", network limits: {}", network_limits(config));
+    }
+    if config.max_conns_total > 0 {
+        let _ = write!(out, ", total limit {}", config.max_conns_total);
+    }
+    out
+}
+
+/// `CIDR=N, ...` of a config's network limits.
+fn network_limits(config: &Config) -> String {
+    config.network_limits.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value> {
@@ -46,9 +58,12 @@ fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value
         "ipv4_prefix_len": config.ipv4_prefix_len,
         "ipv6_prefix_len": config.ipv6_prefix_len,
         "exempt": config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "network_limits": config.network_limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "max_conns_total": config.max_conns_total,
         "dry_run": config.dry_run,
         "reservation_epoch_ms": instance.reservation_epoch()?.as_millis() as u64,
         "when_full": instance.when_full()?.to_string(),
+        "refuse_with": instance.refuse_with()?.to_string(),
     }))
 }
 
@@ -75,9 +90,18 @@ pub fn config(name: &str, json: bool) -> Result<()> {
         ("IPv4 prefix length", format!("/{}", config.ipv4_prefix_len)),
         ("IPv6 prefix length", format!("/{}", config.ipv6_prefix_len)),
         ("exempt", if exempt.is_empty() { "none".into() } else { exempt }),
+        ("network limits", if config.network_limits.is_empty() { "none".into() } else { network_limits(&config) }),
+        (
+            "max conns total",
+            match config.max_conns_total {
+                0 => "0 (unlimited)".into(),
+                n => format!("{n} ({} open)", instance.total_open()?),
+            },
+        ),
         ("dry run", if config.dry_run { "on".into() } else { "off".into() }),
         ("reservation epoch", format!("{} ms", instance.reservation_epoch()?.as_millis())),
         ("when a map is full", instance.when_full()?.to_string()),
+        ("refuse with", instance.refuse_with()?.to_string()),
     ];
     for (key, value) in rows {
         println!("{key:<24} {value}");
@@ -211,6 +235,18 @@ struct InstanceStatus {
     name: String,
     ports: Vec<u16>,
     max_conns_per_client_ip: u32,
+    /// 0 = no total limit.
+    max_conns_total: u32,
+    /// Established connections across all clients.
+    total_open: u64,
+    /// Refusals because the total limit was reached.
+    total_refused: u64,
+    /// `reset` or `http-429`.
+    refuse_with: String,
+    /// Refusals answered with HTTP 429.
+    responded: u64,
+    /// Refusals that were to get a 429 but got a reset (no responder).
+    responder_missing: u64,
     dry_run: bool,
     persistent: bool,
     /// "running", "exited" (orphaned) or "none".
@@ -254,6 +290,12 @@ impl InstanceStatus {
             name: name.to_owned(),
             ports,
             max_conns_per_client_ip: config.max_conns_per_client_ip,
+            max_conns_total: config.max_conns_total,
+            total_open: instance.total_open()?,
+            total_refused: stats.total_refused,
+            refuse_with: instance.refuse_with()?.to_string(),
+            responded: stats.responded,
+            responder_missing: stats.responder_missing,
             dry_run: config.dry_run,
             persistent: instance.is_persistent(),
             owner,
@@ -287,6 +329,23 @@ impl InstanceStatus {
                 let _ = write!(mode, ", persisted (pid {} exited)", self.pid);
             }
             _ => mode.push_str(", persisted (no owner)"),
+        }
+        if self.max_conns_total > 0 {
+            let _ = write!(mode, ", total {}/{} open", self.total_open, self.max_conns_total);
+            if self.total_refused > 0 {
+                let _ = write!(mode, " ({} refused at the total)", self.total_refused);
+            }
+        }
+        if self.refuse_with == RefuseWith::Http429.to_string() {
+            if self.owner == "running" {
+                let _ = write!(mode, ", refusing with HTTP 429 ({} answered)", self.responded);
+            } else {
+                // Its listeners died with their owner: the kernel resets.
+                mode.push_str(", 429 responder down: refusing with a reset");
+            }
+            if self.responder_missing > 0 {
+                let _ = write!(mode, ", {} refusals reset for want of a responder", self.responder_missing);
+            }
         }
         // Signs of trouble, each explained in the README.
         if self.steered > 0 {

@@ -1,0 +1,229 @@
+//! The 429 responder: with [`RefuseWith::Http429`], the kernel hands a
+//! refused connection to a listener this process owns (an sk_lookup
+//! `bpf_sk_assign` from the `RESPONDER` sockmap) instead of resetting it.
+//! The responder answers exactly go-connlimit's
+//! [429 response](crate::http::TOO_MANY_CONNECTIONS_RESPONSE), with a write
+//! deadline, and closes. The server process never sees the connection.
+//!
+//! - Its listeners are bound to loopback on ephemeral ports in the guarded
+//!   network namespace, by the process owning the instance, which is not in
+//!   the guarded cgroup: their connections are never counted.
+//! - Bounded: past [`MAX_RESPONDING`] connections at once, more are reset
+//!   at once, and the accept queues hold at most [`BACKLOG`] each, so a
+//!   flood of over-limit clients cannot exhaust this process.
+//! - When the owner is gone (a crash), its listeners close, the kernel
+//!   drops them from the sockmap, and refusals fall back to a reset.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    sync::Arc,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use aya::maps::{MapData, SockMap};
+use connlimit_common::maps::{FLAG_REFUSE_429, RESPONDER_V4, RESPONDER_V6};
+use tokio::sync::{Semaphore, watch};
+
+use super::EbpfError;
+
+/// Connections the responder answers at once; more are reset.
+pub const MAX_RESPONDING: usize = 512;
+/// Each responder listener's accept queue.
+pub const BACKLOG: i32 = 256;
+/// How long a refused client has to take the 429 response.
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How the kernel refuses a connection over a limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RefuseWith {
+    /// An immediate TCP reset: the client's connect fails with
+    /// "connection refused".
+    #[default]
+    Reset,
+    /// The connection is accepted by connlimit's responder, which writes
+    /// go-connlimit's `HTTP/1.1 429 Too Many Requests` and closes. Falls
+    /// back to a reset when no connlimit process owns the instance, or past
+    /// [`MAX_RESPONDING`] answers at once.
+    Http429,
+}
+
+impl RefuseWith {
+    pub(crate) fn flag(self) -> u16 {
+        match self {
+            Self::Reset => 0,
+            Self::Http429 => FLAG_REFUSE_429,
+        }
+    }
+
+    pub(crate) fn from_flags(flags: u16) -> Self {
+        if flags & FLAG_REFUSE_429 != 0 { Self::Http429 } else { Self::Reset }
+    }
+}
+
+impl std::fmt::Display for RefuseWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Reset => "reset",
+            Self::Http429 => "http-429",
+        })
+    }
+}
+
+impl std::str::FromStr for RefuseWith {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reset" => Ok(Self::Reset),
+            "http-429" => Ok(Self::Http429),
+            _ => Err(format!(
+                "{s:?} is not a way to refuse; use `reset` (TCP reset) or `http-429` (answer HTTP 429 Too Many Requests)"
+            )),
+        }
+    }
+}
+
+/// The running responder; dropping it closes its listeners (the kernel
+/// then refuses with a reset).
+#[derive(Debug)]
+pub struct Responder {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Responder {
+    /// Binds the listeners in the network namespace `netns`, puts them in
+    /// `sockmap` and starts answering.
+    pub(crate) fn start(mut sockmap: SockMap<MapData>, netns: &Path, instance: &str) -> Result<Self, EbpfError> {
+        let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
+        // Entering a namespace needs CAP_SYS_ADMIN, even one's own: skip it
+        // when the guarded namespace is ours (the service unit's case).
+        let here = super::host::NetnsId::of(Path::new("/proc/self/ns/net")).ok();
+        let enter = here.is_none() || here != super::host::NetnsId::of(netns).ok();
+        let (stop, stopped) = watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let instance = instance.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("connlimit-responder".into())
+            .spawn(move || {
+                let started = (|| {
+                    // SAFETY: setns on a namespace fd we hold; only this thread moves.
+                    if enter && unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+                    set(&mut sockmap, RESPONDER_V4, &v4)?;
+                    // A host without IPv6 gets resets for IPv6 refusals.
+                    let v6 = match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))) {
+                        Ok(v6) => {
+                            set(&mut sockmap, RESPONDER_V6, &v6)?;
+                            Some(v6)
+                        }
+                        Err(e) => {
+                            tracing::warn!(instance = %instance, error = %e, "no IPv6 429 responder: IPv6 refusals get a reset");
+                            None
+                        }
+                    };
+                    Ok((runtime, v4, v6))
+                })();
+                let (runtime, v4, v6) = match started {
+                    Ok(parts) => {
+                        let _ = ready_tx.send(Ok(()));
+                        parts
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(serve(v4, v6, stopped));
+            })
+            .map_err(|e| EbpfError::system("starting the 429 responder", e))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread) }),
+            Ok(Err(e)) => Err(EbpfError::system("starting the 429 responder in the guarded namespace", e)),
+            Err(_) => Err(EbpfError::system("starting the 429 responder", std::io::Error::other("it stopped"))),
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    // Listening again only sets the accept queue's length.
+    // SAFETY: a valid socket descriptor we own.
+    if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn set(sockmap: &mut SockMap<MapData>, index: u32, listener: &std::net::TcpListener) -> std::io::Result<()> {
+    sockmap.set(index, listener, 0).map_err(std::io::Error::other)
+}
+
+/// Answers on both listeners until told to stop.
+async fn serve(v4: std::net::TcpListener, v6: Option<std::net::TcpListener>, mut stopped: watch::Receiver<bool>) {
+    let responding = Arc::new(Semaphore::new(MAX_RESPONDING));
+    let tasks: Vec<_> = std::iter::once(v4)
+        .chain(v6)
+        .filter_map(|l| tokio::net::TcpListener::from_std(l).ok())
+        .map(|l| tokio::spawn(accept_loop(l, responding.clone())))
+        .collect();
+    let _ = stopped.wait_for(|&stop| stop).await;
+    for task in tasks {
+        task.abort();
+    }
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, responding: Arc<Semaphore>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            // Out of file descriptors or memory: let the backlog absorb it.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        match responding.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(async move {
+                    let _ = crate::http::write_too_many_connections(&mut conn, Some(WRITE_DEADLINE)).await;
+                    drop(permit);
+                });
+            }
+            // Too many at once: reset this one now.
+            Err(_) => {
+                // A zero linger resets on drop without blocking (tokio's
+                // warning is about a non-zero linger).
+                #[allow(deprecated)]
+                let _ = conn.set_linger(Some(Duration::ZERO));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        for r in [RefuseWith::Reset, RefuseWith::Http429] {
+            assert_eq!(r.to_string().parse::<RefuseWith>(), Ok(r));
+            assert_eq!(RefuseWith::from_flags(r.flag()), r);
+        }
+        assert!("429".parse::<RefuseWith>().unwrap_err().contains("use `reset`"));
+    }
+}
