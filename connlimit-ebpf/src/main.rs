@@ -332,11 +332,12 @@ fn release_reservation(handshake: &Handshake, epoch: u64) {
 /// two epochs, in the client's current handshake-state entry.
 fn is_held(handshake: &Handshake, epoch: u64) -> bool {
     is_live(handshake.epoch, epoch)
-        && (handshake.slots & SLOT_CLIENT == 0 || PENDING.get_ptr(handshake.client).is_some_and(|p| {
-            // SAFETY: `p` points into a live map entry.
-            let generation = unsafe { (*p).generation };
-            generation == handshake.generation
-        }))
+        && (handshake.slots & SLOT_CLIENT == 0
+            || PENDING.get_ptr(handshake.client).is_some_and(|p| {
+                // SAFETY: `p` points into a live map entry.
+                let generation = unsafe { (*p).generation };
+                generation == handshake.generation
+            }))
 }
 
 /// Ends the handshake of `flow` and returns its reservation, if no one else
