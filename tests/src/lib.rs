@@ -44,6 +44,16 @@ pub fn require_root() -> bool {
     true
 }
 
+/// The `connlimit` binary of this build (`target/<profile>/connlimit`, next
+/// to the test binary's `deps/`). `cargo test --workspace` builds it; a
+/// narrower run needs `cargo build -p connlimit-user --bins` first.
+pub fn connlimit_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join("connlimit");
+    assert!(bin.exists(), "{} is missing; build it with `cargo build -p connlimit-user --bins`", bin.display());
+    bin
+}
+
 /// A unique name for this test's instance, namespace and cgroup.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

@@ -5,7 +5,6 @@
 use std::{
     io::ErrorKind,
     net::SocketAddr,
-    path::PathBuf,
     process::{Command, Output, Stdio},
     time::Duration,
 };
@@ -14,23 +13,10 @@ use connlimit::ebpf::{
     Instance,
     attachments::{AttachPoint, attached_programs},
 };
-use harness::{Background, Netns, Server, TestCgroup, client_v4, eventually, require_root, unique};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_root, unique};
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
-
-/// The CLI binary, built by `cargo test --workspace` next to this test's
-/// own directory.
-fn connlimit_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("connlimit");
-    assert!(
-        bin.exists(),
-        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
-        bin.display()
-    );
-    bin
-}
 
 /// `connlimit args...` run inside `netns`, to completion.
 fn connlimit(netns: &Netns, args: &[&str]) -> Output {

@@ -5,23 +5,15 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::SocketAddr,
-    path::PathBuf,
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use connlimit::http::TOO_MANY_CONNECTIONS_RESPONSE;
-use harness::{Background, Netns, Server, TestCgroup, client_v4, eventually, require_root, unique};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_root, unique};
 use serde_json::{Value, json};
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
-
-fn connlimit_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("connlimit");
-    assert!(bin.exists(), "{} is missing; build it with `cargo build -p connlimit-user --bins`", bin.display());
-    bin
-}
 
 fn connlimit(netns: &Netns, args: &[&str]) -> Output {
     let mut cmd = Command::new(connlimit_bin());

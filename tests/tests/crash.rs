@@ -7,7 +7,7 @@ use std::{
     io::ErrorKind,
     net::SocketAddr,
     os::unix::{fs::PermissionsExt, process::CommandExt},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     time::Duration,
 };
@@ -15,22 +15,13 @@ use std::{
 use aya::maps::{Array, Map, MapData};
 use connlimit::ebpf::attachments::{AttachPoint, attached_programs};
 use connlimit_common::maps::InstanceInfo;
-use harness::{Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, eventually, require_root, unique};
+use harness::{
+    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_bin, eventually, require_root, unique,
+};
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
 const SIGINT_SERVER: &str = env!("CARGO_BIN_EXE_sigint-server");
-
-fn connlimit_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("connlimit");
-    assert!(
-        bin.exists(),
-        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
-        bin.display()
-    );
-    bin
-}
 
 /// `connlimit args...` inside `netns`, with pin root `root`.
 fn command(netns: &Netns, root: &Path, args: &[&str]) -> Command {

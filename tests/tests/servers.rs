@@ -16,22 +16,12 @@ use std::{
 };
 
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, eventually, require_command, require_root, unique,
+    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_bin, eventually, require_command,
+    require_root, unique,
 };
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
-
-fn connlimit_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("connlimit");
-    assert!(
-        bin.exists(),
-        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
-        bin.display()
-    );
-    bin
-}
 
 /// `connlimit args...` inside `netns`, with pin root `root`.
 fn command(netns: &Netns, root: &Path, args: &[&str]) -> Command {

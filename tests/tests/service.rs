@@ -13,26 +13,13 @@ use std::{
 };
 
 use connlimit::ebpf::Instance;
-use harness::{Background, Netns, Server, TestCgroup, client_v4, eventually, require_root, unique};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_root, unique};
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-/// The CLI binary, built by `cargo test --workspace` next to this test's
-/// own directory.
-fn connlimit_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("connlimit");
-    assert!(
-        bin.exists(),
-        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
-        bin.display()
-    );
-    bin
 }
 
 fn running(name: &str) -> bool {
