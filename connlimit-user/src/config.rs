@@ -47,12 +47,17 @@ pub struct Config {
     pub dry_run: bool,
 }
 
+/// The default IPv4 grouping: each address is a client (as go-connlimit).
+pub const DEFAULT_IPV4_PREFIX_LEN: u8 = 32;
+/// The default IPv6 grouping: each address is a client (as go-connlimit).
+pub const DEFAULT_IPV6_PREFIX_LEN: u8 = 128;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             max_conns_per_client_ip: 0,
-            ipv4_prefix_len: 32,
-            ipv6_prefix_len: 128,
+            ipv4_prefix_len: DEFAULT_IPV4_PREFIX_LEN,
+            ipv6_prefix_len: DEFAULT_IPV6_PREFIX_LEN,
             exempt: Vec::new(),
             network_limits: Vec::new(),
             max_conns_total: 0,

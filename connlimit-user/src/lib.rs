@@ -67,7 +67,10 @@ mod peer;
 struct ReadmeDoctests;
 
 pub use cidr::{Cidr, CidrError};
-pub use config::{Config, ConfigError, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, MAX_EXEMPT};
+pub use config::{
+    Config, ConfigError, DEFAULT_IPV4_PREFIX_LEN, DEFAULT_IPV6_PREFIX_LEN, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL,
+    MAX_EXEMPT,
+};
 #[cfg(all(feature = "ebpf", target_os = "linux"))]
 pub use ebpf::EbpfLimiter;
 pub use error::Error;

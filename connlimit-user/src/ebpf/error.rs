@@ -32,10 +32,10 @@ pub enum EbpfError {
     #[error("{0} is not a cgroup v2 directory; give a directory under the cgroup2 mount ({1})")]
     NotCgroup2(PathBuf, PathBuf),
     /// The given network namespace cannot be opened.
-    #[error("cannot open the network namespace {0}: {1}")]
+    #[error("cannot open the network namespace {0}")]
     Netns(PathBuf, #[source] io::Error),
     /// The kernel cannot run sk_lookup programs.
-    #[error("this kernel cannot attach sk_lookup programs (connlimit needs Linux 5.19 or later): {0}")]
+    #[error("this kernel cannot attach sk_lookup programs (connlimit needs Linux 5.19 or later)")]
     NoSkLookup(#[source] io::Error),
     /// Another instance already guards one of the ports in this namespace.
     #[error(

@@ -12,6 +12,10 @@ use std::{
 
 use super::EbpfError;
 
+/// This process's network namespace, as an nsfs path (the default
+/// namespace to guard).
+pub const OWN_NETNS: &str = "/proc/self/ns/net";
+
 /// Where bpffs is mounted and connlimit pins its instances.
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

@@ -158,7 +158,7 @@ impl AttachOptions {
         Self {
             name: name.into(),
             cgroup: cgroup.into(),
-            netns: PathBuf::from("/proc/self/ns/net"),
+            netns: PathBuf::from(host::OWN_NETNS),
             ports: Vec::new(),
             config: Config::default(),
             persist: false,

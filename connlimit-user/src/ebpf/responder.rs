@@ -99,10 +99,6 @@ impl Responder {
     /// `sockmap` and starts answering.
     pub(crate) fn start(mut sockmap: SockMap<MapData>, netns: &Path, instance: &str) -> Result<Self, EbpfError> {
         let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
-        // Entering a namespace needs CAP_SYS_ADMIN, even one's own: skip it
-        // when the guarded namespace is ours (the service unit's case).
-        let here = super::host::NetnsId::of(Path::new("/proc/self/ns/net")).ok();
-        let enter = here.is_none() || here != super::host::NetnsId::of(netns).ok();
         let (stop, stopped) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
         let instance = instance.to_owned();
@@ -110,10 +106,7 @@ impl Responder {
             .name("connlimit-responder".into())
             .spawn(move || {
                 let started = (|| {
-                    // SAFETY: setns on a namespace fd we hold; only this thread moves.
-                    if enter && unsafe { libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    super::sock_diag::enter_netns(&netns_file)?;
                     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                     let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
                     set(&mut sockmap, RESPONDER_V4, &v4)?;

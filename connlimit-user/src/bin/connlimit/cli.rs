@@ -165,10 +165,10 @@ pub struct LimitArgs {
     #[arg(long, short = 'm', value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_PER_CLIENT_IP as i64))]
     pub max_conns_per_client_ip: u32,
     /// Count IPv4 clients per /LEN network (32 = per address)
-    #[arg(long, default_value_t = 32, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=32))]
+    #[arg(long, default_value_t = connlimit::DEFAULT_IPV4_PREFIX_LEN, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=32))]
     pub ipv4_prefix_len: u8,
     /// Count IPv6 clients per /LEN network (64 stops one host dodging the limit with many addresses)
-    #[arg(long, default_value_t = 128, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=128))]
+    #[arg(long, default_value_t = connlimit::DEFAULT_IPV6_PREFIX_LEN, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=128))]
     pub ipv6_prefix_len: u8,
     /// Never limit clients in this prefix, e.g. health checkers (repeat for several)
     #[arg(long = "exempt", value_name = "CIDR")]
@@ -183,7 +183,7 @@ pub struct LimitArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Milliseconds an unfinished handshake may hold a slot: a spoofed SYN blocks a slot for 1-2 of these
-    #[arg(long, default_value_t = 1000, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    #[arg(long, default_value_t = connlimit::ebpf::DEFAULT_RESERVATION_EPOCH.as_millis() as u64, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub reservation_epoch_ms: u64,
     /// When a connection cannot be counted because a map is full: `closed` ends it, `open` admits it uncounted
     #[arg(long, default_value_t = WhenFull::Closed, value_name = "POLICY")]

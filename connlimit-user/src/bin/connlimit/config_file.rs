@@ -14,6 +14,7 @@ use connlimit::{
     Cidr, Config, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL, NetworkLimit,
     ebpf::{Instance, RefuseWith, WhenFull},
 };
+use connlimit::{DEFAULT_IPV4_PREFIX_LEN, DEFAULT_IPV6_PREFIX_LEN};
 use toml_edit::{Item, Table};
 
 use crate::cli::LogFormat;
@@ -21,7 +22,7 @@ use crate::cli::LogFormat;
 /// Defaults shared with the command line.
 pub const DEFAULT_REFUSAL_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_REFUSAL_LINES: usize = 20;
-const DEFAULT_EPOCH_MS: u64 = 1000;
+const DEFAULT_EPOCH_MS: u64 = connlimit::ebpf::DEFAULT_RESERVATION_EPOCH.as_millis() as u64;
 
 /// The whole file.
 #[derive(Clone, Debug, PartialEq)]
@@ -361,8 +362,10 @@ impl Parser<'_> {
                 None
             }
         };
-        let v4 = self.int(table, "ipv4_prefix_len", 0..33, "use 0 to 32").unwrap_or(32) as u8;
-        let v6 = self.int(table, "ipv6_prefix_len", 0..129, "use 0 to 128").unwrap_or(128) as u8;
+        let v4 =
+            self.int(table, "ipv4_prefix_len", 0..33, "use 0 to 32").unwrap_or(DEFAULT_IPV4_PREFIX_LEN.into()) as u8;
+        let v6 =
+            self.int(table, "ipv6_prefix_len", 0..129, "use 0 to 128").unwrap_or(DEFAULT_IPV6_PREFIX_LEN.into()) as u8;
         let exempt = self.list::<Cidr>(table, "exempt", "\"10.0.0.0/8\"");
         let network_limits = self.list::<NetworkLimit>(table, "network_limits", "\"10.0.0.0/8=100\"");
         let total = self

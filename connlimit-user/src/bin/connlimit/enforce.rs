@@ -174,7 +174,7 @@ impl Signals {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let (cgroup, netns) = match (&args.cgroup, args.pid) {
-        (Some(cgroup), _) => (cgroup.clone(), PathBuf::from("/proc/self/ns/net")),
+        (Some(cgroup), _) => (cgroup.clone(), PathBuf::from(host::OWN_NETNS)),
         (None, Some(pid)) => (host::cgroup_of_pid(pid)?, PathBuf::from(format!("/proc/{pid}/ns/net"))),
         (None, None) => crate::unit::resolve(args.unit.as_deref().expect("clap requires --cgroup, --pid or --unit"))?,
     };
@@ -200,7 +200,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     let (runtime, mut signals) = Signals::catch()?;
     let mut reports = Reports::start(&runtime, &args.report)?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
-    let enforcement = Enforcement::start(&limits.plan(false), cgroup.path(), Path::new("/proc/self/ns/net"))?;
+    let enforcement = Enforcement::start(&limits.plan(false), cgroup.path(), Path::new(host::OWN_NETNS))?;
     reports.watch(&limits.name.name);
 
     let (program, rest) = args.command.split_first().expect("clap requires a command");

@@ -225,7 +225,7 @@ fn update(spec: &InstanceSpec) -> Result<()> {
 /// The cgroup and network namespace of a target.
 fn resolve(target: &Target) -> Result<(PathBuf, PathBuf)> {
     match target {
-        Target::Cgroup(path) => Ok((path.clone(), PathBuf::from("/proc/self/ns/net"))),
+        Target::Cgroup(path) => Ok((path.clone(), PathBuf::from(host::OWN_NETNS))),
         Target::Pid(pid) => {
             let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
             if let Err(EbpfError::Netns(_, e)) = host::NetnsId::of(&netns)

@@ -274,7 +274,7 @@ impl InstanceStatus {
         let instance = Instance::open_in(root, name)?;
         let (config, info, stats) = (instance.config()?, instance.info()?, instance.stats()?);
         let ports = instance.ports()?;
-        let here = Path::new("/proc/self/ns/net");
+        let here = Path::new(host::OWN_NETNS);
         let listener_problems = match host::NetnsId::of(here) {
             Ok(id) if (id.dev, id.ino) == (info.netns_dev, info.netns_ino) => {
                 listeners::check(here, &ports, info.cgroup_ino).unwrap_or_default()
