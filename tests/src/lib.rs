@@ -54,6 +54,14 @@ pub fn connlimit_bin() -> PathBuf {
     bin
 }
 
+/// `connlimit args...` run inside `netns`, with no standard input.
+pub fn connlimit_in(netns: &Netns, args: &[&str]) -> Command {
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(args).stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    cmd
+}
+
 /// A unique name for this test's instance, namespace and cgroup.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);

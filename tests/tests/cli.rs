@@ -2,28 +2,20 @@
 //! real server from real clients, inside a network namespace of the test's
 //! own. Needs root (CI runs it as root).
 
-use std::{
-    io::ErrorKind,
-    net::SocketAddr,
-    process::{Command, Output, Stdio},
-    time::Duration,
-};
+use std::{io::ErrorKind, net::SocketAddr, process::Output, time::Duration};
 
 use connlimit::ebpf::{
     Instance,
     attachments::{AttachPoint, attached_programs},
 };
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_root, unique};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_root, unique};
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
 
 /// `connlimit args...` run inside `netns`, to completion.
 fn connlimit(netns: &Netns, args: &[&str]) -> Output {
-    let mut cmd = Command::new(connlimit_bin());
-    cmd.args(args).stdin(Stdio::null());
-    netns.enter_on_exec(&mut cmd);
-    cmd.output().unwrap()
+    connlimit_in(netns, args).output().unwrap()
 }
 
 fn ok_json(netns: &Netns, args: &[&str]) -> Value {
@@ -58,21 +50,21 @@ fn operator_walkthrough_exec_set_top_status_detach() {
     let server = SocketAddr::from(([127, 0, 0, 1], 8080));
 
     // One command protects an unmodified server.
-    let mut exec = Command::new(connlimit_bin());
-    exec.args([
-        "exec",
-        "--name",
-        &name,
-        "--port",
-        "8080",
-        "--max-conns-per-client-ip",
-        "2",
-        "--",
-        HOLD_SERVER,
-        "0.0.0.0:8080",
-    ])
-    .stdin(Stdio::null());
-    netns.enter_on_exec(&mut exec);
+    let mut exec = connlimit_in(
+        &netns,
+        &[
+            "exec",
+            "--name",
+            &name,
+            "--port",
+            "8080",
+            "--max-conns-per-client-ip",
+            "2",
+            "--",
+            HOLD_SERVER,
+            "0.0.0.0:8080",
+        ],
+    );
     let exec = Background::spawn(&mut exec).unwrap();
     // hold-server says "listening" once its listener is up.
     assert!(exec.wait_for("listening", Duration::from_secs(10)), "{}", exec.log());
@@ -152,11 +144,9 @@ fn run_persist_then_adopt_then_detach() {
     let me = client_v4(2);
 
     let start = |extra: &[&str]| {
-        let mut cmd = Command::new(connlimit_bin());
-        cmd.args(["run", "--name", &name, "--port", "8081", "-m", "1", "--cgroup", &cgroup_path])
-            .args(extra)
-            .stdin(Stdio::null());
-        netns.enter_on_exec(&mut cmd);
+        let mut cmd =
+            connlimit_in(&netns, &["run", "--name", &name, "--port", "8081", "-m", "1", "--cgroup", &cgroup_path]);
+        cmd.args(extra);
         let child = Background::spawn(&mut cmd).unwrap();
         assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
         child

@@ -5,21 +5,18 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::SocketAddr,
-    process::{Command, Output, Stdio},
+    process::Output,
     time::Duration,
 };
 
 use connlimit::http::TOO_MANY_CONNECTIONS_RESPONSE;
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_root, unique};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_root, unique};
 use serde_json::{Value, json};
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
 
 fn connlimit(netns: &Netns, args: &[&str]) -> Output {
-    let mut cmd = Command::new(connlimit_bin());
-    cmd.args(args).stdin(Stdio::null());
-    netns.enter_on_exec(&mut cmd);
-    cmd.output().unwrap()
+    connlimit_in(netns, args).output().unwrap()
 }
 
 fn ok(netns: &Netns, args: &[&str]) -> Output {
@@ -48,11 +45,9 @@ fn total_network_limits_and_429_through_the_cli() {
     let name = unique("limits");
     let cgroup_path = cgroup.path().to_str().unwrap().to_owned();
     let server = SocketAddr::from(([127, 0, 0, 1], 8082));
-    let mut cmd = Command::new(connlimit_bin());
-    cmd.args(["run", "--name", &name, "--port", "8082", "-m", "1", "--cgroup", &cgroup_path])
-        .args(["--max-conns-total", "4", "--network-limit", "127.1.0.0/24=2", "--refuse-with", "http-429"])
-        .stdin(Stdio::null());
-    netns.enter_on_exec(&mut cmd);
+    let mut cmd =
+        connlimit_in(&netns, &["run", "--name", &name, "--port", "8082", "-m", "1", "--cgroup", &cgroup_path]);
+    cmd.args(["--max-conns-total", "4", "--network-limit", "127.1.0.0/24=2", "--refuse-with", "http-429"]);
     let run = Background::spawn(&mut cmd).unwrap();
     assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
 

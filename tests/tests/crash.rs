@@ -16,7 +16,7 @@ use aya::maps::{Array, Map, MapData};
 use connlimit::ebpf::attachments::{AttachPoint, attached_programs};
 use connlimit_common::maps::InstanceInfo;
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_bin, eventually, require_root, unique,
+    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_in, eventually, require_root, unique,
 };
 use serde_json::Value;
 
@@ -25,9 +25,8 @@ const SIGINT_SERVER: &str = env!("CARGO_BIN_EXE_sigint-server");
 
 /// `connlimit args...` inside `netns`, with pin root `root`.
 fn command(netns: &Netns, root: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(connlimit_bin());
-    cmd.args(args).env(connlimit::ebpf::PIN_ROOT_ENV, root).stdin(Stdio::null());
-    netns.enter_on_exec(&mut cmd);
+    let mut cmd = connlimit_in(netns, args);
+    cmd.env(connlimit::ebpf::PIN_ROOT_ENV, root);
     cmd
 }
 

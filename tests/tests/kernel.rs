@@ -4,7 +4,7 @@
 //! Needs root (CI runs it as root).
 
 use std::{
-    io::{ErrorKind, Read},
+    io::Read,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     thread,
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use connlimit::{
 use harness::{Ending, Netns, Server, TestCgroup, client_v4, command, eventually, require_root, spoofed_syn, unique};
 
 mod common;
-use common::{PORT, Setup, WAIT, assert_accepted, assert_refused};
+use common::{PORT, Setup, WAIT, assert_accepted, assert_refused, burst};
 
 /// go-connlimit's TestLimiterDenies, against an unmodified server process.
 #[test]
@@ -129,36 +129,13 @@ fn burst_of_200_parallel_connects_gets_exactly_the_limit() {
     }
     let s = Setup::new(Config::new(10));
     let me = client_v4(7);
-    let server = SocketAddr::from(([127, 0, 0, 1], PORT));
     for run in 0..5 {
         // All 200 sockets exist and are bound before any connects.
-        let sockets: Vec<socket2::Socket> = (0..200)
-            .map(|_| {
-                let socket = s.netns.socket(false);
-                socket.bind(&SocketAddr::new(me, 0).into()).unwrap();
-                socket
-            })
-            .collect();
-        let barrier = std::sync::Barrier::new(sockets.len());
-        let results: Vec<std::io::Result<socket2::Socket>> = thread::scope(|scope| {
-            let handles: Vec<_> = sockets
-                .into_iter()
-                .map(|socket| {
-                    let barrier = &barrier;
-                    scope.spawn(move || {
-                        barrier.wait();
-                        socket.connect_timeout(&server.into(), Duration::from_secs(5)).map(|()| socket)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let established = results.iter().filter(|r| r.is_ok()).count();
-        let refused =
-            results.iter().filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused)).count();
+        let (held, refused) = burst(&s, &[me; 200]);
+        let established = held.len();
         assert_eq!((established, refused), (10, 190), "run {run}");
         s.wait_open(me, 10);
-        drop(results);
+        drop(held);
         s.wait_open(me, 0);
     }
     assert_accepted(&s.server, 50); // the server saw only admitted connections

@@ -1,52 +1,16 @@
 //! The total limit and per-network limits in the kernel, against an
 //! unmodified server in a namespace and cgroup of its own (needs root).
 
-use std::{
-    io::ErrorKind,
-    net::{IpAddr, SocketAddr},
-    thread,
-    time::Duration,
-};
+use std::net::IpAddr;
 
 use connlimit::{Config, NetworkLimit};
 use harness::{client_v4, eventually, require_root};
 
 mod common;
-use common::{PORT, Setup, WAIT, assert_accepted, assert_refused};
+use common::{Setup, WAIT, assert_accepted, assert_refused, burst};
 
 fn net(s: &str) -> NetworkLimit {
     s.parse().unwrap()
-}
-
-/// Connects from every source at once (sockets bound first, released
-/// together by a barrier); returns the ones established and how many were
-/// refused with a reset.
-fn burst(s: &Setup, sources: &[IpAddr]) -> (Vec<socket2::Socket>, usize) {
-    let server = SocketAddr::from(([127, 0, 0, 1], PORT));
-    let sockets: Vec<socket2::Socket> = sources
-        .iter()
-        .map(|&source| {
-            let socket = s.netns.socket(false);
-            socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
-            socket
-        })
-        .collect();
-    let barrier = std::sync::Barrier::new(sockets.len());
-    let results: Vec<std::io::Result<socket2::Socket>> = thread::scope(|scope| {
-        let handles: Vec<_> = sockets
-            .into_iter()
-            .map(|socket| {
-                let barrier = &barrier;
-                scope.spawn(move || {
-                    barrier.wait();
-                    socket.connect_timeout(&server.into(), Duration::from_secs(5)).map(|()| socket)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let refused = results.iter().filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused)).count();
-    (results.into_iter().filter_map(Result::ok).collect(), refused)
 }
 
 fn wait_total(s: &Setup, n: u64) {

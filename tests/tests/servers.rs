@@ -11,12 +11,12 @@ use std::{
     net::{IpAddr, SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     time::Duration,
 };
 
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_bin, eventually, require_command,
+    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_in, eventually, require_command,
     require_root, unique,
 };
 use serde_json::Value;
@@ -25,9 +25,8 @@ const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
 
 /// `connlimit args...` inside `netns`, with pin root `root`.
 fn command(netns: &Netns, root: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(connlimit_bin());
-    cmd.args(args).env(connlimit::ebpf::PIN_ROOT_ENV, root).stdin(Stdio::null());
-    netns.enter_on_exec(&mut cmd);
+    let mut cmd = connlimit_in(netns, args);
+    cmd.env(connlimit::ebpf::PIN_ROOT_ENV, root);
     cmd
 }
 

@@ -13,7 +13,9 @@ use std::{
 };
 
 use connlimit::ebpf::Instance;
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_root, unique};
+use harness::{
+    Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_command, require_root, unique,
+};
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
@@ -41,21 +43,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Installs Debian package `package` if command `command` is missing.
-fn ensure_command(command: &str, package: &str) {
-    let found = |c: &str| ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(c).is_file());
-    if found(command) {
-        return;
-    }
-    eprintln!("installing {package} (for {command})");
-    for args in [&["update", "-qq"][..], &["install", "-y", "-qq", package][..]] {
-        let status =
-            Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status().expect("apt-get");
-        assert!(status.success(), "apt-get {args:?} failed; install {package} yourself");
-    }
-    assert!(found(command), "{package} did not provide {command}");
 }
 
 /// `GET path` from `addr`, inside `netns`: (status line, body).
@@ -288,8 +275,8 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
     if !require_root() {
         return;
     }
-    ensure_command("prometheus", "prometheus");
-    ensure_command("promtool", "prometheus");
+    require_command("prometheus", "prometheus");
+    require_command("promtool", "prometheus");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("svc-prom")).unwrap();
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8092))]).unwrap();
@@ -553,7 +540,7 @@ fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
 
 #[test]
 fn systemd_accepts_the_unit() {
-    ensure_command("systemd-analyze", "systemd");
+    require_command("systemd-analyze", "systemd");
     let dir = TempDir::new("svc-unit");
     // verify checks that ExecStart= programs exist: point them at this build.
     let unit = std::fs::read_to_string(repo().join("contrib/connlimit.service")).unwrap();

@@ -74,3 +74,34 @@ pub fn assert_refused(result: std::io::Result<std::net::TcpStream>) {
         Ok(_) => panic!("connection admitted over the limit"),
     }
 }
+
+/// Connects from every source at once (sockets bound first, released
+/// together by a barrier); returns the ones established and how many were
+/// refused with a reset.
+pub fn burst(s: &Setup, sources: &[IpAddr]) -> (Vec<socket2::Socket>, usize) {
+    let server = SocketAddr::from(([127, 0, 0, 1], PORT));
+    let sockets: Vec<socket2::Socket> = sources
+        .iter()
+        .map(|&source| {
+            let socket = s.netns.socket(false);
+            socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+            socket
+        })
+        .collect();
+    let barrier = std::sync::Barrier::new(sockets.len());
+    let results: Vec<std::io::Result<socket2::Socket>> = thread::scope(|scope| {
+        let handles: Vec<_> = sockets
+            .into_iter()
+            .map(|socket| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    socket.connect_timeout(&server.into(), Duration::from_secs(5)).map(|()| socket)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused = results.iter().filter(|r| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused)).count();
+    (results.into_iter().filter_map(Result::ok).collect(), refused)
+}
