@@ -159,20 +159,33 @@ impl Work {
         if !due {
             return;
         }
-        let grouping = self.instance.kernel_config().map(|k| (k.ipv4_prefix_len, k.ipv6_prefix_len)).ok();
-        let untracked = self.instance.stats().map(|s| s.untracked).ok();
+        let (grouping, untracked) = self.inputs();
         let needed = self.carrying.rounds < 2
             || self.carrying.keys > 0
             || grouping.is_some_and(|g| g != self.carrying.grouping)
             || untracked.is_some_and(|u| u != self.carrying.untracked);
         if needed {
-            self.reconcile();
+            self.reconcile_with(grouping, untracked);
         } else {
             self.carrying.last = Some(Instant::now());
         }
     }
 
+    /// What carried counts depend on besides the sockets: the grouping, and
+    /// the count of connections admitted uncounted.
+    fn inputs(&self) -> (Option<(u8, u8)>, Option<u64>) {
+        let grouping = self.instance.kernel_config().map(|k| (k.ipv4_prefix_len, k.ipv6_prefix_len)).ok();
+        (grouping, self.instance.stats().map(|s| s.untracked).ok())
+    }
+
     fn reconcile(&mut self) {
+        let (grouping, untracked) = self.inputs();
+        self.reconcile_with(grouping, untracked);
+    }
+
+    /// Brings the carried counts up to date; `grouping` and `untracked`
+    /// were read just before, so a change during the dump is seen next time.
+    fn reconcile_with(&mut self, grouping: Option<(u8, u8)>, untracked: Option<u64>) {
         match self.carried() {
             Ok(carried) => {
                 if let Err(e) = self.instance.write_carried(&carried) {
@@ -190,11 +203,11 @@ impl Work {
         }
         self.carrying.rounds += 1;
         self.carrying.last = Some(Instant::now());
-        if let Ok(k) = self.instance.kernel_config() {
-            self.carrying.grouping = (k.ipv4_prefix_len, k.ipv6_prefix_len);
+        if let Some(grouping) = grouping {
+            self.carrying.grouping = grouping;
         }
-        if let Ok(s) = self.instance.stats() {
-            self.carrying.untracked = s.untracked;
+        if let Some(untracked) = untracked {
+            self.carrying.untracked = untracked;
         }
     }
 
