@@ -51,13 +51,10 @@ const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 /// Compare-and-swap retries on a word. Each failure means another CPU's
 /// update went through, so running out takes that many other updates of the
-/// same client's word during one attempt. The lookup program, which has
-/// several such loops, gets fewer tries to stay within the verifier's
-/// budget; running out there refuses a SYN (a client whose own SYNs contend
-/// that hard is flooding), while sock_ops, counting a real connection,
-/// tries longer.
-const LOOKUP_CAS_ATTEMPTS: u32 = 8;
-const SOCK_OPS_CAS_ATTEMPTS: u32 = 8;
+/// same word during one attempt: at a SYN that refuses it (a client whose
+/// own SYNs contend that hard is flooding); at a handshake's completion the
+/// connection is judged as not countable (see `WhenFull`).
+const CAS_ATTEMPTS: u32 = 8;
 /// Attempts to find a live `CLIENTS` entry while another CPU removes a
 /// retired one.
 const ENTRY_ATTEMPTS: u32 = 2;
@@ -128,20 +125,21 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     let now_ns = now_ns();
     let epoch = epoch_of(now_ns, config.epoch_ns);
     release_unconfirmed_syn(epoch);
-
-    // The context carries no TCP flags. A handshake admitted at its SYN comes
-    // back here for its SYN-cookie ACK or a retransmitted SYN: let it through.
-    // SAFETY: entries are plain data.
-    if unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch)) {
-        return sk_action::SK_PASS;
-    }
     let (client, limit) = client_key(config, &flow.client);
     if client.is_exempt() || (limit == 0 && config.max_conns_total == 0) {
         return sk_action::SK_PASS;
     }
-    match admit(config, &flow, &client, limit, now_ns) {
+    let pending = pending_state(&client);
+    match admit(config, &flow, &client, pending, limit, now_ns) {
         ADMITTED => sk_action::SK_PASS,
-        over => refuse(&ctx, config, &client, over == OVER_TOTAL),
+        // The context carries no TCP flags. A handshake admitted at its SYN
+        // comes back here for its SYN-cookie ACK or a retransmitted SYN: it
+        // holds its slot already. (Looked for only when refusing: admitting
+        // the same flow again finds the entry when it inserts its own, and
+        // gives the new slot back.)
+        // SAFETY: entries are plain data.
+        _ if unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch)) => sk_action::SK_PASS,
+        over => refuse(&ctx, config, pending, over == OVER_TOTAL),
     }
 }
 
@@ -152,57 +150,68 @@ const OVER_CLIENT: u32 = 1;
 const OVER_TOTAL: u32 = 2;
 
 /// Reserves a slot for a new connection of `client` (limited to `limit`,
-/// 0 = unlimited) and one under the total limit: [`ADMITTED`], or which
-/// limit refuses it.
-fn admit(config: &KernelConfig, flow: &FlowKey, client: &ClientKey, limit: u32, now_ns: u64) -> u32 {
-    let epoch = epoch_of(now_ns, config.epoch_ns);
-    let Some(pending) = pending_state(client) else {
+/// 0 = unlimited; `pending` is its handshake state, null if none could be
+/// had) and one under the total limit: [`ADMITTED`], or which limit refuses
+/// it. (Inlined: BPF calls take at most five arguments.)
+#[inline(always)]
+fn admit(
+    config: &KernelConfig,
+    flow: &FlowKey,
+    client: &ClientKey,
+    pending: *mut PendingState,
+    limit: u32,
+    now_ns: u64,
+) -> u32 {
+    if pending.is_null() {
         // No handshake state: admit, and judge the connection when it completes.
         return ADMITTED;
-    };
+    }
+    let epoch = epoch_of(now_ns, config.epoch_ns);
     // SAFETY: `pending` points into a live map entry.
     let generation = unsafe { (*pending).generation };
     let mut handshake = Handshake { client: *client, generation, epoch: 0, total_epoch: 0, slots: 0, _pad: 0 };
     if limit != 0 {
-        // At the limit by a first look: free another CPU's SYN that no
-        // listener took, if there is one, before the decisive attempt. (One
-        // attempt site keeps the program within the verifier's budget.)
-        // SAFETY: as above.
-        let reserved = Pending(unsafe { (*pending).reservations }).reserved(epoch);
-        if established_count(client).saturating_add(carried_count(client)).saturating_add(reserved) >= limit {
-            release_stale_syn(epoch, now_ns);
+        // SAFETY: `pending` is non-null and points into a live map entry.
+        let mut booked = unsafe { connlimit_reserve(pending, client, epoch, limit) };
+        // At the limit: free another CPU's SYN that no listener took, if
+        // there is one, and try once more.
+        if booked == NOT_BOOKED && release_stale_syn(epoch, now_ns) {
+            // SAFETY: as above.
+            booked = unsafe { connlimit_reserve(pending, client, epoch, limit) };
         }
-        let Some(booked) = reserve(pending, client, epoch, limit) else {
+        if booked == NOT_BOOKED {
             return OVER_CLIENT;
-        };
+        }
         handshake.slots = SLOT_CLIENT;
         handshake.epoch = booked;
     }
     if config.max_conns_total != 0 {
-        let Some(booked) = reserve_total(epoch, config.max_conns_total) else {
-            release_handshake(&handshake, epoch);
+        let booked = connlimit_reserve_total(epoch, config.max_conns_total);
+        if booked == NOT_BOOKED {
+            release_handshake(&handshake, pending, epoch);
             return OVER_TOTAL;
-        };
+        }
         handshake.slots |= SLOT_TOTAL;
         handshake.total_epoch = booked;
         if limit == 0 {
             handshake.epoch = booked;
         }
     }
-    // NOEXIST: a copy of the same SYN on another CPU holds it already.
+    // NOEXIST: a copy of the same SYN on another CPU, or this flow's earlier
+    // admission, holds it already.
     if HANDSHAKES.insert(flow, handshake, BPF_NOEXIST as u64).is_ok() {
         if let Some(last) = LAST_SYN.get_ptr_mut(0) {
             // SAFETY: this CPU's value of a per-CPU array.
             unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
         }
     } else {
-        release_handshake(&handshake, epoch);
+        release_handshake(&handshake, pending, epoch);
     }
     ADMITTED
 }
 
 /// Refuses a SYN over a limit (`total`: the instance's total limit).
-fn refuse(ctx: &SkLookupContext, config: &KernelConfig, client: &ClientKey, total: bool) -> u32 {
+fn refuse(ctx: &SkLookupContext, config: &KernelConfig, pending: *mut PendingState, total: bool) -> u32 {
     // SAFETY: the kernel hands the program a valid context.
     let lookup = unsafe { &*ctx.lookup };
     if config.flags & FLAG_DRY_RUN != 0 {
@@ -213,10 +222,7 @@ fn refuse(ctx: &SkLookupContext, config: &KernelConfig, client: &ClientKey, tota
     if total {
         count(Stat::TotalRefused);
     }
-    if let Some(pending) = PENDING.get_ptr_mut(client) {
-        // SAFETY: `pending` points into a live map entry.
-        add(unsafe { &raw mut (*pending).refused }, 1);
-    }
+    count_refusal(pending);
     count(Stat::Refused);
     // SAFETY: reading the union's pointer member, which the kernel sets.
     if !unsafe { lookup.__bindgen_anon_1.__bindgen_anon_1.sk }.is_null() {
@@ -236,37 +242,50 @@ fn refuse(ctx: &SkLookupContext, config: &KernelConfig, client: &ClientKey, tota
     sk_action::SK_DROP
 }
 
-/// Takes a slot for `client` if it holds fewer than `limit`; returns the
-/// epoch it was booked in.
+/// Takes a slot for `client` in its handshake state `pending` if it holds
+/// fewer than `limit`; returns the epoch it was booked in, or
+/// [`NOT_BOOKED`].
 ///
 /// Every admission (a SYN, or a handshake judged at completion) is this one
 /// compare-and-swap on the reservations word, with the established count
 /// read after the word: a completed handshake adds to `established` before
 /// it gives its reservation back (which changes the word), so a decision
 /// can overcount a connection for an instant, never miss one.
-fn reserve(pending: *mut PendingState, client: &ClientKey, epoch: u64, limit: u32) -> Option<u64> {
-    // SAFETY: `pending` points into a live map entry.
-    compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
+///
+/// A global BPF function: the verifier checks it once, however many places
+/// call it.
+///
+/// # Safety
+/// `pending` is null or points into a live `PENDING` entry; `client` is null
+/// or valid to read.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn connlimit_reserve(
+    pending: *mut PendingState,
+    client: *const ClientKey,
+    epoch: u64,
+    limit: u32,
+) -> u64 {
+    if pending.is_null() || client.is_null() {
+        return NOT_BOOKED;
+    }
+    // SAFETY: see the function's contract.
+    let client = unsafe { &*client };
+    // SAFETY: as above.
+    compare_and_swap::<CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
         let held = established_count(client).saturating_add(carried_count(client));
         Pending(w).try_reserve(epoch, held, limit).map(|(p, booked)| (p.0, booked))
     })
+    .unwrap_or(NOT_BOOKED)
 }
 
-/// Takes an instance-wide slot if the instance holds fewer than `limit`
-/// connections; returns the epoch it was booked in.
-fn reserve_total(epoch: u64, limit: u32) -> Option<u64> {
-    match connlimit_reserve_total(epoch, limit) {
-        NOT_BOOKED => None,
-        booked => Some(booked),
-    }
-}
-
-/// [`reserve_total`]'s result when no slot was taken.
+/// What [`connlimit_reserve`] and [`connlimit_reserve_total`] return when
+/// no slot was taken.
 const NOT_BOOKED: u64 = u64::MAX;
 
-/// [`reserve_total`] as a global BPF function: the verifier checks it once,
-/// apart from the lookup program, whose budget is tight. Returns the epoch
-/// booked, or [`NOT_BOOKED`].
+/// Takes an instance-wide slot if the instance holds fewer than `limit`
+/// connections; returns the epoch it was booked in, or [`NOT_BOOKED`]. A
+/// global BPF function (see [`connlimit_reserve`]).
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn connlimit_reserve_total(epoch: u64, limit: u32) -> u64 {
@@ -277,20 +296,32 @@ pub extern "C" fn connlimit_reserve_total(epoch: u64, limit: u32) -> u64 {
     // is atomic on BPF.
     let established = unsafe { (&raw const (*total).established).read_volatile() }.min(u32::MAX as u64) as u32;
     // SAFETY: as above.
-    compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
+    compare_and_swap::<CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
         Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
     })
     .unwrap_or(NOT_BOOKED)
 }
 
-/// Gives back the slots a handshake holds.
-fn release_handshake(h: &Handshake, epoch: u64) {
-    if h.slots & SLOT_CLIENT != 0 {
-        release_reservation(h, epoch);
+/// Gives back the slots a handshake holds (`pending`: its client's
+/// handshake state, or null).
+fn release_handshake(h: &Handshake, pending: *mut PendingState, epoch: u64) {
+    if h.slots & SLOT_CLIENT != 0 && is_booked_in(h, pending) {
+        // SAFETY: `pending` points into a live map entry.
+        compare_and_swap::<CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
+            Some((Pending(w).release(epoch, h.epoch).0, ()))
+        });
     }
     if h.slots & SLOT_TOTAL != 0 {
-        release_total(epoch, h.total_epoch);
+        connlimit_release_total(epoch, h.total_epoch);
     }
+}
+
+/// Whether `pending` is the handshake-state entry `h` was booked in (an
+/// evicted entry took its reservations with it; a new one has another
+/// generation).
+fn is_booked_in(h: &Handshake, pending: *mut PendingState) -> bool {
+    // SAFETY: a non-null `pending` points into a live map entry.
+    !pending.is_null() && unsafe { (*pending).generation } == h.generation
 }
 
 /// Gives back an instance-wide reservation booked in epoch `booked`.
@@ -301,43 +332,18 @@ fn release_handshake(h: &Handshake, epoch: u64) {
 pub extern "C" fn connlimit_release_total(epoch: u64, booked: u64) -> u64 {
     if let Some(total) = TOTAL.get_ptr_mut(0) {
         // SAFETY: `total` points into a live map entry.
-        compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
+        compare_and_swap::<CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
             Some((Pending(w).release(epoch, booked).0, ()))
         });
     }
     0
 }
 
-fn release_total(epoch: u64, booked: u64) {
-    connlimit_release_total(epoch, booked);
-}
-
-/// Gives back the reservation of `handshake`, if the entry it was booked in
-/// still exists (an evicted entry took its reservations with it).
-fn release_reservation(handshake: &Handshake, epoch: u64) {
-    let Some(pending) = PENDING.get_ptr_mut(handshake.client) else {
-        return;
-    };
-    // SAFETY: `pending` points into a live map entry.
-    if unsafe { (*pending).generation } != handshake.generation {
-        return;
-    }
-    // SAFETY: as above.
-    compare_and_swap::<LOOKUP_CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
-        Some((Pending(w).release(epoch, handshake.epoch).0, ()))
-    });
-}
-
-/// Whether the reservation of `handshake` still stands: booked in the last
-/// two epochs, in the client's current handshake-state entry.
-fn is_held(handshake: &Handshake, epoch: u64) -> bool {
-    is_live(handshake.epoch, epoch)
-        && (handshake.slots & SLOT_CLIENT == 0
-            || PENDING.get_ptr(handshake.client).is_some_and(|p| {
-                // SAFETY: `p` points into a live map entry.
-                let generation = unsafe { (*p).generation };
-                generation == handshake.generation
-            }))
+/// Whether the slots of `handshake` still stand: booked in the last two
+/// epochs, and a client slot in the client's current handshake state
+/// `pending`.
+fn is_held(handshake: &Handshake, pending: *mut PendingState, epoch: u64) -> bool {
+    is_live(handshake.epoch, epoch) && (handshake.slots & SLOT_CLIENT == 0 || is_booked_in(handshake, pending))
 }
 
 /// Ends the handshake of `flow` and returns its reservation, if no one else
@@ -351,7 +357,7 @@ fn claim_handshake(flow: &FlowKey) -> Option<Handshake> {
 /// Releases the reservation of a handshake no listener took.
 fn release_unclaimed(flow: &FlowKey, epoch: u64) {
     if let Some(h) = claim_handshake(flow) {
-        release_handshake(&h, epoch);
+        release_handshake(&h, PENDING.get_ptr_mut(h.client).unwrap_or(core::ptr::null_mut()), epoch);
         count(Stat::Unconfirmed);
     }
 }
@@ -372,8 +378,9 @@ fn release_unconfirmed_syn(epoch: u64) {
 }
 
 /// At the limit: releases one SYN another CPU admitted that no listener
-/// took (each CPU's is normally released by its own next lookup).
-fn release_stale_syn(epoch: u64, now_ns: u64) {
+/// took (each CPU's is normally released by its own next lookup); whether
+/// there was one.
+fn release_stale_syn(epoch: u64, now_ns: u64) -> bool {
     let map = (&raw const LAST_SYN).cast_mut().cast();
     let key = 0u32;
     // The scan only finds; the release, with its compare-and-swap loop, runs
@@ -394,8 +401,12 @@ fn release_stale_syn(epoch: u64, now_ns: u64) {
             break;
         }
     }
-    if let Some(flow) = stale {
-        release_unclaimed(&flow, epoch);
+    match stale {
+        Some(flow) => {
+            release_unclaimed(&flow, epoch);
+            true
+        }
+        None => false,
     }
 }
 
@@ -437,42 +448,41 @@ fn on_established(ctx: &SockOpsContext) {
     }
     let flow = socket_flow(ctx);
     let epoch = epoch_of(now_ns(), config.epoch_ns);
+    let claimed = claim_handshake(&flow);
+    let (key, limit) = client_key(config, &flow.client);
+    let client = claimed.map_or(key, |h| h.client);
+    // The client's handshake state, if a limit of the client's is in play.
+    let judged = !client.is_exempt() && (limit != 0 || config.max_conns_total != 0);
+    let books_client = claimed.is_some_and(|h| h.slots & SLOT_CLIENT != 0);
+    let pending = if judged || books_client { pending_state(&client) } else { core::ptr::null_mut() };
     // A reservation that expired (the client held back its final ACK) or
     // whose handshake state was evicted no longer holds a slot: such a
     // handshake is judged now, as a SYN would be.
-    let claimed = claim_handshake(&flow).filter(|h| is_held(h, epoch));
-    let (key, limit) = client_key(config, &flow.client);
-    let client = match claimed {
-        Some(h) => h.client,
-        None => key,
-    };
+    let held = claimed.filter(|h| is_held(h, pending, epoch));
     // The slots this connection takes: those its handshake holds, and for
     // each limit it holds none under, one taken now exactly as a SYN would
     // (so every admission goes through the same compare-and-swap).
-    let mut slots = claimed.unwrap_or(Handshake { client, ..Handshake::default() });
+    let mut slots = held.unwrap_or(Handshake { client, ..Handshake::default() });
     let (mut over, mut over_total) = (false, false);
-    if slots.slots & SLOT_CLIENT == 0
-        && limit != 0
-        && !client.is_exempt()
-        && let Some(pending) = pending_state(&client)
-    {
-        match reserve(pending, &client, epoch, limit) {
-            Some(booked) => {
+    if slots.slots & SLOT_CLIENT == 0 && limit != 0 && !pending.is_null() {
+        // SAFETY: `pending` is non-null and points into a live map entry.
+        match unsafe { connlimit_reserve(pending, &client, epoch, limit) } {
+            NOT_BOOKED => over = true,
+            booked => {
                 slots.slots |= SLOT_CLIENT;
                 slots.epoch = booked;
                 // SAFETY: `pending` points into a live map entry.
                 slots.generation = unsafe { (*pending).generation };
             }
-            None => over = true,
         }
     }
     if slots.slots & SLOT_TOTAL == 0 && config.max_conns_total != 0 && !client.is_exempt() {
-        match reserve_total(epoch, config.max_conns_total) {
-            Some(booked) => {
+        match connlimit_reserve_total(epoch, config.max_conns_total) {
+            NOT_BOOKED => over_total = true,
+            booked => {
                 slots.slots |= SLOT_TOTAL;
                 slots.total_epoch = booked;
             }
-            None => over_total = true,
         }
     }
     let counted = count_connection(ctx, &client);
@@ -480,8 +490,8 @@ fn on_established(ctx: &SockOpsContext) {
         add_total();
     }
     // Counted before released: a concurrent admission sees the slot taken
-    // throughout (see `reserve`).
-    release_handshake(&slots, epoch);
+    // throughout (see `connlimit_reserve`).
+    release_handshake(&slots, pending, epoch);
     match counted {
         Ok(()) if !over && !over_total => count(Stat::Accepted),
         Ok(()) => {
@@ -489,10 +499,7 @@ fn on_established(ctx: &SockOpsContext) {
             if over_total {
                 count(Stat::TotalRefused);
             }
-            if let Some(pending) = pending_state(&client) {
-                // SAFETY: `pending` points into a live map entry.
-                add(unsafe { &raw mut (*pending).refused }, 1);
-            }
+            count_refusal(pending);
             if config.flags & FLAG_DRY_RUN != 0 {
                 count(Stat::DryRunRefused);
             } else {
@@ -560,7 +567,7 @@ fn add_established(client: &ClientKey) -> bool {
         };
         // SAFETY: `state` points into a live map entry.
         let word = unsafe { &raw mut (*state).established };
-        let added = compare_and_swap::<SOCK_OPS_CAS_ATTEMPTS, _>(word, |w| match established::increment(w) {
+        let added = compare_and_swap::<CAS_ATTEMPTS, _>(word, |w| match established::increment(w) {
             Step::Write(next) => Some((next, true)),
             Step::Retired => Some((w, false)),
         });
@@ -650,15 +657,25 @@ fn carried_count(client: &ClientKey) -> u32 {
     unsafe { CARRIED.get(client) }.copied().unwrap_or(0)
 }
 
-/// The client's handshake state, made if it is new.
-fn pending_state(client: &ClientKey) -> Option<*mut PendingState> {
+/// The client's handshake state, made if it is new; null if no entry can
+/// be had.
+fn pending_state(client: &ClientKey) -> *mut PendingState {
     if let Some(state) = PENDING.get_ptr_mut(client) {
-        return Some(state);
+        return state;
     }
     // SAFETY: a helper with no arguments.
     let fresh = PendingState { generation: unsafe { bpf_get_prandom_u32() }, ..PendingState::default() };
     let _ = PENDING.insert(client, fresh, BPF_NOEXIST as u64);
-    PENDING.get_ptr_mut(client)
+    PENDING.get_ptr_mut(client).unwrap_or(core::ptr::null_mut())
+}
+
+/// One more refusal of the client whose handshake state is `pending` (null:
+/// none to count it in).
+fn count_refusal(pending: *mut PendingState) {
+    if !pending.is_null() {
+        // SAFETY: `pending` points into a live map entry.
+        add(unsafe { &raw mut (*pending).refused }, 1);
+    }
 }
 
 /// The flow a lookup is for.
