@@ -13,7 +13,7 @@ const END: &str = "<!-- cargo xtask bench: end -->";
 
 pub fn run(no_write: bool, args: &[String]) -> Result<()> {
     crate::packages::ensure(&[("iptables", "iptables"), ("nft", "nftables")])?;
-    crate::cargo(&["build", "--release", "--package", "connlimit-tests", "--bins"])?;
+    crate::cargo(&["build", "--release", "--package", "connlimit-bench", "--bins"])?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
     let output = Command::new(target.join("release").join("connlimit-bench"))
