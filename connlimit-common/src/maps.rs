@@ -11,14 +11,15 @@
 //! | `PENDING` | LRU hash | [`ClientKey`] | [`PendingState`]: handshakes in flight, refusals | kernel, at SYN |
 //! | `HANDSHAKES` | LRU hash | [`FlowKey`] | [`Handshake`] | kernel, at SYN |
 //! | `LAST_SYN` | per-CPU array, 1 entry | `u32` 0 | [`LastSyn`] | kernel, at SYN |
-//! | `CONNS` | hash | socket cookie (`u64`) | [`ClientKey`] | kernel |
+//! | `SOCKETS` | socket storage | a socket | [`SocketState`]: the key a connection is counted under | kernel |
 //! | `CARRIED` | hash | [`ClientKey`] | `u32`: connections of the key the kernel does not count under it | user space |
 //! | `ENDINGS` | ring buffer | | [`Ending`] | kernel → user space |
 //! | `STATS` | per-CPU array | [`Stat`] | `u64` | kernel |
 //! | `INSTANCE` | array, 1 entry | `u32` 0 | [`InstanceInfo`] | user space |
 //!
-//! Counts that must never be forgotten (`CLIENTS`, `CONNS`) live in plain
-//! hash maps whose entries only a completed handshake creates; what a SYN
+//! Counts that must never be forgotten live where only a completed
+//! handshake puts them: `CLIENTS`, a plain hash map, and each counted
+//! socket's own storage (`SOCKETS`, freed with the socket); what a SYN
 //! creates (`PENDING`, `HANDSHAKES`) lives apart, in bounded LRU maps, so a
 //! flood of SYNs from any number of addresses can evict only handshake
 //! state, never a count.
@@ -45,8 +46,8 @@ pub mod names {
     pub const HANDSHAKES: &str = "HANDSHAKES";
     /// The last SYN each CPU admitted, until a listener takes it.
     pub const LAST_SYN: &str = "LAST_SYN";
-    /// Counted established connections, by socket cookie.
-    pub const CONNS: &str = "CONNS";
+    /// Each counted connection's state, in its socket's storage.
+    pub const SOCKETS: &str = "SOCKETS";
     /// Connections of a key that the kernel does not count under it (open
     /// before the instance attached, or counted under a key of an earlier
     /// grouping), kept up to date by the owning process.
@@ -59,7 +60,7 @@ pub mod names {
     pub const INSTANCE: &str = "INSTANCE";
     /// Every map, in the order user space pins them.
     pub const ALL: [&str; 14] = [
-        CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, CONNS, CARRIED, ENDINGS, STATS, INSTANCE,
+        CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, SOCKETS, CARRIED, ENDINGS, STATS, INSTANCE,
         TOTAL, RESPONDER,
     ];
 }
@@ -83,8 +84,6 @@ pub mod capacity {
     pub const PENDING: u32 = 1 << 17;
     /// Handshakes in flight (LRU).
     pub const HANDSHAKES: u32 = 1 << 16;
-    /// Established connections counted at once.
-    pub const CONNS: u32 = 1 << 18;
     /// Client keys with carried connections.
     pub const CARRIED: u32 = 1 << 16;
     /// Bytes of the `ENDINGS` ring buffer (a power of two, whole pages):
@@ -97,7 +96,8 @@ pub const FLAG_DRY_RUN: u16 = 1;
 /// `KernelConfig::flags`: the `NETWORKS` trie (exempt prefixes and
 /// per-network limits) has entries (when clear, the programs skip it).
 pub const FLAG_EXEMPT: u16 = 1 << 1;
-/// `KernelConfig::flags`: when `CLIENTS` or `CONNS` is full, end the
+/// `KernelConfig::flags`: when `CLIENTS` is full (or a socket's storage
+/// cannot be had), end the
 /// connection that cannot be counted (fail closed) instead of admitting it
 /// uncounted (fail open).
 pub const FLAG_FULL_CLOSED: u16 = 1 << 2;
@@ -290,6 +290,19 @@ pub const SLOT_CLIENT: u32 = 1;
 /// [`Handshake::slots`]: a reservation in the `TOTAL` word.
 pub const SLOT_TOTAL: u32 = 1 << 1;
 
+/// A counted connection's own state, in its socket's storage (`SOCKETS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketState {
+    /// 1 while the connection is counted; its close clears it atomically,
+    /// so the count falls exactly once.
+    pub counted: u64,
+    /// The key the connection is counted under.
+    pub client: ClientKey,
+    /// Padding; zero.
+    pub _pad: u32,
+}
+
 /// The instance's connections across all clients (`TOTAL`, one entry),
 /// for the total limit. Exempt clients' connections count here too.
 #[repr(C)]
@@ -299,7 +312,8 @@ pub struct TotalState {
     /// flight holding an instance-wide slot (booked only while a total
     /// limit is set).
     pub reservations: u64,
-    /// Established connections counted (in `CONNS`), updated atomically.
+    /// Established connections counted (each with its `SOCKETS` state),
+    /// updated atomically.
     pub established: u64,
 }
 
@@ -379,7 +393,7 @@ impl Stat {
 /// whenever a pinned map changes shape, so a connlimit never opens or
 /// adopts an instance another version pinned. 0 means a connlimit from
 /// before versioning.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// [`InstanceInfo::flags`]: a graceful exit of the owner leaves the instance
 /// enforcing (`--persist`) instead of detaching it.
@@ -429,6 +443,7 @@ mod pod {
     unsafe impl aya::Pod for super::ExemptKey {}
     unsafe impl aya::Pod for super::Handshake {}
     unsafe impl aya::Pod for super::TotalState {}
+    unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::LastSyn {}
     unsafe impl aya::Pod for super::Ending {}
     unsafe impl aya::Pod for super::InstanceInfo {}
@@ -472,6 +487,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 36);
         assert_eq!(size_of::<Handshake>(), 48);
         assert_eq!(size_of::<TotalState>(), 16);
+        assert_eq!(size_of::<SocketState>(), 32);
         assert_eq!(size_of::<LastSyn>(), 48);
         assert_eq!(size_of::<Ending>(), 48);
         assert_eq!(size_of::<InstanceInfo>(), 64);

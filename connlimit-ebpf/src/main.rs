@@ -24,13 +24,16 @@ mod atomic;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sk_lookup, bpf_sock_ops, sk_action,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sk_lookup, bpf_sock_ops,
+        sk_action,
     },
+    btf_maps::SkStorage,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem,
+        bpf_sk_storage_get,
     },
-    macros::{map, sk_lookup, sock_ops},
+    macros::{btf_map, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockOpsContext},
 };
@@ -41,7 +44,7 @@ use connlimit_common::{
     maps::{
         ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429,
         FlowKey, Handshake, InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, RESPONDER_V4, RESPONDER_V6,
-        SLOT_CLIENT, SLOT_TOTAL, Stat, TotalState, capacity,
+        SLOT_CLIENT, SLOT_TOTAL, SocketState, Stat, TotalState, capacity,
     },
     pending::{Pending, epoch_of, is_live},
 };
@@ -94,10 +97,12 @@ static PENDING: LruHashMap<ClientKey, PendingState> = LruHashMap::with_max_entri
 static HANDSHAKES: LruHashMap<FlowKey, Handshake> = LruHashMap::with_max_entries(capacity::HANDSHAKES, 0);
 #[map]
 static LAST_SYN: PerCpuArray<LastSyn> = PerCpuArray::with_max_entries(1, 0);
-// Not LRU: an entry here is the promise that the close will be counted.
-// Keyed by socket cookie: unique per socket, and cheap to hash.
-#[map]
-static CONNS: HashMap<u64, ClientKey> = HashMap::with_max_entries(capacity::CONNS, BPF_F_NO_PREALLOC);
+// Each counted connection's own state, the promise that its close will be
+// counted: made with the socket's storage and freed with the socket, so no
+// table fills up and nothing is inserted into or deleted from a shared map
+// per connection.
+#[btf_map]
+static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 // Written by user space only (a single writer: no lost updates).
 #[map]
 static CARRIED: HashMap<ClientKey, u32> = HashMap::with_max_entries(capacity::CARRIED, BPF_F_NO_PREALLOC);
@@ -532,18 +537,18 @@ fn remove_total() {
 }
 
 /// Counts a new connection of `client` and asks to see it close; an error
-/// when it cannot be counted (a map is full, or its entry kept being
-/// removed under us).
+/// when it cannot be counted (`CLIENTS` is full, the socket's storage cannot
+/// be had, or the client's entry kept being removed under us).
 fn count_connection(ctx: &SockOpsContext, client: &ClientKey) -> Result<(), ()> {
     // Ask to hear of this socket's state changes, to see it close.
     ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).map_err(|_| ())?;
-    if !add_established(client) {
+    let state = socket_state(ctx, BPF_SK_STORAGE_GET_F_CREATE);
+    if state.is_null() || !add_established(client) {
         return Err(());
     }
-    if CONNS.insert(socket_cookie(ctx), client, BPF_NOEXIST as u64).is_err() {
-        remove_established(client);
-        return Err(());
-    }
+    // SAFETY: `state` points into this socket's storage; the socket's
+    // callbacks run one at a time, under its lock.
+    unsafe { state.write(SocketState { counted: 1, client: *client, _pad: 0 }) };
     Ok(())
 }
 
@@ -616,14 +621,15 @@ fn end(ctx: &SockOpsContext, flow: &FlowKey) {
 /// A socket of the cgroup reached TCP_CLOSE, by whatever path: FIN from
 /// either side, RST, abort, timeout, or the move to TIME_WAIT.
 fn on_close(ctx: &SockOpsContext) {
-    let cookie = socket_cookie(ctx);
-    // SAFETY: entries are plain data, copied out before the removal.
-    let Some(client) = (unsafe { CONNS.get(cookie) }).copied() else {
+    let state = socket_state(ctx, 0);
+    if state.is_null() {
         return;
-    };
-    // Whoever removes the entry gives the slot back: exactly once.
-    if CONNS.remove(cookie).is_ok() {
-        remove_established(&client);
+    }
+    // Whoever clears `counted` gives the slot back: exactly once.
+    // SAFETY: `state` points into this socket's storage, 8-byte aligned.
+    if unsafe { atomic::compare_exchange(&raw mut (*state).counted, 1, 0) }.is_ok() {
+        // SAFETY: as above.
+        remove_established(unsafe { &(*state).client });
         remove_total();
     }
 }
@@ -710,6 +716,21 @@ fn socket_flow(ctx: &SockOpsContext) -> FlowKey {
         client_port: u16::from_be(((remote_port >> 16) | (remote_port & 0xffff)) as u16),
         local_port: local_port as u16,
     }
+}
+
+/// The storage `SOCKETS` keeps on the socket sock_ops is called for, made
+/// if `flags` says [`BPF_SK_STORAGE_GET_F_CREATE`]; null if there is none.
+fn socket_state(ctx: &SockOpsContext, flags: u32) -> *mut SocketState {
+    // SAFETY: the kernel hands the program a valid context.
+    let sk = read_ctx(unsafe { &(*ctx.ops).__bindgen_anon_2.sk });
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: a helper taking the context's socket and our storage map.
+    unsafe {
+        bpf_sk_storage_get((&raw const SOCKETS).cast_mut().cast(), sk.cast(), core::ptr::null_mut(), flags.into())
+    }
+    .cast()
 }
 
 fn socket_cookie(ctx: &SockOpsContext) -> u64 {

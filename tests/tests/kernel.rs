@@ -112,7 +112,7 @@ fn counts_fall_exactly_once_on_every_close_path() {
     assert_eq!(errors, 0, "no connection may be refused under a limit of 1000");
     assert!(
         eventually(Duration::from_secs(20), || {
-            s.limiter.tracked_connections().unwrap() == 0
+            s.limiter.total_open().unwrap() == 0
                 && s.limiter.clients().unwrap().iter().all(|c| c.open == 0 && c.reserved == 0)
         }),
         "counts left over: {:?}",
@@ -410,12 +410,13 @@ fn full_maps_fail_open_on_request_and_say_so() {
         .finish();
     let _ = tracing::subscriber::set_global_default(subscriber);
 
-    // Room to count a single connection: the others are admitted uncounted.
+    // Room to count a single client: the others' connections are admitted
+    // uncounted.
     let s = Setup::with(
-        |o| o.config(Config::new(5)).max_connections(1).when_full(WhenFull::Open),
+        |o| o.config(Config::new(5)).max_clients(1).when_full(WhenFull::Open),
         &[SocketAddr::from(([0, 0, 0, 0], PORT))],
     );
-    let held: Vec<_> = (0..3).map(|_| s.hello(client_v4(1)).unwrap()).collect();
+    let held: Vec<_> = (1..=3).map(|i| s.hello(client_v4(i)).unwrap()).collect();
     assert!(eventually(WAIT, || s.limiter.stats().unwrap().untracked == 2));
     assert_eq!(s.open(client_v4(1)), 1);
     assert!(

@@ -4,7 +4,7 @@
 
 use std::{
     net::IpAddr,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -62,7 +62,9 @@ pub struct Instance {
     total: Array<MapData, TotalState>,
     clients: HashMap<MapData, ClientKey, ClientState>,
     pending: HashMap<MapData, ClientKey, PendingState>,
-    conns: HashMap<MapData, u64, ClientKey>,
+    /// Each counted connection's state, in socket storage (read through
+    /// sock_diag).
+    sockets: MapData,
     carried: HashMap<MapData, ClientKey, u32>,
     stats: PerCpuArray<MapData, u64>,
     info: Array<MapData, InstanceInfo>,
@@ -154,7 +156,10 @@ impl Instance {
             total: typed!(names::TOTAL),
             clients: typed!(names::CLIENTS),
             pending: typed!(names::PENDING),
-            conns: typed!(names::CONNS),
+            sockets: match take(names::SOCKETS)? {
+                Map::SkStorage(data) => data,
+                _ => return Err(EbpfError::system(format!("map {}", names::SOCKETS), "not a socket storage map")),
+            },
             carried: typed!(names::CARRIED),
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
@@ -457,7 +462,11 @@ impl Instance {
             total: reopen(self.total.map())?,
             clients: reopen(self.clients.map())?,
             pending: reopen(self.pending.map())?,
-            conns: reopen(self.conns.map())?,
+            sockets: {
+                let fd = self.sockets.fd().as_fd().try_clone_to_owned();
+                MapData::from_fd(fd.map_err(|e| EbpfError::system("duplicating a map", e))?)
+                    .map_err(sys("duplicating a map"))?
+            },
             carried: reopen(self.carried.map())?,
             stats: reopen(self.stats.map())?,
             info: reopen(self.info.map())?,
@@ -466,14 +475,10 @@ impl Instance {
         })
     }
 
-    /// The key the kernel counts the connection with socket cookie
-    /// `cookie` under, if it counts it.
-    pub(crate) fn counted_under(&self, cookie: u64) -> Result<Option<ClientKey>, EbpfError> {
-        match self.conns.get(&cookie, 0) {
-            Ok(key) => Ok(Some(key)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(EbpfError::system("reading the connections map", e)),
-        }
+    /// The socket storage map of counted connections, for
+    /// [`SockDiag::connections`](super::sock_diag::SockDiag::connections).
+    pub(crate) fn socket_states(&self) -> BorrowedFd<'_> {
+        self.sockets.fd().as_fd()
     }
 
     /// Replaces the carried counts with `carried` (see [`Upkeep`](super::Upkeep)).
@@ -489,11 +494,6 @@ impl Instance {
             let _ = self.carried.remove(key);
         }
         Ok(())
-    }
-
-    /// Connections the kernel is tracking to their close.
-    pub fn tracked_connections(&self) -> Result<usize, EbpfError> {
-        Ok(self.conns.keys().filter(Result::is_ok).count())
     }
 
     /// Totals since the instance was attached.

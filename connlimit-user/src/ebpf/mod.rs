@@ -147,7 +147,6 @@ pub struct AttachOptions {
     when_full: WhenFull,
     refuse_with: RefuseWith,
     max_clients: Option<u32>,
-    max_connections: Option<u32>,
 }
 
 impl AttachOptions {
@@ -166,7 +165,6 @@ impl AttachOptions {
             when_full: WhenFull::default(),
             refuse_with: RefuseWith::default(),
             max_clients: None,
-            max_connections: None,
         }
     }
 
@@ -240,13 +238,6 @@ impl AttachOptions {
         self.max_clients = Some(max);
         self
     }
-
-    /// How many established connections the kernel can count at once
-    /// (default 262144); past that, new ones meet the [`WhenFull`] policy.
-    pub fn max_connections(mut self, max: u32) -> Self {
-        self.max_connections = Some(max);
-        self
-    }
 }
 
 /// A limiter enforced by the kernel, owned by this process. Dropping it
@@ -291,7 +282,6 @@ impl EbpfLimiter {
             when_full,
             refuse_with,
             max_clients,
-            max_connections,
         } = options;
         Instance::validate_name(&name)?;
         config.validate()?;
@@ -317,9 +307,6 @@ impl EbpfLimiter {
         if let Some(max) = max_clients {
             loader.map_max_entries(names::CLIENTS, max);
             loader.map_max_entries(names::PENDING, max);
-        }
-        if let Some(max) = max_connections {
-            loader.map_max_entries(names::CONNS, max);
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| EbpfError::system("loading the eBPF object", e))?;
         let log = log::KernelLog::start(&mut ebpf);
@@ -437,11 +424,6 @@ impl EbpfLimiter {
     /// [`Config::max_conns_total`] limits).
     pub fn total_open(&self) -> Result<u64, EbpfError> {
         self.instance().total_open()
-    }
-
-    /// Connections the kernel is tracking until they close.
-    pub fn tracked_connections(&self) -> Result<usize, EbpfError> {
-        self.instance().tracked_connections()
     }
 
     /// Detaches now and returns once the kernel has let go of the

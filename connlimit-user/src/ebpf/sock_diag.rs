@@ -1,6 +1,8 @@
 //! The kernel's socket diagnostics (`NETLINK_SOCK_DIAG`): listing the TCP
-//! listeners of a network namespace with their cgroups, and ending a
-//! connection (`SOCK_DESTROY`, which needs `CONFIG_INET_DIAG_DESTROY`).
+//! sockets of a network namespace with their cgroups (and, for connections,
+//! the state connlimit's kernel side keeps in their socket storage), and
+//! ending a connection (`SOCK_DESTROY`, which needs
+//! `CONFIG_INET_DIAG_DESTROY`).
 //!
 //! A socket of this kind talks about the network namespace it was opened
 //! in; [`in_netns`] opens one elsewhere.
@@ -9,18 +11,29 @@ use std::{
     io,
     mem::size_of,
     net::IpAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
-use connlimit_common::{addr::is_v4_mapped, maps::FlowKey};
+use connlimit_common::{
+    addr::is_v4_mapped,
+    maps::{ClientKey, FlowKey, SocketState},
+};
 
 use crate::addr;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const TCP_LISTEN: u32 = 10;
+// Attribute numbers of `linux/inet_diag.h` and `linux/sock_diag.h`.
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
 const INET_DIAG_CGROUP_ID: u16 = 21;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | 1 << 14);
 
 /// `struct inet_diag_sockid`: ports and addresses in network byte order.
 #[repr(C)]
@@ -79,6 +92,9 @@ pub struct TcpSocket {
     pub cgroup_id: u64,
     /// The socket's cookie (what `bpf_get_socket_cookie` returns).
     pub cookie: u64,
+    /// The key the kernel counts this connection under, from its socket
+    /// storage; only asked for by [`SockDiag::connections`].
+    pub counted_under: Option<ClientKey>,
 }
 
 /// `TcpSocket::state` of an established connection.
@@ -166,7 +182,7 @@ impl SockDiag {
             },
             ..Request::default()
         };
-        self.send(SOCK_DESTROY, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16, &request)?;
+        self.send(SOCK_DESTROY, (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16, &request, &[])?;
         let mut buf = vec![0u8; 8192];
         let n = self.recv(&mut buf)?;
         for (kind, payload) in messages(&buf[..n]) {
@@ -186,11 +202,33 @@ impl SockDiag {
     /// Every TCP socket of the namespace in one of `states` (a bit mask:
     /// `1 << state`), IPv4 and IPv6.
     pub fn sockets(&self, states: u32) -> io::Result<Vec<TcpSocket>> {
+        self.dump(states, None)
+    }
+
+    /// Every established TCP connection of the namespace, each with the key
+    /// the kernel counts it under (read from socket storage map `states`,
+    /// an instance's `SOCKETS`; asking needs `CAP_BPF`).
+    pub fn connections(&self, states: BorrowedFd<'_>) -> io::Result<Vec<TcpSocket>> {
+        self.dump(1 << TCP_ESTABLISHED, Some(states))
+    }
+
+    fn dump(&self, states: u32, storage: Option<BorrowedFd<'_>>) -> io::Result<Vec<TcpSocket>> {
+        // Asks for the socket storage of one map: a nested attribute
+        // holding the map's file descriptor.
+        let attrs = storage.map_or_else(Vec::new, |map| {
+            let mut a = Vec::with_capacity(12);
+            a.extend_from_slice(&12u16.to_ne_bytes());
+            a.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+            a.extend_from_slice(&8u16.to_ne_bytes());
+            a.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+            a.extend_from_slice(&map.as_raw_fd().to_ne_bytes());
+            a
+        });
         let mut found = Vec::new();
         for family in [libc::AF_INET, libc::AF_INET6] {
             let request =
                 Request { family: family as u8, protocol: libc::IPPROTO_TCP as u8, states, ..Request::default() };
-            self.send(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, &request)?;
+            self.send(SOCK_DIAG_BY_FAMILY, (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, &request, &attrs)?;
             let mut buf = vec![0u8; 64 * 1024];
             'dump: loop {
                 let n = self.recv(&mut buf)?;
@@ -210,9 +248,9 @@ impl SockDiag {
         Ok(found)
     }
 
-    fn send(&self, kind: u16, flags: u16, request: &Request) -> io::Result<()> {
+    fn send(&self, kind: u16, flags: u16, request: &Request, attrs: &[u8]) -> io::Result<()> {
         let header = libc::nlmsghdr {
-            nlmsg_len: (size_of::<libc::nlmsghdr>() + size_of::<Request>()) as u32,
+            nlmsg_len: (size_of::<libc::nlmsghdr>() + size_of::<Request>() + attrs.len()) as u32,
             nlmsg_type: kind,
             nlmsg_flags: flags,
             nlmsg_seq: 1,
@@ -221,6 +259,7 @@ impl SockDiag {
         let mut bytes = Vec::with_capacity(header.nlmsg_len as usize);
         bytes.extend_from_slice(as_bytes(&header));
         bytes.extend_from_slice(as_bytes(request));
+        bytes.extend_from_slice(attrs);
         // SAFETY: a zeroed sockaddr_nl addresses the kernel.
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         kernel.nl_family = libc::AF_NETLINK as u16;
@@ -272,17 +311,20 @@ fn socket(payload: &[u8]) -> Option<TcpSocket> {
     let v4 = u32::from(answer.family) == libc::AF_INET as u32;
     let ip = |words: [u32; 4]| addr::from_words(if v4 { connlimit_common::addr::v4_mapped(words[0]) } else { words });
     let mut cgroup_id = 0;
-    let mut attrs = &payload[size_of::<Answer>()..];
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            break;
+    let mut counted_under = None;
+    for (kind, value) in attributes(&payload[size_of::<Answer>()..]) {
+        match kind {
+            INET_DIAG_CGROUP_ID if value.len() >= 8 => cgroup_id = u64::from_ne_bytes(value[..8].try_into().ok()?),
+            // One storage asked for: its value is the only one there.
+            INET_DIAG_SK_BPF_STORAGES => {
+                counted_under = attributes(value)
+                    .filter(|&(kind, _)| kind == SK_DIAG_BPF_STORAGE)
+                    .flat_map(|(_, storage)| attributes(storage))
+                    .find(|&(kind, _)| kind == SK_DIAG_BPF_STORAGE_MAP_VALUE)
+                    .and_then(|(_, value)| counted_key(value));
+            }
+            _ => {}
         }
-        if kind == INET_DIAG_CGROUP_ID && len >= 12 {
-            cgroup_id = u64::from_ne_bytes(attrs[4..12].try_into().ok()?);
-        }
-        attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
     }
     Some(TcpSocket {
         state: answer.state,
@@ -292,7 +334,35 @@ fn socket(payload: &[u8]) -> Option<TcpSocket> {
         remote_port: u16::from_be(answer.id.dport),
         cgroup_id,
         cookie: u64::from(answer.id.cookie[0]) | u64::from(answer.id.cookie[1]) << 32,
+        counted_under,
     })
+}
+
+/// The netlink attributes in `buf`: (type without flags, value).
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let value = &buf[4..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((kind, value))
+    })
+}
+
+/// The key a `SOCKETS` value says its connection is counted under.
+fn counted_key(value: &[u8]) -> Option<ClientKey> {
+    if value.len() < size_of::<SocketState>() {
+        return None;
+    }
+    // SAFETY: `SocketState` is plain integers; the length was checked.
+    let state: SocketState = unsafe { value.as_ptr().cast::<SocketState>().read_unaligned() };
+    (state.counted != 0).then_some(state.client)
 }
 
 fn as_bytes<T: Copy>(value: &T) -> &[u8] {
@@ -315,5 +385,33 @@ mod tests {
     fn truncated_answers_are_skipped() {
         assert_eq!(messages(&[1, 2, 3]).count(), 0);
         assert!(socket(&[0; 10]).is_none());
+        assert_eq!(attributes(&[8, 0, 1, 0, 0]).count(), 0, "an attribute longer than the buffer");
+    }
+
+    #[test]
+    fn the_counted_key_is_read_from_nested_storage_attributes() {
+        let key = ClientKey { addr: [0, 0, 0xffff_u32.to_be(), 7], prefix_len: 128 };
+        let state = SocketState { counted: 1, client: key, _pad: 0 };
+        let attr = |kind: u16, value: &[u8]| {
+            let mut a = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+            a.extend_from_slice(&kind.to_ne_bytes());
+            a.extend_from_slice(value);
+            a.resize(a.len().next_multiple_of(4), 0);
+            a
+        };
+        let answer = |state: &SocketState| {
+            let storage = [attr(2, &9u32.to_ne_bytes()), attr(SK_DIAG_BPF_STORAGE_MAP_VALUE, as_bytes(state))].concat();
+            let mut payload = vec![0; size_of::<Answer>()];
+            payload[0] = libc::AF_INET6 as u8;
+            payload.extend(attr(
+                INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED,
+                &attr(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &storage),
+            ));
+            payload.extend(attr(INET_DIAG_CGROUP_ID, &42u64.to_ne_bytes()));
+            socket(&payload).unwrap()
+        };
+        let counted = answer(&state);
+        assert_eq!((counted.counted_under, counted.cgroup_id), (Some(key), 42));
+        assert_eq!(answer(&SocketState { counted: 0, ..state }).counted_under, None, "its close was counted");
     }
 }

@@ -219,7 +219,7 @@ impl Work {
         let cgroup = self.instance.info()?.cgroup_ino;
         let sockets = self
             .diag
-            .sockets(1 << sock_diag::TCP_ESTABLISHED)
+            .connections(self.instance.socket_states())
             .map_err(|e| EbpfError::system("listing the established connections", e))?;
         let mut guarded: HashMap<u16, bool> = HashMap::new();
         let mut carried = HashMap::new();
@@ -236,7 +236,7 @@ impl Work {
                 continue;
             }
             let key = ClientKey::grouped(&addr::to_words(s.remote), config.ipv4_prefix_len, config.ipv6_prefix_len);
-            if self.instance.counted_under(s.cookie)? != Some(key) {
+            if s.counted_under != Some(key) {
                 *carried.entry(key).or_insert(0) += 1;
             }
         }

@@ -32,7 +32,6 @@ pub struct Watched {
     /// watching begins, so refusals right after attaching are news.
     pub refusals: crate::refusals::Tracker,
     clients_capacity: u32,
-    conns_capacity: u32,
 }
 
 impl Watched {
@@ -47,12 +46,7 @@ impl Watched {
         };
         let mut refusals = crate::refusals::Tracker::default();
         refusals.update(&instance.clients()?, std::time::Instant::now());
-        Ok(Self {
-            instance,
-            refusals,
-            clients_capacity: capacity(names::CLIENTS)?,
-            conns_capacity: capacity(names::CONNS)?,
-        })
+        Ok(Self { instance, refusals, clients_capacity: capacity(names::CLIENTS)? })
     }
 }
 
@@ -75,8 +69,6 @@ struct Reading {
     total_limit: u32,
     keys: u64,
     keys_capacity: u32,
-    conns: u64,
-    conns_capacity: u32,
 }
 
 fn read(name: &str, w: &Watched) -> Result<Reading> {
@@ -90,8 +82,6 @@ fn read(name: &str, w: &Watched) -> Result<Reading> {
         total_limit: w.instance.config()?.max_conns_total,
         keys: clients.len() as u64,
         keys_capacity: w.clients_capacity,
-        conns: w.instance.tracked_connections()? as u64,
-        conns_capacity: w.conns_capacity,
     })
 }
 
@@ -156,18 +146,14 @@ impl Collector for Kernel {
         }
         let mut family = encoder.encode_descriptor(
             "connlimit_map_fill_ratio",
-            "How full a kernel map is, 0 to 1 (clients: tracked client keys; connections: counted connections)",
+            "How full a kernel map is, 0 to 1 (clients: client keys holding connections)",
             None,
             MetricType::Gauge,
         )?;
         for r in &readings {
-            for (map, used, capacity) in
-                [("clients", r.keys, r.keys_capacity), ("connections", r.conns, r.conns_capacity)]
-            {
-                let labels = [("instance", r.name.as_str()), ("map", map)];
-                let ratio = if capacity == 0 { 0.0 } else { used as f64 / f64::from(capacity) };
-                ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
-            }
+            let labels = [("instance", r.name.as_str()), ("map", "clients")];
+            let ratio = if r.keys_capacity == 0 { 0.0 } else { r.keys as f64 / f64::from(r.keys_capacity) };
+            ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
