@@ -163,7 +163,10 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     // SAFETY: the handler only stores to an atomic.
     unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
-    harness::require_root();
+    let missing = harness::missing_requirements();
+    if !missing.is_empty() {
+        bail!("connlimit-bench loads eBPF programs and cannot run here: {}", missing.join("; "));
+    }
     // Built by the same `cargo build` as this binary, next to it.
     let exe = std::env::current_exe()?;
     let bin = |name: &str| -> Result<String> {

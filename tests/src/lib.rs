@@ -4,7 +4,9 @@
 //! program sees only its own traffic) and its own cgroup ([`TestCgroup`], so
 //! its sock_ops program sees only its own server). Servers are unmodified
 //! processes ([`Server`]) started inside both. Traffic stays inside the
-//! test's namespace, on its loopback.
+//! test's namespace, on its loopback. Every kernel test starts with
+//! [`require_kernel!`], which runs it, fails it with what the host lacks, or
+//! skips it when `CONNLIMIT_SKIP_KERNEL_TESTS=1` says so.
 
 use std::{
     fs::File,
@@ -27,22 +29,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-/// Fails the test unless it can load eBPF programs (root); with
-/// `CONNLIMIT_SKIP_KERNEL_TESTS=1` returns `false` so the test can return early.
-pub fn require_root() -> bool {
-    if std::env::var("CONNLIMIT_SKIP_KERNEL_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: CONNLIMIT_SKIP_KERNEL_TESTS=1");
-        return false;
-    }
-    // SAFETY: no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the kernel tests load eBPF programs and need root; run them as root, \
-         or set CONNLIMIT_SKIP_KERNEL_TESTS=1 to skip them explicitly"
-    );
-    true
-}
+mod requirements;
+pub use requirements::{SKIP_KERNEL_TESTS, kernel_tests_run, missing_requirements};
 
 /// The `connlimit` binary of this build (`target/<profile>/connlimit`, next
 /// to the test binary's `deps/`). `cargo test --workspace` builds it; a

@@ -16,7 +16,7 @@ use connlimit::{
     ebpf::{AttachOptions, EbpfLimiter, host::monotonic_ns},
 };
 use harness::{
-    Netns, Server, TCP_ACK, TestCgroup, client_v4, eventually, raw_segment, require_root, server_connections,
+    Netns, Server, TCP_ACK, TestCgroup, client_v4, eventually, raw_segment, require_kernel, server_connections,
     spoofed_syn, unique,
 };
 
@@ -56,9 +56,7 @@ fn iptables(netns: &Netns, args: &[&str]) {
 
 #[test]
 fn withheld_final_acks_cannot_take_the_server_past_the_limit() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 3;
     let epoch = Duration::from_millis(50);
     let s =
@@ -96,9 +94,7 @@ fn withheld_final_acks_cannot_take_the_server_past_the_limit() {
 
 #[test]
 fn a_spoofed_flood_cannot_erase_a_count() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 3;
     const CAPACITY: u32 = 64;
     let s = Setup::with(|o| o.config(Config::new(L)).max_clients(CAPACITY), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
@@ -118,9 +114,7 @@ fn a_spoofed_flood_cannot_erase_a_count() {
 
 #[test]
 fn more_clients_than_the_map_holds_meet_the_full_map_policy() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 2;
     const CAPACITY: u32 = 8;
     let s = Setup::with(|o| o.config(Config::new(L)).max_clients(CAPACITY), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
@@ -163,9 +157,7 @@ fn epoch_in_half(upper: bool) -> Duration {
 
 #[test]
 fn abandoned_handshakes_expire_at_every_clock_value() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 2;
     for upper in [true, false] {
         let epoch = epoch_in_half(upper);
@@ -193,9 +185,7 @@ fn abandoned_handshakes_expire_at_every_clock_value() {
 
 #[test]
 fn probes_before_the_server_listens_take_no_slot() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 2;
     let name = unique("connlimit-probes");
     let netns = Netns::new().unwrap();
@@ -223,9 +213,7 @@ fn probes_before_the_server_listens_take_no_slot() {
 
 #[test]
 fn stray_packets_of_dead_connections_take_no_slot() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 2;
     let s = Setup::new(Config::new(L));
     let me = client_v4(80);
@@ -244,9 +232,7 @@ fn stray_packets_of_dead_connections_take_no_slot() {
 
 #[test]
 fn exempting_all_of_ipv6_exempts_no_ipv4_client() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     // A dual-stack listener.
     let s = Setup::with(
         |o| o.config(Config::new(1).with_exempt(["::/0".parse().unwrap()])),
@@ -263,9 +249,7 @@ fn exempting_all_of_ipv6_exempts_no_ipv4_client() {
 
 #[test]
 fn an_exempt_client_leaves_its_network_its_allowance() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let lb = client_v4(0x0901);
     let config = Config::new(1).with_ipv4_prefix_len(24).with_exempt([lb.to_string().parse().unwrap()]);
     let s = Setup::new(config);
@@ -280,9 +264,7 @@ fn an_exempt_client_leaves_its_network_its_allowance() {
 
 #[test]
 fn connections_of_the_cgroup_in_other_namespaces_are_not_counted() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(1));
     let me = client_v4(100);
     let _held = s.hello(me).unwrap();
@@ -305,9 +287,7 @@ fn connections_of_the_cgroup_in_other_namespaces_are_not_counted() {
 
 #[test]
 fn connections_open_at_attach_are_counted() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 3;
     let name = unique("connlimit-busy");
     let netns = Netns::new().unwrap();
@@ -341,9 +321,7 @@ fn connections_open_at_attach_are_counted() {
 
 #[test]
 fn a_prefix_change_keeps_existing_connections_counted() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     const L: u32 = 2;
     let s = Setup::new(Config::new(L));
     let (first, neighbour) = (client_v4(0x0701), client_v4(0x0702));
@@ -365,9 +343,7 @@ fn a_listener_outside_the_guarded_cgroup_is_reported() {
         host,
         listeners::{self, ListenerProblem},
     };
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let name = unique("connlimit-outside");
     let netns = Netns::new().unwrap();
     let guarded = TestCgroup::create(&name).unwrap();

@@ -8,7 +8,7 @@ use connlimit::ebpf::{
     Instance,
     attachments::{AttachPoint, attached_programs},
 };
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_root, unique};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique};
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
@@ -42,9 +42,7 @@ fn running(name: &str) -> bool {
 
 #[test]
 fn operator_walkthrough_exec_set_top_status_detach() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let netns = Netns::new().unwrap();
     let name = unique("walk");
     let server = SocketAddr::from(([127, 0, 0, 1], 8080));
@@ -132,9 +130,7 @@ fn operator_walkthrough_exec_set_top_status_detach() {
 
 #[test]
 fn run_persist_then_adopt_then_detach() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("walk-persist")).unwrap();
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8081))]).unwrap();

@@ -10,7 +10,7 @@ use std::{
 };
 
 use connlimit::http::TOO_MANY_CONNECTIONS_RESPONSE;
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_root, unique};
+use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique};
 use serde_json::{Value, json};
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
@@ -36,9 +36,7 @@ fn status_of(netns: &Netns, name: &str) -> Value {
 
 #[test]
 fn total_network_limits_and_429_through_the_cli() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("cli-limits")).unwrap();
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8082))]).unwrap();

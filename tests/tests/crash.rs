@@ -16,7 +16,7 @@ use aya::maps::{Array, Map, MapData};
 use connlimit::ebpf::attachments::{AttachPoint, attached_programs};
 use connlimit_common::maps::InstanceInfo;
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_in, eventually, require_root, unique,
+    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_in, eventually, require_kernel, unique,
 };
 use serde_json::Value;
 
@@ -88,9 +88,7 @@ fn start_ticks(pid: u32) -> u64 {
 
 #[test]
 fn run_killed_keeps_enforcing_then_the_same_run_adopts_and_detach_cleans_the_orphan() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("crash-run")).unwrap();
@@ -139,9 +137,7 @@ fn run_killed_keeps_enforcing_then_the_same_run_adopts_and_detach_cleans_the_orp
 
 #[test]
 fn exec_killed_keeps_enforcing_for_its_server() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let name = unique("crash-exec");
@@ -187,9 +183,7 @@ fn exec_killed_keeps_enforcing_for_its_server() {
 
 #[test]
 fn concurrent_sets_on_different_fields_lose_none() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("crash-set")).unwrap();
@@ -239,9 +233,7 @@ fn concurrent_sets_on_different_fields_lose_none() {
 
 #[test]
 fn a_crash_in_the_middle_of_attach_leaves_nothing_listed_or_in_the_way() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("crash-mid")).unwrap();
@@ -271,9 +263,7 @@ fn a_crash_in_the_middle_of_attach_leaves_nothing_listed_or_in_the_way() {
 
 #[test]
 fn hostile_pin_roots_are_refused_and_nothing_outside_is_touched() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("crash-hostile")).unwrap();
     let cgroup_path = cgroup.path().to_str().unwrap().to_owned();
@@ -340,9 +330,7 @@ fn hostile_pin_roots_are_refused_and_nothing_outside_is_touched() {
 
 #[test]
 fn detach_never_signals_a_reused_pid() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("crash-pid")).unwrap();
@@ -382,9 +370,7 @@ fn detach_never_signals_a_reused_pid() {
 
 #[test]
 fn sighup_detaches_run_and_leaves_a_persisted_one_unowned() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("crash-hup")).unwrap();
@@ -427,9 +413,7 @@ fn sighup_detaches_run_and_leaves_a_persisted_one_unowned() {
 
 #[test]
 fn ctrl_c_on_exec_reaches_the_server_once() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let name = unique("crash-intr");
@@ -450,9 +434,7 @@ fn ctrl_c_on_exec_reaches_the_server_once() {
 
 #[test]
 fn exec_user_runs_the_server_unprivileged() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let name = unique("crash-user");
@@ -513,9 +495,7 @@ fn exec_user_runs_the_server_unprivileged() {
 
 #[test]
 fn an_instance_of_another_layout_version_is_refused_with_the_fix() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("crash-layout")).unwrap();

@@ -15,7 +15,7 @@ use std::{
     process::{Command, Output},
 };
 
-use harness::require_root;
+use harness::require_kernel;
 use sha2::{Digest, Sha256};
 
 fn workspace() -> PathBuf {
@@ -144,9 +144,7 @@ fn installed_status() -> Option<String> {
 
 #[test]
 fn debian_package_installs_runs_verifies_and_removes_cleanly() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     // One package test at a time on this machine (dpkg's own lock fails
     // instead of waiting).
     let lock = fs::File::create("/tmp/connlimit-package-test.lock").unwrap();

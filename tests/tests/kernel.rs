@@ -14,7 +14,7 @@ use connlimit::{
     Config,
     ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, WhenFull},
 };
-use harness::{Ending, Netns, Server, TestCgroup, client_v4, command, eventually, require_root, spoofed_syn, unique};
+use harness::{Ending, Netns, Server, TestCgroup, client_v4, command, eventually, require_kernel, spoofed_syn, unique};
 
 mod common;
 use common::{PORT, Setup, WAIT, assert_accepted, assert_refused, burst};
@@ -22,9 +22,7 @@ use common::{PORT, Setup, WAIT, assert_accepted, assert_refused, burst};
 /// go-connlimit's TestLimiterDenies, against an unmodified server process.
 #[test]
 fn limiter_denies_against_an_unmodified_server() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(2));
     let me = client_v4(1);
     let conn1 = s.hello(me).unwrap();
@@ -56,9 +54,7 @@ fn attached(netns: &Netns, cgroup: &std::path::Path) -> (usize, usize) {
 
 #[test]
 fn counts_fall_exactly_once_on_every_close_path() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     // 10,000 connections from 250 addresses, ended five ways: client FIN,
     // server FIN (the server side goes through TIME_WAIT), client RST,
     // server RST, and a client that closes before reading anything.
@@ -124,9 +120,7 @@ fn counts_fall_exactly_once_on_every_close_path() {
 
 #[test]
 fn burst_of_200_parallel_connects_gets_exactly_the_limit() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(10));
     let me = client_v4(7);
     for run in 0..5 {
@@ -143,9 +137,7 @@ fn burst_of_200_parallel_connects_gets_exactly_the_limit() {
 
 #[test]
 fn spoofed_syns_hold_a_slot_for_at_most_two_epochs() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let epoch = Duration::from_millis(300);
     let s =
         Setup::with(|o| o.config(Config::new(2)).reservation_epoch(epoch), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
@@ -172,9 +164,7 @@ fn spoofed_syns_hold_a_slot_for_at_most_two_epochs() {
 
 #[test]
 fn ipv6_and_ipv4_mapped_clients() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     // A dual-stack listener: IPv4 clients arrive on it as ::ffff:a.b.c.d.
     let s = Setup::with(|o| o.config(Config::new(1)), &[SocketAddr::from(([0u16; 8], PORT))]);
     let v6: IpAddr = "::1".parse().unwrap();
@@ -194,9 +184,7 @@ fn ipv6_and_ipv4_mapped_clients() {
 
 #[test]
 fn prefix_grouping_counts_a_network_as_one_client() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(2).with_ipv4_prefix_len(24).with_ipv6_prefix_len(64));
     let _a = s.hello(client_v4(1)).unwrap(); // 127.1.0.1
     let _b = s.hello(client_v4(2)).unwrap(); // 127.1.0.2
@@ -213,9 +201,7 @@ fn prefix_grouping_counts_a_network_as_one_client() {
 
 #[test]
 fn live_limit_changes_admit_at_once_and_close_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(2));
     let me = client_v4(5);
     let mut held: Vec<_> = (0..2).map(|_| s.hello(me).unwrap()).collect();
@@ -240,9 +226,7 @@ fn live_limit_changes_admit_at_once_and_close_nothing() {
 
 #[test]
 fn refusal_is_an_immediate_reset() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(1));
     let me = client_v4(3);
     let _held = s.hello(me).unwrap();
@@ -258,9 +242,7 @@ fn refusal_is_an_immediate_reset() {
 
 #[test]
 fn other_ports_namespaces_and_cgroups_are_unaffected() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let other_port = PORT + 1;
     let s = Setup::with(
         |o| o.config(Config::new(1)),
@@ -301,9 +283,7 @@ fn other_ports_namespaces_and_cgroups_are_unaffected() {
 
 #[test]
 fn pins_are_root_only_and_gone_after_drop() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     use std::os::unix::fs::PermissionsExt;
     let s = Setup::new(Config::new(3));
     let name = s.limiter.name().to_owned();
@@ -335,9 +315,7 @@ fn pins_are_root_only_and_gone_after_drop() {
 
 #[test]
 fn persisted_enforcement_outlives_the_limiter_until_removed() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::with(|o| o.config(Config::new(1)).persist(true), &[SocketAddr::from(([0, 0, 0, 0], PORT))]);
     let name = s.limiter.name().to_owned();
     let Setup { limiter, netns, server, cgroup } = s;
@@ -358,9 +336,7 @@ fn persisted_enforcement_outlives_the_limiter_until_removed() {
 
 #[test]
 fn bad_attach_requests_fail_cleanly() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(1));
     let cgroup = s.cgroup.path().to_owned();
     let attach = |o: AttachOptions| EbpfLimiter::attach(o.netns(s.netns.path()));
@@ -397,9 +373,7 @@ fn bad_attach_requests_fail_cleanly() {
 
 #[test]
 fn full_maps_fail_open_on_request_and_say_so() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     // The kernel's warning comes through aya-log and tracing: capture it.
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
     let sink = log.clone();
@@ -443,9 +417,7 @@ impl std::io::Write for Capture {
 
 #[test]
 fn dry_run_counts_and_refuses_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(1).with_dry_run(true));
     let me = client_v4(6);
     let held: Vec<_> = (0..3).map(|_| s.hello(me).unwrap()).collect();
@@ -462,9 +434,7 @@ fn dry_run_counts_and_refuses_nothing() {
 
 #[test]
 fn instances_side_by_side_keep_their_own_config_and_counts() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let other_port = PORT + 10;
     let s = Setup::with(
         |o| o.config(Config::new(1)),

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use connlimit::{Config, NetworkLimit};
-use harness::{client_v4, eventually, require_root};
+use harness::{client_v4, eventually, require_kernel};
 
 mod common;
 use common::{Setup, WAIT, assert_accepted, assert_refused, burst};
@@ -25,9 +25,7 @@ fn wait_total(s: &Setup, n: u64) {
 /// total limit of 25: exactly 25 are established, whatever the order.
 #[test]
 fn total_limit_is_exact_under_a_burst_from_many_addresses() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(0).with_max_conns_total(25));
     let sources: Vec<IpAddr> = (0..200).map(|i| client_v4(1 + i % 100)).collect();
     for run in 0..3 {
@@ -47,9 +45,7 @@ fn total_limit_is_exact_under_a_burst_from_many_addresses() {
 /// closes nothing.
 #[test]
 fn total_and_per_client_limits_hold_together_and_change_live() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(2).with_max_conns_total(5));
     let (a, b, c) = (client_v4(1), client_v4(2), client_v4(3));
     let mut held = vec![s.hello(a).unwrap(), s.hello(a).unwrap()];
@@ -76,9 +72,7 @@ fn total_and_per_client_limits_hold_together_and_change_live() {
 /// count toward it.
 #[test]
 fn exempt_clients_count_toward_the_total_but_are_never_refused() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let lb = client_v4(9);
     let s = Setup::new(Config::new(1).with_max_conns_total(2).with_exempt([lb.into_cidr()]));
     let held: Vec<_> = (0..3).map(|_| s.hello(lb).unwrap()).collect();
@@ -103,9 +97,7 @@ impl IntoCidr for IpAddr {
 /// prefixes too, and 0 makes a network unlimited (exempt).
 #[test]
 fn the_longest_network_prefix_gives_the_limit() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let config = Config::new(1).with_exempt(["127.3.0.0/16".parse().unwrap()]).with_network_limits([
         net("127.1.0.0/16=3"),
         net("127.1.5.0/24=2"),
@@ -141,9 +133,7 @@ fn the_longest_network_prefix_gives_the_limit() {
 /// the next SYN.
 #[test]
 fn network_limits_change_live() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = Setup::new(Config::new(1).with_ipv4_prefix_len(24));
     let (a, b) = (client_v4(1), client_v4(2)); // both in 127.1.0.0/24
     let _a = s.hello(a).unwrap();

@@ -14,7 +14,7 @@ use connlimit::{
     ebpf::{Instance, MAX_RESPONDING, RefuseWith},
     http::TOO_MANY_CONNECTIONS_RESPONSE,
 };
-use harness::{Netns, client_v4, eventually, require_root};
+use harness::{Netns, client_v4, eventually, require_kernel};
 
 mod common;
 use common::{PORT, Setup, assert_accepted, assert_refused, loopback_like};
@@ -40,9 +40,7 @@ fn request(netns: &Netns, source: IpAddr) -> std::io::Result<Vec<u8>> {
 
 #[test]
 fn over_limit_clients_read_the_exact_429_and_the_server_sees_nothing() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = setup(Config::new(1), false);
     for me in [client_v4(1), "::1".parse().unwrap()] {
         let _held = s.hello(me).unwrap();
@@ -67,9 +65,7 @@ fn over_limit_clients_read_the_exact_429_and_the_server_sees_nothing() {
 /// The total limit refuses with 429 too.
 #[test]
 fn the_total_limit_answers_429() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = setup(Config::new(0).with_max_conns_total(2), false);
     let _a = s.hello(client_v4(1)).unwrap();
     let _b = s.hello(client_v4(2)).unwrap();
@@ -93,9 +89,7 @@ fn open_fds() -> usize {
 /// responder's memory and descriptors return to where they were.
 #[test]
 fn a_flood_of_over_limit_clients_is_bounded() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = setup(Config::new(1), false);
     let clients: Vec<IpAddr> = (1..=200).map(client_v4).collect();
     let held: Vec<_> = clients.iter().map(|&c| s.hello(c).unwrap()).collect();
@@ -158,9 +152,7 @@ fn a_flood_of_over_limit_clients_is_bounded() {
 /// exited), refusals are resets, and the kernel says so.
 #[test]
 fn without_a_responder_refusals_fall_back_to_reset() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let s = setup(Config::new(1), true);
     let name = s.limiter.name().to_owned();
     let Setup { limiter, netns, server, cgroup: _cgroup } = s;

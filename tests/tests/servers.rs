@@ -17,7 +17,7 @@ use std::{
 
 use harness::{
     Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_in, eventually, require_command,
-    require_root, unique,
+    require_kernel, unique,
 };
 use serde_json::Value;
 
@@ -235,9 +235,7 @@ fn nginx_conf(dir: &TempDir, port: u16, workers: u32, reuseport: bool) -> String
 
 #[test]
 fn nginx_daemonizing_by_default_stays_guarded_until_it_stops() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let nginx = require_command("nginx", "nginx");
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
@@ -294,9 +292,7 @@ fn nginx_daemonizing_by_default_stays_guarded_until_it_stops() {
 
 #[test]
 fn nginx_with_two_reuseport_workers_is_limited_across_both() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let nginx = require_command("nginx", "nginx");
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
@@ -343,9 +339,7 @@ fn nginx_with_two_reuseport_workers_is_limited_across_both() {
 
 #[test]
 fn lighttpd_daemonizing_by_default_is_limited() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let lighttpd = require_command("lighttpd", "lighttpd");
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
@@ -398,9 +392,7 @@ fn lighttpd_daemonizing_by_default_is_limited() {
 
 #[test]
 fn shell_daemons_keep_exec_guarding_and_set_its_status() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
     let dir = TempDir::new("servers-sh");
@@ -441,9 +433,7 @@ fn shell_daemons_keep_exec_guarding_and_set_its_status() {
 
 #[test]
 fn a_failed_first_process_sets_the_status_and_nothing_is_killed_unasked() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
     let name = unique("srv-fail");
@@ -470,9 +460,7 @@ fn fake_systemctl(dir: &TempDir, shown: &str) -> String {
 
 #[test]
 fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("srv-unit")).unwrap();
@@ -528,9 +516,7 @@ fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
 
 #[test]
 fn guarding_the_root_cgroup_warns_that_every_process_counts() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
     let mount = connlimit::ebpf::host::cgroup2_mount().unwrap();

@@ -14,7 +14,8 @@ use std::{
 
 use connlimit::ebpf::Instance;
 use harness::{
-    Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_command, require_root, unique,
+    Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_command, require_kernel,
+    unique,
 };
 use serde_json::Value;
 
@@ -83,9 +84,7 @@ impl NotifySocket {
 
 #[test]
 fn serve_reloads_the_file_live_and_notifies_systemd() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("svc-serve")).unwrap();
     let addrs = [SocketAddr::from(([0, 0, 0, 0], 8090)), SocketAddr::from(([0, 0, 0, 0], 8091))];
@@ -188,9 +187,7 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
 
 #[test]
 fn persisted_instances_survive_a_crash_and_are_adopted_by_the_next_serve() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("svc-crash")).unwrap();
     let addrs = [SocketAddr::from(([0, 0, 0, 0], 8095)), SocketAddr::from(([0, 0, 0, 0], 8096))];
@@ -272,9 +269,7 @@ fn check_config_reports_every_problem_with_its_line() {
 
 #[test]
 fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     require_command("prometheus", "prometheus");
     require_command("promtool", "prometheus");
     let netns = Netns::new().unwrap();
@@ -389,9 +384,7 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
 
 #[test]
 fn top_sort_refused_shows_the_most_recently_refused_first() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let netns = Netns::new().unwrap();
     let cgroup = TestCgroup::create(&unique("svc-top")).unwrap();
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], 8093))]).unwrap();
@@ -474,9 +467,7 @@ impl Drop for PinRootOwner {
 
 #[test]
 fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
-    if !require_root() {
-        return;
-    }
+    require_kernel!();
     let caps = unit_capabilities();
     let setpriv_caps = |caps: &[String]| -> String {
         let mut list = vec!["-all".to_owned()];

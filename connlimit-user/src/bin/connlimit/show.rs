@@ -12,7 +12,7 @@ use connlimit::{
     Config,
     ebpf::{ClientCount, Instance, Ownership, PinRoot, RefuseWith, hash_hex, host, listeners},
 };
-use serde_json::json;
+use serde::Serialize;
 
 use crate::{
     cli::{TopArgs, TopSort},
@@ -50,61 +50,85 @@ fn network_limits(config: &Config) -> String {
     config.network_limits.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
-fn config_json(instance: &Instance, config: &Config) -> Result<serde_json::Value> {
-    Ok(json!({
-        "name": instance.name(),
-        "ports": instance.ports()?,
-        "max_conns_per_client_ip": config.max_conns_per_client_ip,
-        "ipv4_prefix_len": config.ipv4_prefix_len,
-        "ipv6_prefix_len": config.ipv6_prefix_len,
-        "exempt": config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "network_limits": config.network_limits.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "max_conns_total": config.max_conns_total,
-        "dry_run": config.dry_run,
-        "reservation_epoch_ms": instance.reservation_epoch()?.as_millis() as u64,
-        "when_full": instance.when_full()?.to_string(),
-        "refuse_with": instance.refuse_with()?.to_string(),
-    }))
+/// `config`: one instance's configuration, as JSON (`--json`) or a table.
+#[derive(Serialize)]
+struct ConfigView {
+    name: String,
+    ports: Vec<u16>,
+    max_conns_per_client_ip: u32,
+    ipv4_prefix_len: u8,
+    ipv6_prefix_len: u8,
+    /// CIDRs.
+    exempt: Vec<String>,
+    /// `CIDR=N`.
+    network_limits: Vec<String>,
+    /// 0 = no total limit.
+    max_conns_total: u32,
+    /// Shown in the table beside the total limit; machines read it from
+    /// `status --json`.
+    #[serde(skip)]
+    total_open: u64,
+    dry_run: bool,
+    reservation_epoch_ms: u64,
+    /// `closed` or `open`.
+    when_full: String,
+    /// `reset` or `http-429`.
+    refuse_with: String,
+}
+
+impl ConfigView {
+    fn read(instance: &Instance) -> Result<Self> {
+        let config = instance.config()?;
+        Ok(Self {
+            name: instance.name().to_owned(),
+            ports: instance.ports()?,
+            max_conns_per_client_ip: config.max_conns_per_client_ip,
+            ipv4_prefix_len: config.ipv4_prefix_len,
+            ipv6_prefix_len: config.ipv6_prefix_len,
+            exempt: config.exempt.iter().map(ToString::to_string).collect(),
+            network_limits: config.network_limits.iter().map(ToString::to_string).collect(),
+            max_conns_total: config.max_conns_total,
+            total_open: instance.total_open()?,
+            dry_run: config.dry_run,
+            reservation_epoch_ms: instance.reservation_epoch()?.as_millis() as u64,
+            when_full: instance.when_full()?.to_string(),
+            refuse_with: instance.refuse_with()?.to_string(),
+        })
+    }
+
+    fn table(&self) -> String {
+        let list = |items: &[String]| if items.is_empty() { "none".to_owned() } else { items.join(", ") };
+        let unlimited_if_0 = |n: u32| if n == 0 { "0 (unlimited)".to_owned() } else { n.to_string() };
+        let rows = [
+            ("instance", self.name.clone()),
+            ("ports", self.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")),
+            ("max conns per client IP", unlimited_if_0(self.max_conns_per_client_ip)),
+            ("IPv4 prefix length", format!("/{}", self.ipv4_prefix_len)),
+            ("IPv6 prefix length", format!("/{}", self.ipv6_prefix_len)),
+            ("exempt", list(&self.exempt)),
+            ("network limits", list(&self.network_limits)),
+            (
+                "max conns total",
+                match self.max_conns_total {
+                    0 => unlimited_if_0(0),
+                    n => format!("{n} ({} open)", self.total_open),
+                },
+            ),
+            ("dry run", if self.dry_run { "on".into() } else { "off".into() }),
+            ("reservation epoch", format!("{} ms", self.reservation_epoch_ms)),
+            ("when a map is full", self.when_full.clone()),
+            ("refuse with", self.refuse_with.clone()),
+        ];
+        rows.iter().map(|(key, value)| format!("{key:<24} {value}\n")).collect()
+    }
 }
 
 pub fn config(name: &str, json: bool) -> Result<()> {
-    let instance = Instance::open(name)?;
-    let config = instance.config()?;
+    let view = ConfigView::read(&Instance::open(name)?)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&config_json(&instance, &config)?)?);
-        return Ok(());
-    }
-    let ports = instance.ports()?.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
-    let exempt = config.exempt.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-    let rows = [
-        ("instance", instance.name().to_owned()),
-        ("ports", ports),
-        (
-            "max conns per client IP",
-            if config.max_conns_per_client_ip == 0 {
-                "0 (unlimited)".into()
-            } else {
-                config.max_conns_per_client_ip.to_string()
-            },
-        ),
-        ("IPv4 prefix length", format!("/{}", config.ipv4_prefix_len)),
-        ("IPv6 prefix length", format!("/{}", config.ipv6_prefix_len)),
-        ("exempt", if exempt.is_empty() { "none".into() } else { exempt }),
-        ("network limits", if config.network_limits.is_empty() { "none".into() } else { network_limits(&config) }),
-        (
-            "max conns total",
-            match config.max_conns_total {
-                0 => "0 (unlimited)".into(),
-                n => format!("{n} ({} open)", instance.total_open()?),
-            },
-        ),
-        ("dry run", if config.dry_run { "on".into() } else { "off".into() }),
-        ("reservation epoch", format!("{} ms", instance.reservation_epoch()?.as_millis())),
-        ("when a map is full", instance.when_full()?.to_string()),
-        ("refuse with", instance.refuse_with()?.to_string()),
-    ];
-    for (key, value) in rows {
-        println!("{key:<24} {value}");
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", view.table());
     }
     Ok(())
 }
@@ -114,92 +138,144 @@ fn client_label(c: &ClientCount) -> String {
     refusals::client_label(c.client, c.prefix_len, c.exempt)
 }
 
-/// One screen of `top` for `instance`, whose guarded `ports` are given
-/// (reading them walks a 65,536-entry table: done once per command).
-///
-/// With `--sort refused`, `tracker` holds the previous reading: clients
-/// whose refused counter went up since are shown first, the most recent
-/// first, then the others by refusals on record.
-fn top_once(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Tracker) -> Result<String> {
-    let config = instance.config()?;
-    let stats = instance.stats()?;
-    let by_refused = args.sort == TopSort::Refused;
-    let now = Instant::now();
-    let mut clients = instance.clients()?;
-    if by_refused {
-        tracker.update(&clients, now);
-        clients.sort_by(|a, b| {
-            tracker
-                .last_refused(b.client)
-                .cmp(&tracker.last_refused(a.client))
-                .then(b.refused.cmp(&a.refused))
-                .then(b.open.cmp(&a.open))
-                .then(a.client.cmp(&b.client))
-        });
-    }
-    let ago = |c: &ClientCount| tracker.last_refused(c.client).map(|t| now.duration_since(t).as_secs_f64());
-    let clients: Vec<ClientCount> = clients
-        .into_iter()
-        .filter(|c| c.open > 0 || c.reserved > 0 || ((args.all || by_refused) && c.refused > 0))
-        .collect();
-    let open: u32 = clients.iter().map(|c| c.open).sum();
-    let shown = &clients[..clients.len().min(args.rows)];
-    if args.json.json {
-        let rows: Vec<_> = shown
+/// One screen of `top`, as JSON (`--json`) or a table.
+#[derive(Serialize)]
+struct TopView {
+    instance: String,
+    max_conns_per_client_ip: u32,
+    /// The first `--rows` clients, in the order asked for.
+    clients: Vec<ClientRow>,
+    totals: TopTotals,
+    /// The table's header: the guarded ports, comma-separated.
+    #[serde(skip)]
+    ports: String,
+    /// The table's header and footer: what the instance enforces.
+    #[serde(skip)]
+    config: Config,
+    /// `--sort refused`: the table has a LAST REFUSED column.
+    #[serde(skip)]
+    by_refused: bool,
+}
+
+/// One client of [`TopView`].
+#[derive(Serialize)]
+struct ClientRow {
+    client: String,
+    open: u32,
+    reserved: u32,
+    refused: u64,
+    accepted: u64,
+    /// With `--sort refused` only: seconds since this client was last seen
+    /// refused, null when it was not seen refused since the command started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_refused_secs_ago: Option<Option<f64>>,
+}
+
+/// Totals over every client listed (not only the rows shown) and since attach.
+#[derive(Serialize)]
+struct TopTotals {
+    /// Clients listed: with connections open or reserved, or (`--all`,
+    /// `--sort refused`) with refusals on record.
+    clients: usize,
+    open: u32,
+    accepted: u64,
+    refused: u64,
+    dry_run_refused: u64,
+}
+
+impl TopView {
+    /// Reads `instance`, whose guarded `ports` are given (reading them walks
+    /// a 65,536-entry table: done once per command).
+    ///
+    /// With `--sort refused`, `tracker` holds the previous reading: clients
+    /// whose refused counter went up since are shown first, the most recent
+    /// first, then the others by refusals on record.
+    fn read(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Tracker) -> Result<Self> {
+        let config = instance.config()?;
+        let stats = instance.stats()?;
+        let by_refused = args.sort == TopSort::Refused;
+        let now = Instant::now();
+        let mut clients = instance.clients()?;
+        if by_refused {
+            tracker.update(&clients, now);
+            clients.sort_by(|a, b| {
+                tracker
+                    .last_refused(b.client)
+                    .cmp(&tracker.last_refused(a.client))
+                    .then(b.refused.cmp(&a.refused))
+                    .then(b.open.cmp(&a.open))
+                    .then(a.client.cmp(&b.client))
+            });
+        }
+        let clients: Vec<ClientCount> = clients
+            .into_iter()
+            .filter(|c| c.open > 0 || c.reserved > 0 || ((args.all || by_refused) && c.refused > 0))
+            .collect();
+        let rows = clients
             .iter()
-            .map(|c| {
-                let mut row = json!({
-                    "client": client_label(c),
-                    "open": c.open,
-                    "reserved": c.reserved,
-                    "refused": c.refused,
-                    "accepted": c.accepted,
-                });
-                if by_refused {
-                    row["last_refused_secs_ago"] = json!(ago(c));
-                }
-                row
+            .take(args.rows)
+            .map(|c| ClientRow {
+                client: client_label(c),
+                open: c.open,
+                reserved: c.reserved,
+                refused: c.refused,
+                accepted: c.accepted,
+                last_refused_secs_ago: by_refused
+                    .then(|| tracker.last_refused(c.client).map(|t| now.duration_since(t).as_secs_f64())),
             })
             .collect();
-        let value = json!({
-            "instance": instance.name(),
-            "max_conns_per_client_ip": config.max_conns_per_client_ip,
-            "clients": rows,
-            "totals": {
-                "clients": clients.len(),
-                "open": open,
-                "accepted": stats.accepted,
-                "refused": stats.refused,
-                "dry_run_refused": stats.dry_run_refused,
+        Ok(Self {
+            instance: instance.name().to_owned(),
+            max_conns_per_client_ip: config.max_conns_per_client_ip,
+            clients: rows,
+            totals: TopTotals {
+                clients: clients.len(),
+                open: clients.iter().map(|c| c.open).sum(),
+                accepted: stats.accepted,
+                refused: stats.refused,
+                dry_run_refused: stats.dry_run_refused,
             },
-        });
-        return Ok(serde_json::to_string_pretty(&value)? + "\n");
+            ports: ports.to_owned(),
+            config,
+            by_refused,
+        })
     }
-    let mut out = String::new();
-    writeln!(out, "instance {} · port {ports} · {}", instance.name(), describe(&config))?;
-    write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
-    writeln!(out, "{}", if by_refused { format!(" {:>13}", "LAST REFUSED") } else { String::new() })?;
-    for c in shown {
-        write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", client_label(c), c.open, c.reserved, c.refused, c.accepted)?;
-        let last = match ago(c) {
-            _ if !by_refused => String::new(),
-            Some(secs) => format!(" {:>13}", format!("{secs:.0} s ago")),
-            None => format!(" {:>13}", "-"),
-        };
-        writeln!(out, "{last}")?;
+
+    fn table(&self) -> Result<String> {
+        let mut out = String::new();
+        writeln!(out, "instance {} · port {} · {}", self.instance, self.ports, describe(&self.config))?;
+        write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", "CLIENT", "OPEN", "RESERVED", "REFUSED", "ACCEPTED")?;
+        writeln!(out, "{}", if self.by_refused { format!(" {:>13}", "LAST REFUSED") } else { String::new() })?;
+        for c in &self.clients {
+            write!(out, "{:<40} {:>6} {:>9} {:>9} {:>9}", c.client, c.open, c.reserved, c.refused, c.accepted)?;
+            let last = match c.last_refused_secs_ago {
+                None => String::new(),
+                Some(Some(secs)) => format!(" {:>13}", format!("{secs:.0} s ago")),
+                Some(None) => format!(" {:>13}", "-"),
+            };
+            writeln!(out, "{last}")?;
+        }
+        let t = &self.totals;
+        if t.clients > self.clients.len() {
+            writeln!(out, "… {} more (--rows)", t.clients - self.clients.len())?;
+        }
+        writeln!(
+            out,
+            "{} clients, {} open · since attach: {} accepted, {} refused{}",
+            t.clients,
+            t.open,
+            t.accepted,
+            t.refused,
+            if self.config.dry_run { format!(", {} dry-run refusals", t.dry_run_refused) } else { String::new() }
+        )?;
+        Ok(out)
     }
-    if clients.len() > shown.len() {
-        writeln!(out, "… {} more (--rows)", clients.len() - shown.len())?;
-    }
-    writeln!(
-        out,
-        "{} clients, {open} open · since attach: {} accepted, {} refused{}",
-        clients.len(),
-        stats.accepted,
-        stats.refused,
-        if config.dry_run { format!(", {} dry-run refusals", stats.dry_run_refused) } else { String::new() }
-    )?;
-    Ok(out)
+}
+
+/// One screen of `top` for `instance`, as `args` asks for it.
+fn top_once(args: &TopArgs, instance: &Instance, ports: &str, tracker: &mut Tracker) -> Result<String> {
+    let view = TopView::read(args, instance, ports, tracker)?;
+    if args.json.json { Ok(serde_json::to_string_pretty(&view)? + "\n") } else { view.table() }
 }
 
 pub fn top(args: TopArgs) -> Result<()> {
@@ -229,9 +305,10 @@ pub fn top(args: TopArgs) -> Result<()> {
     }
 }
 
-/// One line of `status`.
-#[derive(serde::Serialize)]
-struct InstanceStatus {
+/// `status`: one instance, a line of the table or an element of the JSON
+/// array (`--json`).
+#[derive(Serialize)]
+struct StatusView {
     name: String,
     ports: Vec<u16>,
     max_conns_per_client_ip: u32,
@@ -269,7 +346,7 @@ struct InstanceStatus {
     object: String,
 }
 
-impl InstanceStatus {
+impl StatusView {
     fn read(root: &PinRoot, name: &str) -> Result<Self> {
         let instance = Instance::open_in(root, name)?;
         let (config, info, stats) = (instance.config()?, instance.info()?, instance.stats()?);
@@ -372,7 +449,7 @@ pub fn status(json: bool) -> Result<()> {
     let mut rows = Vec::new();
     if let Some(root) = PinRoot::read()? {
         for name in root.names()? {
-            match InstanceStatus::read(&root, &name) {
+            match StatusView::read(&root, &name) {
                 Ok(row) => rows.push(row),
                 Err(e) => eprintln!("connlimit: warning: {name}: {e:#}"),
             }
@@ -426,6 +503,88 @@ fn utc(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use connlimit::Config;
+    use serde_json::{Value, json};
+
+    use super::{ClientRow, ConfigView, TopTotals, TopView};
+
+    /// The names of an object's fields, sorted.
+    fn keys(value: &Value) -> Vec<&str> {
+        let mut keys: Vec<&str> = value.as_object().expect("an object").keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    // The JSON of `config` and `top` is an interface (docs/CLI.md, scripts):
+    // renaming a field is a change to record in CHANGELOG.md.
+    #[test]
+    fn config_json_keeps_its_fields() {
+        let view = ConfigView {
+            name: "api".into(),
+            ports: vec![8080],
+            max_conns_per_client_ip: 10,
+            ipv4_prefix_len: 32,
+            ipv6_prefix_len: 128,
+            exempt: vec!["10.0.0.0/8".into()],
+            network_limits: vec!["192.0.2.0/24=5".into()],
+            max_conns_total: 0,
+            total_open: 3,
+            dry_run: false,
+            reservation_epoch_ms: 1000,
+            when_full: "closed".into(),
+            refuse_with: "reset".into(),
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(
+            keys(&json),
+            [
+                "dry_run",
+                "exempt",
+                "ipv4_prefix_len",
+                "ipv6_prefix_len",
+                "max_conns_per_client_ip",
+                "max_conns_total",
+                "name",
+                "network_limits",
+                "ports",
+                "refuse_with",
+                "reservation_epoch_ms",
+                "when_full",
+            ]
+        );
+        assert_eq!((&json["ports"], &json["exempt"]), (&json!([8080]), &json!(["10.0.0.0/8"])));
+        assert!(view.table().contains("max conns total          0 (unlimited)\n"), "{}", view.table());
+    }
+
+    #[test]
+    fn top_json_keeps_its_fields_and_has_last_refused_only_when_sorted_by_it() {
+        let row = |last_refused_secs_ago| ClientRow {
+            client: "127.0.0.1".into(),
+            open: 2,
+            reserved: 0,
+            refused: 1,
+            accepted: 2,
+            last_refused_secs_ago,
+        };
+        let view = TopView {
+            instance: "api".into(),
+            max_conns_per_client_ip: 2,
+            clients: vec![row(None), row(Some(None)), row(Some(Some(1.5)))],
+            totals: TopTotals { clients: 4, open: 6, accepted: 6, refused: 3, dry_run_refused: 0 },
+            ports: "8080".into(),
+            config: Config::new(2),
+            by_refused: false,
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(keys(&json), ["clients", "instance", "max_conns_per_client_ip", "totals"]);
+        assert_eq!(keys(&json["totals"]), ["accepted", "clients", "dry_run_refused", "open", "refused"]);
+        let clients = json["clients"].as_array().unwrap();
+        assert_eq!(keys(&clients[0]), ["accepted", "client", "open", "refused", "reserved"]);
+        assert_eq!(clients[1]["last_refused_secs_ago"], Value::Null);
+        assert_eq!(clients[2]["last_refused_secs_ago"], 1.5);
+        assert!(view.table().unwrap().contains("… 1 more (--rows)"));
+    }
+
     #[test]
     fn utc_formats_known_instants() {
         assert_eq!(super::utc(0), "1970-01-01 00:00:00");
