@@ -13,6 +13,7 @@
 //! | `LAST_SYN` | per-CPU array, 1 entry | `u32` 0 | [`LastSyn`] | kernel, at SYN |
 //! | `SOCKETS` | socket storage | a socket | [`SocketState`]: the key a connection is counted under | kernel |
 //! | `CARRIED` | hash | [`ClientKey`] | `u32`: connections of the key the kernel does not count under it | user space |
+//! | `CARRYING` | array, 1 entry | `u32` 0 | `u32`: non-zero while `CARRIED` has entries | user space |
 //! | `ENDINGS` | ring buffer | | [`Ending`] | kernel → user space |
 //! | `STATS` | per-CPU array | [`Stat`] | `u64` | kernel |
 //! | `INSTANCE` | array, 1 entry | `u32` 0 | [`InstanceInfo`] | user space |
@@ -52,6 +53,8 @@ pub mod names {
     /// before the instance attached, or counted under a key of an earlier
     /// grouping), kept up to date by the owning process.
     pub const CARRIED: &str = "CARRIED";
+    /// Whether `CARRIED` has entries (so the kernel skips it when empty).
+    pub const CARRYING: &str = "CARRYING";
     /// Connections the kernel asks user space to end.
     pub const ENDINGS: &str = "ENDINGS";
     /// Global counters.
@@ -59,9 +62,9 @@ pub mod names {
     /// What this instance guards, for other processes to read.
     pub const INSTANCE: &str = "INSTANCE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 14] = [
-        CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, SOCKETS, CARRIED, ENDINGS, STATS, INSTANCE,
-        TOTAL, RESPONDER,
+    pub const ALL: [&str; 15] = [
+        CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, SOCKETS, CARRIED, CARRYING, ENDINGS, STATS,
+        INSTANCE, TOTAL, RESPONDER,
     ];
 }
 

@@ -106,6 +106,11 @@ static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 // Written by user space only (a single writer: no lost updates).
 #[map]
 static CARRIED: HashMap<ClientKey, u32> = HashMap::with_max_entries(capacity::CARRIED, BPF_F_NO_PREALLOC);
+// Non-zero while `CARRIED` has entries: set before the first is written,
+// cleared after the last is removed. Almost always zero, which spares every
+// admission a look-up in an empty hash map.
+#[map]
+static CARRYING: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static ENDINGS: RingBuf = RingBuf::with_byte_size(capacity::ENDINGS_BYTES, 0);
 #[map]
@@ -137,15 +142,25 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     let pending = pending_state(&client);
     match admit(config, &flow, &client, pending, limit, now_ns) {
         ADMITTED => sk_action::SK_PASS,
-        // The context carries no TCP flags. A handshake admitted at its SYN
-        // comes back here for its SYN-cookie ACK or a retransmitted SYN: it
-        // holds its slot already. (Looked for only when refusing: admitting
-        // the same flow again finds the entry when it inserts its own, and
-        // gives the new slot back.)
-        // SAFETY: entries are plain data.
-        _ if unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch)) => sk_action::SK_PASS,
+        over if is_admitted_handshake(&flow, pending, over, epoch) => sk_action::SK_PASS,
         over => refuse(&ctx, config, pending, over == OVER_TOTAL),
     }
+}
+
+/// Whether `flow`, refused by limit `over`, is a handshake admitted at its
+/// SYN that still holds its slot, come back for its SYN-cookie ACK or a
+/// retransmitted SYN (the context carries no TCP flags).
+///
+/// Only a client with live reservations can have one, so a flood of new
+/// SYNs from a client at its limit is refused without the look-up. (An
+/// admission of the same flow needs no look-up: it finds the entry when it
+/// inserts its own, and gives the new slot back.)
+fn is_admitted_handshake(flow: &FlowKey, pending: *mut PendingState, over: u32, epoch: u64) -> bool {
+    // SAFETY: a non-null `pending` points into a live map entry.
+    let reserved =
+        over == OVER_TOTAL || !pending.is_null() && Pending(unsafe { (*pending).reservations }).reserved(epoch) != 0;
+    // SAFETY: entries are plain data.
+    reserved && unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch))
 }
 
 /// What [`admit`] decided. (Plain numbers: a returned tuple or enum with
@@ -659,6 +674,9 @@ fn established_count(client: &ClientKey) -> u32 {
 
 /// Connections of `client` that user space counts for it (see `CARRIED`).
 fn carried_count(client: &ClientKey) -> u32 {
+    if CARRYING.get(0).is_none_or(|&n| n == 0) {
+        return 0;
+    }
     // SAFETY: entries are plain data.
     unsafe { CARRIED.get(client) }.copied().unwrap_or(0)
 }

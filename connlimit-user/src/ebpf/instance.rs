@@ -66,6 +66,8 @@ pub struct Instance {
     /// sock_diag).
     sockets: MapData,
     carried: HashMap<MapData, ClientKey, u32>,
+    /// Non-zero while `carried` has entries.
+    carrying: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     info: Array<MapData, InstanceInfo>,
     /// Taken by the one upkeep thread of this handle.
@@ -161,6 +163,7 @@ impl Instance {
                 _ => return Err(EbpfError::system(format!("map {}", names::SOCKETS), "not a socket storage map")),
             },
             carried: typed!(names::CARRIED),
+            carrying: typed!(names::CARRYING),
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
             endings: Some(typed!(names::ENDINGS)),
@@ -468,6 +471,7 @@ impl Instance {
                     .map_err(sys("duplicating a map"))?
             },
             carried: reopen(self.carried.map())?,
+            carrying: reopen(self.carrying.map())?,
             stats: reopen(self.stats.map())?,
             info: reopen(self.info.map())?,
             endings: None,
@@ -487,11 +491,19 @@ impl Instance {
         carried: &std::collections::HashMap<ClientKey, u32>,
     ) -> Result<(), EbpfError> {
         let old: Vec<ClientKey> = self.carried.keys().filter_map(Result::ok).collect();
+        // The kernel looks into `carried` only while `carrying` says so: set
+        // before the first entry is written, cleared after the last is gone.
+        if !carried.is_empty() {
+            self.carrying.set(0, 1, 0).map_err(sys("writing the carrying map"))?;
+        }
         for (key, n) in carried {
             self.carried.insert(key, n, 0).map_err(sys("writing the carried map"))?;
         }
         for key in old.iter().filter(|k| !carried.contains_key(k)) {
             let _ = self.carried.remove(key);
+        }
+        if carried.is_empty() {
+            self.carrying.set(0, 0, 0).map_err(sys("writing the carrying map"))?;
         }
         Ok(())
     }
