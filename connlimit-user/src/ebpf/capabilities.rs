@@ -40,7 +40,7 @@ pub fn effective_capabilities() -> Result<u64, EbpfError> {
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .ok_or_else(|| EbpfError::system("reading /proc/self/status", anyhow::anyhow!("no CapEff line")))
+        .ok_or_else(|| EbpfError::system("reading /proc/self/status", "no CapEff line"))
 }
 
 /// CAP_SYS_ADMIN: the kernel accepts it in place of CAP_BPF and CAP_PERFMON

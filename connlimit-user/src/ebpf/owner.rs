@@ -43,8 +43,8 @@ impl Owner {
     /// This process.
     pub fn current() -> Result<Self, EbpfError> {
         let pid = std::process::id();
-        let (_, start_ticks) = stat_of(pid)
-            .ok_or_else(|| EbpfError::system("reading /proc/self/stat", anyhow::anyhow!("no start time")))?;
+        let (_, start_ticks) =
+            stat_of(pid).ok_or_else(|| EbpfError::system("reading /proc/self/stat", "no start time"))?;
         Ok(Self { pid, start_ticks })
     }
 
@@ -230,7 +230,7 @@ impl Instance {
             if Instant::now() > deadline {
                 return Err(EbpfError::system(
                     format!("detaching {name:?}"),
-                    anyhow::anyhow!(
+                    format!(
                         "process {} did not let go within 10 s; `connlimit detach {name} --force` removes the pins",
                         owner.pid
                     ),

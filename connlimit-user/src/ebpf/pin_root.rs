@@ -151,9 +151,8 @@ impl PinRoot {
     /// creating it (mode 0700) if needed, and removes what writers that
     /// died half-way left behind.
     pub fn write() -> Result<Self, EbpfError> {
-        let root = Self::open(true)?.ok_or_else(|| {
-            EbpfError::system(format!("creating {}", pin_root().display()), anyhow::anyhow!("it vanished"))
-        })?;
+        let root = Self::open(true)?
+            .ok_or_else(|| EbpfError::system(format!("creating {}", pin_root().display()), "it vanished"))?;
         root.clear_leftovers();
         Ok(root)
     }
@@ -272,7 +271,7 @@ impl PinRoot {
                 Some(libc::EWOULDBLOCK) => {
                     return Err(EbpfError::system(
                         format!("locking {}", path.display()),
-                        anyhow::anyhow!(
+                        format!(
                             "another connlimit has been changing instances for {} s; find it with `ps -C connlimit` \
                              and stop it, then retry",
                             LOCK_TIMEOUT.as_secs()
