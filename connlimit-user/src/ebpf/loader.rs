@@ -14,7 +14,7 @@ use connlimit_common::maps::{INFO_PERSIST, InstanceInfo, KernelConfig, LAYOUT_VE
 use super::{
     AttachOptions, EbpfError, Instance, PinRoot, Upkeep, attachments, capabilities, guard, instance,
     kernel_config::validated_epoch_ns,
-    listeners, log, mounts, netns,
+    kernel_features, listeners, log, mounts, netns,
     object::{OBJECT, OBJECT_HASH},
     owner, pin_root,
 };
@@ -52,6 +52,8 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
     let epoch_ns = validated_epoch_ns(reservation_epoch)?;
     ports = guard::normalize_ports(&ports)?;
     capabilities::require_capabilities(&capabilities::ATTACH_CAPABILITIES)?;
+    // Before loading: an old kernel gets what it lacks, not a verifier log.
+    kernel_features::require()?;
     capabilities::require_access(&pin_root())?;
     mounts::require_cgroup2_dir(&cgroup)?;
     let netns_id = netns::NetnsId::of(&netns)?;

@@ -41,8 +41,9 @@
 //!   (`kernel_config`) and what the kernel counts (`counts`).
 //! - [`owner`], [`guard`](Instance::replace_ports), [`mod@pin_root`]: who owns
 //!   an instance, one port per instance, the locked pin root.
-//! - [`capabilities`], [`mounts`], [`netns`], [`clock`]: facts about this
-//!   machine checked or read before touching the kernel.
+//! - [`capabilities`], [`mounts`], [`netns`], [`clock`],
+//!   [`kernel_features`]: facts about this machine checked or read before
+//!   touching the kernel.
 
 pub mod attachments;
 pub mod capabilities;
@@ -53,6 +54,7 @@ mod error;
 mod guard;
 mod instance;
 mod kernel_config;
+pub mod kernel_features;
 mod limiter;
 pub mod listeners;
 mod loader;
