@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
-use aya::maps::lpm_trie::Key;
+use aya::maps::{IterableMap, lpm_trie::Key};
 use connlimit_common::{
     maps::{ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429, KernelConfig},
     pending::{MAX_EPOCH_NS, MIN_EPOCH_NS},
 };
 
-use super::{EbpfError, Instance, RefuseWith, instance::sys};
+use super::{EbpfError, Instance, RefuseWith, instance::sys, map_batch};
 use crate::{Cidr, Config, NetworkLimit, addr};
 
 /// The default reservation epoch (see [`AttachOptions::reservation_epoch`](super::AttachOptions::reservation_epoch)).
@@ -194,15 +194,12 @@ impl Instance {
         Ok(Duration::from_nanos(self.kernel_config()?.epoch_ns))
     }
 
-    /// The guarded local ports, ascending.
+    /// The guarded local ports, ascending: the whole `PORTS` table, read
+    /// in one system call.
     pub fn ports(&self) -> Result<Vec<u16>, EbpfError> {
-        let mut ports = Vec::new();
-        for (port, on) in self.ports.iter().enumerate() {
-            if on.map_err(sys("reading the ports map"))? != 0 {
-                ports.push(port as u16);
-            }
-        }
-        Ok(ports)
+        let table = map_batch::array_values::<u8>(self.ports.map())
+            .map_err(|e| EbpfError::system("reading the ports map", e))?;
+        Ok(table.iter().enumerate().filter(|(_, on)| **on != 0).map(|(port, _)| port as u16).collect())
     }
 
     /// Guards exactly `ports` from now on: new ones are added before old

@@ -59,6 +59,7 @@ mod limiter;
 pub mod listeners;
 mod loader;
 mod log;
+mod map_batch;
 pub mod mounts;
 pub mod netns;
 mod object;
