@@ -153,7 +153,9 @@ pub struct EbpfLimiter {
 impl EbpfLimiter {
     /// Loads the programs, writes the config, attaches, and pins the maps
     /// and links; the instance appears in the pin root all at once. On
-    /// error nothing is left attached or pinned.
+    /// error nothing is left attached or pinned. What can be checked first
+    /// is: the options, the capabilities, and the kernel's features
+    /// ([`EbpfError::MissingKernelFeatures`]).
     pub fn attach(options: AttachOptions) -> Result<Self, EbpfError> {
         let (name, keep_pins) = (options.name.clone(), options.persist);
         let loader::Attached { instance, program_ids, upkeep, log, links, ebpf } = loader::attach(options)?;

@@ -68,15 +68,7 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
     }
     guard::refuse_taken_ports(&root, &ports, netns_id, None)?;
 
-    let mut loader = EbpfLoader::new();
-    if let Some(max) = max_clients {
-        loader.map_max_entries(names::CLIENTS, max);
-        loader.map_max_entries(names::PENDING, max);
-    }
-    if let Some(max) = max_connections {
-        loader.map_max_entries(names::CONNS, max);
-    }
-    let mut ebpf = loader.load(OBJECT).map_err(|e| EbpfError::system("loading the eBPF object", e))?;
+    let mut ebpf = load_object(max_clients, max_connections)?;
     let log = log::KernelLog::start(&mut ebpf);
 
     // Removed on error, and never listed: built aside, renamed into place.
@@ -121,6 +113,21 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
     listeners::warn_about(&netns, &ports, &cgroup);
     let program_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.program_id()).collect();
     Ok(Attached { instance, program_ids, upkeep, log, links, ebpf })
+}
+
+/// Loads the embedded kernel object (maps created, programs not yet
+/// loaded), with the client maps sized for `max_clients` and the
+/// connection map for `max_connections` where given.
+fn load_object(max_clients: Option<u32>, max_connections: Option<u32>) -> Result<Ebpf, EbpfError> {
+    let mut loader = EbpfLoader::new();
+    if let Some(max) = max_clients {
+        loader.map_max_entries(names::CLIENTS, max);
+        loader.map_max_entries(names::PENDING, max);
+    }
+    if let Some(max) = max_connections {
+        loader.map_max_entries(names::CONNS, max);
+    }
+    loader.load(OBJECT).map_err(|e| EbpfError::system("loading the eBPF object", e))
 }
 
 /// Pins the links so the programs stay attached after this process exits.
