@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use super::{EbpfError, host};
+use super::{EbpfError, mounts};
 
 /// A cgroup v2 directory created by connlimit. Dropping it kills the
 /// processes still in it and removes the directory.
@@ -27,7 +27,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates `name` directly under the cgroup v2 mount.
     pub fn create(name: &str) -> Result<Self, EbpfError> {
-        let path = host::cgroup2_mount()?.join(name);
+        let path = mounts::cgroup2_mount()?.join(name);
         fs::create_dir(&path).map_err(|e| EbpfError::system(format!("creating the cgroup {}", path.display()), e))?;
         Ok(Self { path })
     }

@@ -2,6 +2,7 @@
 
 use std::{fmt, io, path::PathBuf};
 
+use super::kernel_features::{KernelFeature, MIN_LINUX, MIN_LINUX_FOR};
 use crate::ConfigError;
 
 /// An error from the eBPF limiter. Each message says what is wrong and what
@@ -34,8 +35,22 @@ pub enum EbpfError {
     /// The given network namespace cannot be opened.
     #[error("cannot open the network namespace {0}")]
     Netns(PathBuf, #[source] io::Error),
+    /// The kernel lacks features the kernel programs use (see
+    /// [`kernel_features`](super::kernel_features)).
+    #[error(
+        "connlimit needs Linux {} or later ({}); this kernel ({release}) lacks {}",
+        MIN_LINUX,
+        MIN_LINUX_FOR,
+        .missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    MissingKernelFeatures {
+        /// The running kernel's release (`uname -r`).
+        release: String,
+        /// What it lacks, oldest first.
+        missing: Vec<KernelFeature>,
+    },
     /// The kernel cannot run sk_lookup programs.
-    #[error("this kernel cannot attach sk_lookup programs (connlimit needs Linux 5.19 or later)")]
+    #[error("this kernel cannot attach sk_lookup programs (connlimit needs Linux {MIN_LINUX} or later)")]
     NoSkLookup(#[source] io::Error),
     /// Another instance already guards one of the ports in this namespace.
     #[error(

@@ -2,7 +2,7 @@
 //! that gives an instance ports (attach, adopt, `set --port`), under the
 //! pin root's exclusive lock so two writers cannot both pass the check.
 
-use super::{EbpfError, Instance, PinRoot, host::NetnsId};
+use super::{EbpfError, Instance, PinRoot, netns::NetnsId};
 
 /// Sorted, deduplicated ports; fails on none or on port 0.
 pub(crate) fn normalize_ports(ports: &[u16]) -> Result<Vec<u16>, EbpfError> {

@@ -1,79 +1,52 @@
 //! A limiter instance as it lives in bpffs: its maps, pinned under
 //! `/sys/fs/bpf/connlimit/<name>/` (see [`pin_root`](super::pin_root)),
-//! readable and writable by root processes.
+//! readable and writable by root processes. What the maps hold is read and
+//! written in [`kernel_config`](super::kernel_config) (the configuration)
+//! and [`counts`](super::counts) (what the kernel counts).
 
 use std::{
-    net::IpAddr,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, SockMap},
     programs::links::{FdLink, PinnedLink},
 };
-use connlimit_common::{
-    established,
-    maps::{
-        ClientKey, ClientState, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429, InstanceInfo,
-        KernelConfig, LAYOUT_VERSION, PendingState, Stat, TotalState, names,
-    },
-    pending::{Pending, epoch_of},
+use connlimit_common::maps::{
+    ClientKey, ClientState, ExemptKey, InstanceInfo, KernelConfig, LAYOUT_VERSION, PendingState, TotalState, names,
 };
 
 use super::{
-    EbpfError, RefuseWith, WhenFull, host,
+    EbpfError, capabilities,
     pin_root::{self, PinRoot, Staging, fd_path},
 };
-use crate::{Cidr, Config, NetworkLimit, Stats, addr};
 
 /// Pin names of the links of a persisted instance.
 pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
 
-/// One client key's figures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientCount {
-    /// The client key: the address cut to the prefix length in force when
-    /// it was first seen (see `prefix_len`).
-    pub client: IpAddr,
-    /// The key's prefix length within its family (32 or 128 for a single
-    /// address).
-    pub prefix_len: u8,
-    /// An exempt client, counted under its own address and never refused.
-    pub exempt: bool,
-    /// Established connections now.
-    pub open: u32,
-    /// Handshakes admitted and not yet established.
-    pub reserved: u32,
-    /// Connections that completed their handshake, since tracking began.
-    pub accepted: u64,
-    /// Connections refused (in dry-run: that would have been).
-    pub refused: u64,
-}
-
 /// Handles on one instance's maps.
 pub struct Instance {
-    name: String,
-    config: Array<MapData, KernelConfig>,
-    ports: Array<MapData, u8>,
+    pub(super) name: String,
+    pub(super) config: Array<MapData, KernelConfig>,
+    pub(super) ports: Array<MapData, u8>,
     /// Exempt prefixes (limit 0) and per-network limits.
-    networks: LpmTrie<MapData, ExemptKey, u32>,
-    total: Array<MapData, TotalState>,
-    clients: HashMap<MapData, ClientKey, ClientState>,
-    pending: HashMap<MapData, ClientKey, PendingState>,
+    pub(super) networks: LpmTrie<MapData, ExemptKey, u32>,
+    pub(super) total: Array<MapData, TotalState>,
+    pub(super) clients: HashMap<MapData, ClientKey, ClientState>,
+    pub(super) pending: HashMap<MapData, ClientKey, PendingState>,
     /// Each counted connection's state, in socket storage (read through
     /// sock_diag).
-    sockets: MapData,
-    carried: HashMap<MapData, ClientKey, u32>,
+    pub(super) sockets: MapData,
+    pub(super) carried: HashMap<MapData, ClientKey, u32>,
     /// Non-zero while `carried` has entries.
-    carrying: Array<MapData, u32>,
-    stats: PerCpuArray<MapData, u64>,
-    info: Array<MapData, InstanceInfo>,
+    pub(super) carrying: Array<MapData, u32>,
+    pub(super) stats: PerCpuArray<MapData, u64>,
+    pub(super) info: Array<MapData, InstanceInfo>,
     /// Taken by the one upkeep thread of this handle.
-    endings: Option<RingBuf<MapData>>,
+    pub(super) endings: Option<RingBuf<MapData>>,
     /// Taken by the 429 responder the endings worker runs.
-    responder: Option<SockMap<MapData>>,
+    pub(super) responder: Option<SockMap<MapData>>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -82,7 +55,7 @@ impl std::fmt::Debug for Instance {
     }
 }
 
-fn sys(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+pub(super) fn sys(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
     let what = what.into();
     move |e| EbpfError::system(what, e)
 }
@@ -104,7 +77,7 @@ impl Instance {
 
     /// Names of the instances pinned on this machine, sorted.
     pub fn list() -> Result<Vec<String>, EbpfError> {
-        host::require_access(&pin_root::pin_root())?;
+        capabilities::require_access(&pin_root::pin_root())?;
         match PinRoot::read()? {
             Some(root) => root.names(),
             None => Ok(Vec::new()),
@@ -114,7 +87,7 @@ impl Instance {
     /// Opens the pinned maps of the running instance `name`.
     pub fn open(name: &str) -> Result<Self, EbpfError> {
         Self::validate_name(name)?;
-        host::require_access(&pin_root::pin_root())?;
+        capabilities::require_access(&pin_root::pin_root())?;
         let root = PinRoot::read()?.ok_or_else(|| EbpfError::NoSuchInstance(name.to_owned()))?;
         Self::open_in(&root, name)
     }
@@ -196,160 +169,6 @@ impl Instance {
         &self.name
     }
 
-    pub(crate) fn kernel_config(&self) -> Result<KernelConfig, EbpfError> {
-        self.config.get(&0, 0).map_err(sys("reading the config map"))
-    }
-
-    /// The configuration in force, as the kernel reads it. A network limit
-    /// of 0 is an exempt prefix to the kernel, and is read back as one.
-    pub fn config(&self) -> Result<Config, EbpfError> {
-        let k = self.kernel_config()?;
-        let (mut exempt, mut network_limits) = (Vec::new(), Vec::new());
-        for entry in self.networks.iter() {
-            let (key, limit) = entry.map_err(sys("reading the networks map"))?;
-            let words = key.data().addr;
-            let addr = addr::from_words(words);
-            let len = key.prefix_len() - ExemptKey::prefix_len(&words, 0);
-            let cidr = Cidr::new(addr, len as u8).map_err(|e| EbpfError::system("reading the networks map", e))?;
-            match limit {
-                0 => exempt.push(cidr),
-                n => network_limits.push(NetworkLimit::new(cidr, n)),
-            }
-        }
-        exempt.sort_by_key(|c| (c.addr(), c.prefix_len()));
-        network_limits.sort_by_key(|n| (n.cidr.addr(), n.cidr.prefix_len()));
-        Ok(Config {
-            max_conns_per_client_ip: k.max_conns_per_client,
-            ipv4_prefix_len: k.ipv4_prefix_len,
-            ipv6_prefix_len: k.ipv6_prefix_len,
-            exempt,
-            network_limits,
-            max_conns_total: k.max_conns_total,
-            dry_run: k.flags & FLAG_DRY_RUN != 0,
-        })
-    }
-
-    /// Replaces the configuration. Network entries (exempt prefixes and
-    /// network limits) are written before the limits change and stale ones
-    /// removed after, so no exempt client is ever limited in between.
-    pub fn set_config(&mut self, config: &Config) -> Result<(), EbpfError> {
-        config.validate()?;
-        let kernel = self.kernel_config()?;
-        self.write_config(config, kernel)
-    }
-
-    /// What the kernel does when a count cannot be kept because a map is full.
-    pub fn when_full(&self) -> Result<WhenFull, EbpfError> {
-        let closed = self.kernel_config()?.flags & FLAG_FULL_CLOSED != 0;
-        Ok(if closed { WhenFull::Closed } else { WhenFull::Open })
-    }
-
-    /// Changes what the kernel does when a map is full.
-    pub fn set_when_full(&mut self, when_full: WhenFull) -> Result<(), EbpfError> {
-        let mut kernel = self.kernel_config()?;
-        kernel.flags = (kernel.flags & !FLAG_FULL_CLOSED) | when_full.flag();
-        self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
-    }
-
-    /// How the kernel refuses connections over a limit.
-    pub fn refuse_with(&self) -> Result<RefuseWith, EbpfError> {
-        Ok(RefuseWith::from_flags(self.kernel_config()?.flags))
-    }
-
-    /// Changes how the kernel refuses connections over a limit. With
-    /// [`RefuseWith::Http429`] the process owning the instance answers;
-    /// when there is none, refusals stay resets.
-    pub fn set_refuse_with(&mut self, refuse_with: RefuseWith) -> Result<(), EbpfError> {
-        let mut kernel = self.kernel_config()?;
-        kernel.flags = (kernel.flags & !FLAG_REFUSE_429) | refuse_with.flag();
-        self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
-    }
-
-    /// Writes `config`, keeping the other fields of `base` (epoch, namespace,
-    /// full-map policy, how to refuse).
-    pub(crate) fn write_config(&mut self, config: &Config, base: KernelConfig) -> Result<(), EbpfError> {
-        let old: Vec<Key<ExemptKey>> = self.networks.keys().filter_map(Result::ok).collect();
-        let key = |c: &Cidr| {
-            let words = addr::to_words(c.addr());
-            Key::new(ExemptKey::prefix_len(&words, u32::from(c.prefix_len())), ExemptKey::of(&words))
-        };
-        // Exempt is limit 0; a network limit on the same prefix is refused
-        // by `Config::validate`.
-        let new: Vec<(Key<ExemptKey>, u32)> = config
-            .exempt
-            .iter()
-            .map(|c| (key(c), 0))
-            .chain(config.network_limits.iter().map(|n| (key(&n.cidr), n.limit)))
-            .collect();
-        for (key, limit) in &new {
-            self.networks.insert(key, limit, 0).map_err(sys("writing the networks map"))?;
-        }
-        let kernel = KernelConfig {
-            max_conns_per_client: config.max_conns_per_client_ip,
-            ipv4_prefix_len: config.ipv4_prefix_len,
-            ipv6_prefix_len: config.ipv6_prefix_len,
-            max_conns_total: config.max_conns_total,
-            flags: (base.flags & (FLAG_FULL_CLOSED | FLAG_REFUSE_429))
-                | if config.dry_run { FLAG_DRY_RUN } else { 0 }
-                | if new.is_empty() { 0 } else { FLAG_EXEMPT },
-            ..base
-        };
-        self.config.set(0, kernel, 0).map_err(sys("writing the config map"))?;
-        let same = |a: &Key<ExemptKey>, b: &Key<ExemptKey>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
-        for key in old.iter().filter(|k| !new.iter().any(|(n, _)| same(k, n))) {
-            let _ = self.networks.remove(key);
-        }
-        Ok(())
-    }
-
-    /// The reservation epoch: a handshake that never completes holds its
-    /// slot for one to two of these.
-    pub fn reservation_epoch(&self) -> Result<Duration, EbpfError> {
-        Ok(Duration::from_nanos(self.kernel_config()?.epoch_ns))
-    }
-
-    /// The guarded local ports, ascending.
-    pub fn ports(&self) -> Result<Vec<u16>, EbpfError> {
-        let mut ports = Vec::new();
-        for (port, on) in self.ports.iter().enumerate() {
-            if on.map_err(sys("reading the ports map"))? != 0 {
-                ports.push(port as u16);
-            }
-        }
-        Ok(ports)
-    }
-
-    /// Guards exactly `ports` from now on: new ones are added before old
-    /// ones are dropped. Connections already counted on a dropped port are
-    /// still counted until they close.
-    pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
-        let old = self.ports()?;
-        self.guard_ports(ports)?;
-        for port in old.into_iter().filter(|p| !ports.contains(p)) {
-            self.ports.set(u32::from(port), 0, 0).map_err(sys("writing the ports map"))?;
-        }
-        Ok(())
-    }
-
-    /// Adds `ports` to the guarded ones.
-    pub(crate) fn guard_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
-        if ports.is_empty() {
-            return Err(EbpfError::NoPorts);
-        }
-        if ports.contains(&0) {
-            return Err(EbpfError::PortZero);
-        }
-        for &port in ports {
-            self.ports.set(u32::from(port), 1, 0).map_err(sys("writing the ports map"))?;
-        }
-        Ok(())
-    }
-
-    /// Whether `port` is guarded.
-    pub fn guards(&self, port: u16) -> Result<bool, EbpfError> {
-        Ok(self.ports.get(&u32::from(port), 0).map_err(sys("reading the ports map"))? != 0)
-    }
-
     /// What the instance is attached to.
     pub fn info(&self) -> Result<InstanceInfo, EbpfError> {
         self.info.get(&0, 0).map_err(sys("reading the instance map"))
@@ -357,73 +176,6 @@ impl Instance {
 
     pub(crate) fn set_info(&mut self, info: InstanceInfo) -> Result<(), EbpfError> {
         self.info.set(0, info, 0).map_err(sys("writing the instance map"))
-    }
-
-    /// Established connections counted under the client key of `ip` (its
-    /// own address if it is exempt).
-    pub fn num_open(&self, ip: IpAddr) -> Result<u32, EbpfError> {
-        let config = self.config()?;
-        let words = addr::to_words(ip);
-        let key = if config.is_exempt(ip) {
-            ClientKey::exempt(&words)
-        } else {
-            ClientKey::grouped(&words, config.ipv4_prefix_len, config.ipv6_prefix_len)
-        };
-        let counted = match self.clients.get(&key, 0) {
-            Ok(state) => established::count(state.established),
-            Err(aya::maps::MapError::KeyNotFound) => 0,
-            Err(e) => return Err(EbpfError::system("reading the clients map", e)),
-        };
-        Ok(counted + self.carried.get(&key, 0).unwrap_or(0))
-    }
-
-    /// Every tracked client key with its figures, most open connections
-    /// first (then most refused): keys holding connections, and keys with
-    /// handshakes in flight or refusals on record.
-    pub fn clients(&self) -> Result<Vec<ClientCount>, EbpfError> {
-        let now = epoch_of(host::monotonic_ns(), self.kernel_config()?.epoch_ns);
-        let mut all: std::collections::HashMap<ClientKey, ClientCount> = std::collections::HashMap::new();
-        let blank = |key: &ClientKey| {
-            let addr = addr::from_words(key.addr);
-            let family_bits = if addr.is_ipv4() { 96 } else { 0 };
-            ClientCount {
-                client: addr,
-                prefix_len: if key.is_exempt() { 128 - family_bits } else { key.prefix_len.saturating_sub(family_bits) }
-                    as u8,
-                exempt: key.is_exempt(),
-                open: 0,
-                reserved: 0,
-                accepted: 0,
-                refused: 0,
-            }
-        };
-        for entry in self.clients.iter() {
-            let (key, state) = match entry {
-                Ok(kv) => kv,
-                // An entry removed while we walk the map.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(EbpfError::system("reading the clients map", e)),
-            };
-            let c = all.entry(key).or_insert_with(|| blank(&key));
-            c.open = established::count(state.established);
-            c.accepted = state.accepted;
-        }
-        for (key, n) in self.carried.iter().filter_map(Result::ok) {
-            all.entry(key).or_insert_with(|| blank(&key)).open += n;
-        }
-        for entry in self.pending.iter() {
-            let (key, state) = match entry {
-                Ok(kv) => kv,
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(EbpfError::system("reading the pending map", e)),
-            };
-            let c = all.entry(key).or_insert_with(|| blank(&key));
-            c.reserved = Pending(state.reservations).reserved(now);
-            c.refused = state.refused;
-        }
-        let mut all: Vec<ClientCount> = all.into_values().collect();
-        all.sort_by(|a, b| b.open.cmp(&a.open).then(b.refused.cmp(&a.refused)).then(a.client.cmp(&b.client)));
-        Ok(all)
     }
 
     /// Starts the instance's [`Upkeep`](super::Upkeep) in the network
@@ -447,6 +199,12 @@ impl Instance {
             None => None,
         };
         Ok(super::Upkeep::start(ring, self.duplicate()?, netns)?.with_responder(responder))
+    }
+
+    /// The socket storage map of counted connections, for
+    /// [`SockDiag::connections`](super::sock_diag::SockDiag::connections).
+    pub(crate) fn socket_states(&self) -> BorrowedFd<'_> {
+        self.sockets.fd().as_fd()
     }
 
     /// Another handle on the same maps (the ring buffer stays with this one).
@@ -477,62 +235,6 @@ impl Instance {
             endings: None,
             responder: None,
         })
-    }
-
-    /// The socket storage map of counted connections, for
-    /// [`SockDiag::connections`](super::sock_diag::SockDiag::connections).
-    pub(crate) fn socket_states(&self) -> BorrowedFd<'_> {
-        self.sockets.fd().as_fd()
-    }
-
-    /// Replaces the carried counts with `carried` (see [`Upkeep`](super::Upkeep)).
-    pub(crate) fn write_carried(
-        &mut self,
-        carried: &std::collections::HashMap<ClientKey, u32>,
-    ) -> Result<(), EbpfError> {
-        let old: Vec<ClientKey> = self.carried.keys().filter_map(Result::ok).collect();
-        // The kernel looks into `carried` only while `carrying` says so: set
-        // before the first entry is written, cleared after the last is gone.
-        if !carried.is_empty() {
-            self.carrying.set(0, 1, 0).map_err(sys("writing the carrying map"))?;
-        }
-        for (key, n) in carried {
-            self.carried.insert(key, n, 0).map_err(sys("writing the carried map"))?;
-        }
-        for key in old.iter().filter(|k| !carried.contains_key(k)) {
-            let _ = self.carried.remove(key);
-        }
-        if carried.is_empty() {
-            self.carrying.set(0, 0, 0).map_err(sys("writing the carrying map"))?;
-        }
-        Ok(())
-    }
-
-    /// Totals since the instance was attached.
-    pub fn stats(&self) -> Result<Stats, EbpfError> {
-        let total = |stat: Stat| -> Result<u64, EbpfError> {
-            let per_cpu = self.stats.get(&(stat as u32), 0).map_err(sys("reading the stats map"))?;
-            Ok(per_cpu.iter().sum())
-        };
-        Ok(Stats {
-            accepted: total(Stat::Accepted)?,
-            refused: total(Stat::Refused)?,
-            dry_run_refused: total(Stat::DryRunRefused)?,
-            untracked: total(Stat::Untracked)?,
-            steered: total(Stat::Steered)?,
-            ended: total(Stat::Ended)?,
-            unconfirmed: total(Stat::Unconfirmed)?,
-            endings_lost: total(Stat::EndingsLost)?,
-            total_refused: total(Stat::TotalRefused)?,
-            responded: total(Stat::Responded)?,
-            responder_missing: total(Stat::ResponderMissing)?,
-        })
-    }
-
-    /// Established connections the instance counts now, across all clients
-    /// (what the total limit holds them to).
-    pub fn total_open(&self) -> Result<u64, EbpfError> {
-        Ok(self.total.get(&0, 0).map_err(sys("reading the total map"))?.established)
     }
 }
 

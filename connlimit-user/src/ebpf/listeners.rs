@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::{host, sock_diag};
+use super::{mounts, sock_diag};
 
 /// What is wrong with a guarded port's listeners.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,7 +60,7 @@ pub fn check(netns: &Path, ports: &[u16], cgroup_id: u64) -> std::io::Result<Vec
 
 /// Logs what [`check`] finds: a warning for listeners the limit cannot see.
 pub(crate) fn warn_about(netns: &Path, ports: &[u16], cgroup: &Path) {
-    let checked = host::inode(cgroup).map_err(std::io::Error::other).and_then(|id| check(netns, ports, id));
+    let checked = mounts::inode(cgroup).map_err(std::io::Error::other).and_then(|id| check(netns, ports, id));
     match checked {
         Ok(problems) => {
             for problem in problems {

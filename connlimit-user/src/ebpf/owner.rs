@@ -16,7 +16,7 @@ use std::{fs, io, time::Duration, time::Instant};
 
 use connlimit_common::maps::{INFO_PERSIST, InstanceInfo, KernelConfig};
 
-use super::{AttachOptions, EbpfError, Instance, PinRoot, guard, host};
+use super::{AttachOptions, EbpfError, Instance, PinRoot, capabilities, guard, mounts, netns};
 
 /// A process, identified by its PID and its start time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +43,8 @@ impl Owner {
     /// This process.
     pub fn current() -> Result<Self, EbpfError> {
         let pid = std::process::id();
-        let (_, start_ticks) = stat_of(pid)
-            .ok_or_else(|| EbpfError::system("reading /proc/self/stat", anyhow::anyhow!("no start time")))?;
+        let (_, start_ticks) =
+            stat_of(pid).ok_or_else(|| EbpfError::system("reading /proc/self/stat", "no start time"))?;
         Ok(Self { pid, start_ticks })
     }
 
@@ -143,10 +143,10 @@ impl Instance {
         Self::validate_name(name)?;
         options.config.validate()?;
         let ports = guard::normalize_ports(&options.ports)?;
-        host::require_access(&super::pin_root())?;
-        host::require_cgroup2_dir(&options.cgroup)?;
-        let netns = host::NetnsId::of(&options.netns)?;
-        let cgroup_ino = host::inode(&options.cgroup)?;
+        capabilities::require_access(&super::pin_root())?;
+        mounts::require_cgroup2_dir(&options.cgroup)?;
+        let netns = netns::NetnsId::of(&options.netns)?;
+        let cgroup_ino = mounts::inode(&options.cgroup)?;
         let me = Owner::current()?;
 
         let root = PinRoot::write()?;
@@ -163,7 +163,7 @@ impl Instance {
         guard::refuse_taken_ports(&root, &ports, netns, Some(name))?;
         instance.set_ports(&ports)?;
         let kernel = KernelConfig {
-            epoch_ns: super::validated_epoch_ns(options.reservation_epoch)?,
+            epoch_ns: super::kernel_config::validated_epoch_ns(options.reservation_epoch)?,
             flags: options.when_full.flag() | options.refuse_with.flag(),
             ..instance.kernel_config()?
         };
@@ -200,7 +200,7 @@ impl Instance {
     /// keeps its programs attached until it exits).
     pub fn detach(name: &str, force: bool) -> Result<Detached, EbpfError> {
         Self::validate_name(name)?;
-        host::require_access(&super::pin_root())?;
+        capabilities::require_access(&super::pin_root())?;
         let owner = {
             let root = PinRoot::write()?;
             if !root.is_instance(name) {
@@ -230,7 +230,7 @@ impl Instance {
             if Instant::now() > deadline {
                 return Err(EbpfError::system(
                     format!("detaching {name:?}"),
-                    anyhow::anyhow!(
+                    format!(
                         "process {} did not let go within 10 s; `connlimit detach {name} --force` removes the pins",
                         owner.pid
                     ),

@@ -26,7 +26,7 @@ use std::{
 use aya::maps::MapData;
 use connlimit_common::maps::InstanceInfo;
 
-use super::{EbpfError, host};
+use super::{EbpfError, mounts};
 
 /// The default pin root.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/connlimit";
@@ -151,9 +151,8 @@ impl PinRoot {
     /// creating it (mode 0700) if needed, and removes what writers that
     /// died half-way left behind.
     pub fn write() -> Result<Self, EbpfError> {
-        let root = Self::open(true)?.ok_or_else(|| {
-            EbpfError::system(format!("creating {}", pin_root().display()), anyhow::anyhow!("it vanished"))
-        })?;
+        let root = Self::open(true)?
+            .ok_or_else(|| EbpfError::system(format!("creating {}", pin_root().display()), "it vanished"))?;
         root.clear_leftovers();
         Ok(root)
     }
@@ -186,7 +185,7 @@ impl PinRoot {
                     return Ok(None);
                 }
                 let parent = path.parent().unwrap_or(Path::new("/"));
-                if host::fs_magic(parent).ok() != Some(host::BPF_FS_MAGIC) {
+                if mounts::fs_magic(parent).ok() != Some(mounts::BPF_FS_MAGIC) {
                     return Err(EbpfError::BpffsMissing(parent.to_owned()));
                 }
                 match fs::DirBuilder::new().mode(0o700).create(&path) {
@@ -243,12 +242,12 @@ impl PinRoot {
         check(unsafe { libc::fstatfs(dir.as_raw_fd(), &mut sfs) })
             .map_err(|e| EbpfError::system(format!("reading {}", path.display()), e))?;
         #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
-        if sfs.f_type as i64 != host::BPF_FS_MAGIC {
+        if sfs.f_type as i64 != mounts::BPF_FS_MAGIC {
             return Err(refuse(
                 "is not on a BPF filesystem",
                 format!(
                     "mount bpffs, root-only (`mount -t bpf -o mode=0700 bpf {}`), or point {PIN_ROOT_ENV} into one",
-                    host::BPFFS
+                    mounts::BPFFS
                 ),
             ));
         }
@@ -272,7 +271,7 @@ impl PinRoot {
                 Some(libc::EWOULDBLOCK) => {
                     return Err(EbpfError::system(
                         format!("locking {}", path.display()),
-                        anyhow::anyhow!(
+                        format!(
                             "another connlimit has been changing instances for {} s; find it with `ps -C connlimit` \
                              and stop it, then retry",
                             LOCK_TIMEOUT.as_secs()

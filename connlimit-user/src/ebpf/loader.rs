@@ -1,0 +1,193 @@
+//! Loading the kernel object and attaching an instance: sizing its maps,
+//! loading the sk_lookup and sock_ops programs, attaching them to the
+//! network namespace and the cgroup, and pinning maps and links in a
+//! staging directory that appears in the pin root all at once.
+
+use std::{fs::File, time::SystemTime};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, SkLookup, SockOps, links::FdLink},
+};
+use connlimit_common::maps::{INFO_PERSIST, InstanceInfo, KernelConfig, LAYOUT_VERSION, names, programs};
+
+use super::{
+    AttachOptions, EbpfError, Instance, PinRoot, Upkeep, attachments, capabilities, guard, instance,
+    kernel_config::validated_epoch_ns,
+    kernel_features, listeners, log, mounts, netns,
+    object::{OBJECT, OBJECT_HASH},
+    owner, pin_root,
+};
+
+/// An attached instance, owned by this process: while its parts live,
+/// the programs stay loaded and its upkeep runs.
+pub(super) struct Attached {
+    pub(super) instance: Instance,
+    pub(super) program_ids: Vec<u32>,
+    pub(super) upkeep: Upkeep,
+    pub(super) log: Option<log::KernelLog>,
+    pub(super) links: [FdLink; 2],
+    pub(super) ebpf: Ebpf,
+}
+
+/// Loads the programs, writes the config, attaches, and pins the maps
+/// and links; the instance appears in the pin root all at once. On
+/// error nothing is left attached or pinned.
+pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
+    let AttachOptions {
+        name,
+        cgroup,
+        netns,
+        mut ports,
+        config,
+        persist,
+        reservation_epoch,
+        when_full,
+        refuse_with,
+        max_clients,
+    } = options;
+    Instance::validate_name(&name)?;
+    config.validate()?;
+    let epoch_ns = validated_epoch_ns(reservation_epoch)?;
+    ports = guard::normalize_ports(&ports)?;
+    capabilities::require_capabilities(&capabilities::ATTACH_CAPABILITIES)?;
+    // Before loading: an old kernel gets what it lacks, not a verifier log.
+    kernel_features::require()?;
+    capabilities::require_access(&pin_root())?;
+    mounts::require_cgroup2_dir(&cgroup)?;
+    let netns_id = netns::NetnsId::of(&netns)?;
+    let netns_file = File::open(&netns).map_err(|e| EbpfError::Netns(netns.clone(), e))?;
+    let cgroup_file = File::open(&cgroup).map_err(|e| EbpfError::system(format!("opening {}", cgroup.display()), e))?;
+    let owner = owner::Owner::current()?;
+    // Held until the instance is in place: attaches, adoptions and
+    // changes happen one at a time.
+    let root = PinRoot::write()?;
+    if root.is_instance(&name) {
+        return Err(EbpfError::InstanceExists(name));
+    }
+    guard::refuse_taken_ports(&root, &ports, netns_id, None)?;
+
+    let mut ebpf = load_object(max_clients)?;
+    let log = log::KernelLog::start(&mut ebpf);
+
+    // Removed on error, and never listed: built aside, renamed into place.
+    let staging = root.stage(&name)?;
+    Instance::pin_new(&staging, ebpf.maps().filter(|(n, _)| names::ALL.contains(n)))?;
+    let mut instance = Instance::from_maps(&name, |map| {
+        ebpf.take_map(map).ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no map {map}")))
+    })?;
+    let base = KernelConfig {
+        epoch_ns,
+        netns_cookie: netns::netns_cookie(&netns),
+        flags: when_full.flag() | refuse_with.flag(),
+        ..KernelConfig::default()
+    };
+    instance.write_config(&config, base)?;
+    // A new instance guards nothing yet: no need to read the port table.
+    instance.guard_ports(&ports)?;
+    let started = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    instance.set_info(InstanceInfo {
+        netns_dev: netns_id.dev,
+        netns_ino: netns_id.ino,
+        cgroup_ino: mounts::inode(&cgroup)?,
+        started_unix_secs: started.as_secs(),
+        pid: owner.pid,
+        _pad: 0,
+        owner_start_ticks: owner.start_ticks,
+        layout_version: LAYOUT_VERSION,
+        flags: if persist { INFO_PERSIST } else { 0 },
+        object_hash: OBJECT_HASH,
+    })?;
+
+    let upkeep = instance.start_upkeep(&netns)?;
+    let links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
+    // Pinned links keep the kernel enforcing if this process crashes.
+    let links = pin_links(&staging, links)?;
+    staging.commit()?;
+    drop(root);
+    tracing::info!(
+        instance = %name, ?ports, cgroup = %cgroup.display(), netns = %netns.display(),
+        limit = config.max_conns_per_client_ip, persist, "connlimit attached"
+    );
+    listeners::warn_about(&netns, &ports, &cgroup);
+    let program_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.program_id()).collect();
+    Ok(Attached { instance, program_ids, upkeep, log, links, ebpf })
+}
+
+/// Loads the embedded kernel object (maps created, programs not yet
+/// loaded), with the client maps sized for `max_clients` if given.
+fn load_object(max_clients: Option<u32>) -> Result<Ebpf, EbpfError> {
+    let mut loader = EbpfLoader::new();
+    if let Some(max) = max_clients {
+        loader.map_max_entries(names::CLIENTS, max);
+        loader.map_max_entries(names::PENDING, max);
+    }
+    loader.load(OBJECT).map_err(|e| EbpfError::system("loading the eBPF object", e))
+}
+
+/// Pins the links so the programs stay attached after this process exits.
+fn pin_links(staging: &pin_root::Staging<'_>, [lookup, sock_ops]: [FdLink; 2]) -> Result<[FdLink; 2], EbpfError> {
+    let pin = |link: FdLink, file: &str| {
+        link.pin(staging.pin_path(file))
+            .map(FdLink::from)
+            .map_err(|e| EbpfError::system(format!("pinning link {file}"), e))
+    };
+    Ok([pin(lookup, instance::LINK_PINS[0])?, pin(sock_ops, instance::LINK_PINS[1])?])
+}
+
+/// Loads and attaches both programs; returns their links (lookup, sock_ops)
+/// detached from the programs' ownership, for pinning.
+fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLink; 2], EbpfError> {
+    fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, EbpfError> {
+        ebpf.program_mut(name).ok_or_else(|| EbpfError::system("loading the eBPF object", format!("no program {name}")))
+    }
+
+    let sock_ops: &mut SockOps = program(ebpf, programs::SOCK_OPS)?
+        .try_into()
+        .map_err(|e| EbpfError::system("loading the sock_ops program", e))?;
+    sock_ops.load().map_err(|e| EbpfError::system("loading the sock_ops program", e))?;
+    let id = sock_ops
+        // A link attachment: it coexists with other programs on the cgroup.
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(|e| EbpfError::system("attaching the sock_ops program to the cgroup", e))?;
+    let sock_ops_link: FdLink = sock_ops
+        .take_link(id)
+        .map_err(|e| EbpfError::system("attaching the sock_ops program", e))?
+        .try_into()
+        .map_err(|e| EbpfError::system("attaching the sock_ops program", e))?;
+
+    let lookup: &mut SkLookup = program(ebpf, programs::LOOKUP)?
+        .try_into()
+        .map_err(|e| EbpfError::system("loading the sk_lookup program", e))?;
+    lookup.load().map_err(|e| match io_error(&e) {
+        Some(io) if is_unsupported(io) => {
+            EbpfError::NoSkLookup(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0)))
+        }
+        _ => EbpfError::system("loading the sk_lookup program", e),
+    })?;
+    let id = lookup.attach(netns).map_err(|e| match io_error(&e) {
+        Some(io) if is_unsupported(io) => {
+            EbpfError::NoSkLookup(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0)))
+        }
+        _ => EbpfError::system("attaching the sk_lookup program to the network namespace", e),
+    })?;
+    let our_id = lookup.info().map(|i| i.id()).ok();
+    let lookup_link: FdLink =
+        lookup.take_link(id).map_err(|e| EbpfError::system("attaching the sk_lookup program", e))?.into();
+
+    attachments::warn_about_others(netns, our_id);
+    Ok([lookup_link, sock_ops_link])
+}
+
+fn io_error(e: &aya::programs::ProgramError) -> Option<&std::io::Error> {
+    match e {
+        aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }) => Some(io_error),
+        aya::programs::ProgramError::LoadError { io_error, .. } => Some(io_error),
+        _ => None,
+    }
+}
+
+fn is_unsupported(e: &std::io::Error) -> bool {
+    // EINVAL for an unknown program or attach type; ENOTSUPP (524) from some kernels.
+    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524))
+}
