@@ -13,7 +13,7 @@ use aya::{
     programs::ProgramType,
     sys::{BpfHelper, is_helper_supported, is_program_supported},
 };
-use connlimit::ebpf::host;
+use connlimit::ebpf::mounts;
 
 /// The variable that skips the kernel tests when it is `1`.
 pub const SKIP_KERNEL_TESTS: &str = "CONNLIMIT_SKIP_KERNEL_TESTS";
@@ -82,10 +82,10 @@ pub fn missing_requirements() -> Vec<String> {
         return vec!["not running as root".into()];
     }
     let mut missing = Vec::new();
-    if let Err(e) = host::require_bpffs() {
+    if let Err(e) = mounts::require_bpffs() {
         missing.push(e.to_string());
     }
-    if let Err(e) = host::cgroup2_mount() {
+    if let Err(e) = mounts::cgroup2_mount() {
         missing.push(e.to_string());
     }
     for (name, supported) in [

@@ -13,7 +13,7 @@ use std::{
 
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfLimiter, host::monotonic_ns},
+    ebpf::{AttachOptions, EbpfLimiter, clock::monotonic_ns},
 };
 use harness::{
     Netns, Server, TCP_ACK, TestCgroup, client_v4, eventually, raw_segment, require_kernel, server_connections,
@@ -340,14 +340,14 @@ fn a_prefix_change_keeps_existing_connections_counted() {
 #[test]
 fn a_listener_outside_the_guarded_cgroup_is_reported() {
     use connlimit::ebpf::{
-        host,
         listeners::{self, ListenerProblem},
+        mounts,
     };
     require_kernel!();
     let name = unique("connlimit-outside");
     let netns = Netns::new().unwrap();
     let guarded = TestCgroup::create(&name).unwrap();
-    let guarded_id = host::inode(guarded.path()).unwrap();
+    let guarded_id = mounts::inode(guarded.path()).unwrap();
     let problems = listeners::check(&netns.path(), &[PORT], guarded_id).unwrap();
     assert_eq!(problems, [ListenerProblem::NoListener { port: PORT }]);
     // Socket activation, or a server moved after it opened its socket.
@@ -356,7 +356,7 @@ fn a_listener_outside_the_guarded_cgroup_is_reported() {
         Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns, &elsewhere, &[SocketAddr::from(([0, 0, 0, 0], PORT))])
             .unwrap();
     let problems = listeners::check(&netns.path(), &[PORT], guarded_id).unwrap();
-    let outside = ListenerProblem::OutsideCgroup { port: PORT, cgroup_id: host::inode(elsewhere.path()).unwrap() };
+    let outside = ListenerProblem::OutsideCgroup { port: PORT, cgroup_id: mounts::inode(elsewhere.path()).unwrap() };
     assert_eq!(problems, std::slice::from_ref(&outside));
     assert!(outside.to_string().contains("neither counted nor limited"), "{outside}");
 }

@@ -156,7 +156,7 @@ fn exec_killed_keeps_enforcing_for_its_server() {
 
     exec.kill();
     // The server lives on in its cgroup, still under the limit.
-    let cgroup = connlimit::ebpf::host::cgroup2_mount().unwrap().join(format!("connlimit-{name}-{exec_pid}"));
+    let cgroup = connlimit::ebpf::mounts::cgroup2_mount().unwrap().join(format!("connlimit-{name}-{exec_pid}"));
     let procs = || std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
     assert!(!procs().trim().is_empty(), "the server was killed too");
     assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);

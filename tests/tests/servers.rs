@@ -138,7 +138,7 @@ impl Exec {
         args.push("--");
         args.extend(server);
         let exec = Background::spawn(&mut command(netns, root, &args)).unwrap();
-        let cgroup = connlimit::ebpf::host::cgroup2_mount().unwrap().join(format!("connlimit-{name}-{}", exec.pid()));
+        let cgroup = connlimit::ebpf::mounts::cgroup2_mount().unwrap().join(format!("connlimit-{name}-{}", exec.pid()));
         Self { exec: Some(exec), cgroup }
     }
 
@@ -467,7 +467,7 @@ fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
     let port = 18805;
     let server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], port))]).unwrap();
     let dir = TempDir::new("servers-unit");
-    let mount = connlimit::ebpf::host::cgroup2_mount().unwrap();
+    let mount = connlimit::ebpf::mounts::cgroup2_mount().unwrap();
     let relative = cgroup.path().strip_prefix(&mount).unwrap().display().to_string();
     let main_pid = cgroup.procs()[0];
     let name = unique("srv-unit");
@@ -519,7 +519,7 @@ fn guarding_the_root_cgroup_warns_that_every_process_counts() {
     require_kernel!();
     let root = TestPinRoot::new("servers-root");
     let netns = Netns::new().unwrap();
-    let mount = connlimit::ebpf::host::cgroup2_mount().unwrap();
+    let mount = connlimit::ebpf::mounts::cgroup2_mount().unwrap();
     let name = unique("srv-rootcg");
     let args = ["run", "--name", &name, "-p", "18806", "-m", "1", "--cgroup", mount.to_str().unwrap()];
     let guard = Background::spawn(&mut command(&netns, &root.path, &args)).unwrap();

@@ -79,14 +79,3 @@ pub use owner::{Detached, Owner, Ownership};
 pub use pin_root::{PIN_ROOT, PIN_ROOT_ENV, PinRoot, pin_root};
 pub use responder::{BACKLOG, MAX_RESPONDING, RefuseWith, Responder, WRITE_DEADLINE};
 pub use upkeep::Upkeep;
-
-/// The machine facts that [`capabilities`], [`mounts`], [`netns`] and
-/// [`clock`] hold, under the one path they used to share.
-pub mod host {
-    pub use super::{
-        capabilities::*,
-        clock::monotonic_ns,
-        mounts::{BPFFS, cgroup_of_pid, cgroup2_mount, inode, is_cgroup2_root, require_bpffs, require_cgroup2_dir},
-        netns::*,
-    };
-}

@@ -9,7 +9,10 @@ use std::{
 use anyhow::{Context, Result};
 use connlimit::{
     Config,
-    ebpf::{AttachOptions, EbpfError, EbpfLimiter, Instance, RefuseWith, Upkeep, WhenFull, cgroup::Cgroup, host},
+    ebpf::{
+        AttachOptions, EbpfError, EbpfLimiter, Instance, RefuseWith, Upkeep, WhenFull, capabilities, cgroup::Cgroup,
+        mounts, netns,
+    },
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -85,7 +88,7 @@ impl Enforcement {
     /// earlier owner for the same cgroup and namespace crashed or persisted it.
     pub(crate) fn start(plan: &Plan, cgroup: &Path, netns: &Path) -> Result<Self> {
         let options = plan.options(cgroup, netns);
-        if host::is_cgroup2_root(cgroup) {
+        if mounts::is_cgroup2_root(cgroup) {
             tracing::warn!(
                 cgroup = %cgroup.display(),
                 "the guarded cgroup is the cgroup2 root: every process on the host not in a cgroup of its own is counted for the guarded ports; give the server a cgroup of its own (see \"Guarding real servers\" in the README)"
@@ -174,8 +177,8 @@ impl Signals {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let (cgroup, netns) = match (&args.cgroup, args.pid) {
-        (Some(cgroup), _) => (cgroup.clone(), PathBuf::from(host::OWN_NETNS)),
-        (None, Some(pid)) => (host::cgroup_of_pid(pid)?, PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        (Some(cgroup), _) => (cgroup.clone(), PathBuf::from(netns::OWN_NETNS)),
+        (None, Some(pid)) => (mounts::cgroup_of_pid(pid)?, PathBuf::from(format!("/proc/{pid}/ns/net"))),
         (None, None) => crate::unit::resolve(args.unit.as_deref().expect("clap requires --cgroup, --pid or --unit"))?,
     };
     let (runtime, mut signals) = Signals::catch()?;
@@ -195,12 +198,12 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     // Check what can be checked before creating anything.
     limits.config().validate()?;
     Instance::validate_name(&limits.name.name)?;
-    host::require_capabilities(&host::ATTACH_CAPABILITIES)?;
+    capabilities::require_capabilities(&capabilities::ATTACH_CAPABILITIES)?;
     let user = args.user.as_deref().map(crate::user::Credentials::resolve).transpose()?;
     let (runtime, mut signals) = Signals::catch()?;
     let mut reports = Reports::start(&runtime, &args.report)?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
-    let enforcement = Enforcement::start(&limits.plan(false), cgroup.path(), Path::new(host::OWN_NETNS))?;
+    let enforcement = Enforcement::start(&limits.plan(false), cgroup.path(), Path::new(netns::OWN_NETNS))?;
     reports.watch(&limits.name.name);
 
     let (program, rest) = args.command.split_first().expect("clap requires a command");

@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use connlimit::ebpf::{cgroup::Cgroup, host};
+use connlimit::ebpf::{cgroup::Cgroup, mounts};
 use tokio::{io::unix::AsyncFd, signal::unix::Signal};
 
 use crate::enforce::Signals;
@@ -149,7 +149,7 @@ impl Server<'_> {
     /// Whether `pid` is a process of the server's cgroup (a pid file may be
     /// stale and its PID reused by anybody).
     fn owns(&self, pid: i32) -> bool {
-        u32::try_from(pid).is_ok_and(|pid| host::cgroup_of_pid(pid).is_ok_and(|c| c == self.cgroup.path()))
+        u32::try_from(pid).is_ok_and(|pid| mounts::cgroup_of_pid(pid).is_ok_and(|c| c == self.cgroup.path()))
     }
 
     /// Passes `signal` on: to the main PID from the pid file, else to the

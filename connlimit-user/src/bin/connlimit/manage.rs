@@ -1,7 +1,7 @@
 //! `set` and `detach`: changing a running instance.
 
 use anyhow::{Result, bail};
-use connlimit::ebpf::{Detached, Instance, PinRoot, host};
+use connlimit::ebpf::{Detached, Instance, PinRoot, capabilities};
 
 use crate::cli::SetArgs;
 
@@ -21,7 +21,7 @@ pub fn set(args: SetArgs) -> Result<()> {
         || args.refuse_with.is_some()
         || !args.ports.is_empty();
     Instance::validate_name(&args.name.name)?;
-    host::require_access(&connlimit::ebpf::pin_root())?;
+    capabilities::require_access(&connlimit::ebpf::pin_root())?;
     // Exclusive from reading the config to writing it back: concurrent
     // `set`s changing different fields keep each other's changes.
     let root = PinRoot::write()?;

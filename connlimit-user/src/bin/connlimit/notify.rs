@@ -31,5 +31,5 @@ fn send_to(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
 /// `MONOTONIC_USEC=...`: the clock reading systemd wants next to
 /// `RELOADING=1`.
 pub fn monotonic_usec() -> String {
-    format!("MONOTONIC_USEC={}", connlimit::ebpf::host::monotonic_ns() / 1000)
+    format!("MONOTONIC_USEC={}", connlimit::ebpf::clock::monotonic_ns() / 1000)
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use connlimit::ebpf::{EbpfError, Instance, PinRoot, host};
+use connlimit::ebpf::{EbpfError, Instance, PinRoot, mounts, netns};
 
 use crate::{
     cli::{CheckConfigArgs, ReportArgs, ServeArgs},
@@ -225,10 +225,10 @@ fn update(spec: &InstanceSpec) -> Result<()> {
 /// The cgroup and network namespace of a target.
 fn resolve(target: &Target) -> Result<(PathBuf, PathBuf)> {
     match target {
-        Target::Cgroup(path) => Ok((path.clone(), PathBuf::from(host::OWN_NETNS))),
+        Target::Cgroup(path) => Ok((path.clone(), PathBuf::from(netns::OWN_NETNS))),
         Target::Pid(pid) => {
             let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            if let Err(EbpfError::Netns(_, e)) = host::NetnsId::of(&netns)
+            if let Err(EbpfError::Netns(_, e)) = netns::NetnsId::of(&netns)
                 && e.kind() == std::io::ErrorKind::PermissionDenied
             {
                 anyhow::bail!(
@@ -237,7 +237,7 @@ fn resolve(target: &Target) -> Result<(PathBuf, PathBuf)> {
                     netns.display()
                 );
             }
-            Ok((host::cgroup_of_pid(*pid)?, netns))
+            Ok((mounts::cgroup_of_pid(*pid)?, netns))
         }
     }
 }

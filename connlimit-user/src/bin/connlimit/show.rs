@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 use connlimit::{
     Config,
-    ebpf::{ClientCount, Instance, Ownership, PinRoot, RefuseWith, hash_hex, host, listeners},
+    ebpf::{ClientCount, Instance, Ownership, PinRoot, RefuseWith, hash_hex, listeners, netns},
 };
 use serde::Serialize;
 
@@ -351,8 +351,8 @@ impl StatusView {
         let instance = Instance::open_in(root, name)?;
         let (config, info, stats) = (instance.config()?, instance.info()?, instance.stats()?);
         let ports = instance.ports()?;
-        let here = Path::new(host::OWN_NETNS);
-        let listener_problems = match host::NetnsId::of(here) {
+        let here = Path::new(netns::OWN_NETNS);
+        let listener_problems = match netns::NetnsId::of(here) {
             Ok(id) if (id.dev, id.ino) == (info.netns_dev, info.netns_ino) => {
                 listeners::check(here, &ports, info.cgroup_ino).unwrap_or_default()
             }
@@ -445,7 +445,7 @@ impl StatusView {
 }
 
 pub fn status(json: bool) -> Result<()> {
-    connlimit::ebpf::host::require_access(&connlimit::ebpf::pin_root())?;
+    connlimit::ebpf::capabilities::require_access(&connlimit::ebpf::pin_root())?;
     let mut rows = Vec::new();
     if let Some(root) = PinRoot::read()? {
         for name in root.names()? {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use connlimit::ebpf::host;
+use connlimit::ebpf::mounts;
 
 /// The properties `run --unit` asks systemd for.
 const PROPERTIES: [&str; 4] = ["LoadState", "ActiveState", "ControlGroup", "MainPID"];
@@ -64,7 +64,7 @@ pub(crate) fn resolve(unit: &str) -> Result<(PathBuf, PathBuf)> {
         bail!("`systemctl show {unit}` failed ({}): {why}; give the server's --cgroup or --pid instead", output.status);
     }
     let shown = Shown::parse(&String::from_utf8_lossy(&output.stdout));
-    locate(unit, &shown, &host::cgroup2_mount()?)
+    locate(unit, &shown, &mounts::cgroup2_mount()?)
 }
 
 fn locate(unit: &str, shown: &Shown, mount: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -83,7 +83,7 @@ fn locate(unit: &str, shown: &Shown, mount: &Path) -> Result<(PathBuf, PathBuf)>
     let cgroup = if !shown.control_group.is_empty() {
         mount.join(relative)
     } else if shown.main_pid != 0 {
-        host::cgroup_of_pid(shown.main_pid)?
+        mounts::cgroup_of_pid(shown.main_pid)?
     } else {
         return Err(no_processes());
     };
@@ -133,7 +133,7 @@ mod tests {
 
     #[test]
     fn missing_and_stopped_units_are_named_with_the_fix() {
-        let mount = host::cgroup2_mount().unwrap();
+        let mount = mounts::cgroup2_mount().unwrap();
         let missing = Shown::parse("LoadState=not-found\nActiveState=inactive\nControlGroup=\nMainPID=0\n");
         let err = locate("nope.service", &missing, &mount).unwrap_err().to_string();
         assert!(err.starts_with("no systemd unit named \"nope.service\""), "{err}");
@@ -155,9 +155,9 @@ mod tests {
 
     #[test]
     fn a_unit_resolves_to_its_cgroup_and_its_main_process_namespace() {
-        let mount = host::cgroup2_mount().unwrap();
+        let mount = mounts::cgroup2_mount().unwrap();
         // This process's own cgroup, as systemd would name it.
-        let own = host::cgroup_of_pid(std::process::id()).unwrap();
+        let own = mounts::cgroup_of_pid(std::process::id()).unwrap();
         let relative = format!("/{}", own.strip_prefix(&mount).unwrap().display());
         let me = std::process::id();
         let shown =
