@@ -23,12 +23,14 @@ pub const SKIP_KERNEL_TESTS: &str = "CONNLIMIT_SKIP_KERNEL_TESTS";
 /// it when the host lacks one of their requirements
 /// ([`missing_requirements`]). Put it first in every kernel test:
 ///
-/// ```ignore
-/// #[test]
+/// ```no_run
+/// use harness::require_kernel;
+///
 /// fn refusal_is_an_immediate_reset() {
 ///     require_kernel!();
 ///     // ...
 /// }
+/// # refusal_is_an_immediate_reset();
 /// ```
 #[macro_export]
 macro_rules! require_kernel {
