@@ -3,7 +3,7 @@
 //! | map | type | key | value | written by |
 //! |---|---|---|---|---|
 //! | `CONFIG` | array, 1 entry | `u32` 0 | [`KernelConfig`] | user space |
-//! | `PORTS` | array, 65536 entries | local port | `u8` (1 = guarded) | user space |
+//! | `PORTS` | array, 1024 entries | [`port_bit`]'s word | `u64`: a bit per local port (set = guarded) | user space |
 //! | `NETWORKS` | LPM trie | [`ExemptKey`] | `u32`: the per-client limit in the prefix, 0 = exempt | user space |
 //! | `RESPONDER` | sockmap, 2 entries | [`RESPONDER_V4`], [`RESPONDER_V6`] | the 429 responder's listeners | user space (the owner) |
 //! | `TOTAL` | array, 1 entry | `u32` 0 | [`TotalState`]: the instance's connections across all clients | kernel |
@@ -115,8 +115,17 @@ pub const RESPONDER_V4: u32 = 0;
 /// `RESPONDER` index of the IPv6 listener.
 pub const RESPONDER_V6: u32 = 1;
 
-/// Entries in the `PORTS` array: one per TCP port.
+/// TCP ports: one bit each in the `PORTS` bitmap.
 pub const PORT_COUNT: u32 = 1 << 16;
+/// Words of the `PORTS` bitmap (8 KiB, read whole in one system call).
+pub const PORT_WORDS: u32 = PORT_COUNT / 64;
+
+/// Where local port `port`'s bit is in the `PORTS` bitmap: the word's index
+/// and the bit's mask in it.
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    (port as u32 / 64, 1 << (port % 64))
+}
 
 /// The live configuration, one entry in `CONFIG`.
 #[repr(C)]
@@ -478,6 +487,16 @@ mod tests {
         assert_ne!(ExemptKey::of(&mapped).family, ExemptKey::of(&[0, 0, 0, 1u32.to_be()]).family);
         assert_eq!(ExemptKey::prefix_len(&mapped, 24), 32 + 96 + 24);
         assert_eq!(ExemptKey::prefix_len(&[0; 4], 0), 32);
+    }
+
+    #[test]
+    fn every_port_has_its_own_bit() {
+        let mut seen = std::collections::HashSet::new();
+        for port in 0..=u16::MAX {
+            let (word, bit) = port_bit(port);
+            assert!(word < PORT_WORDS && bit.count_ones() == 1);
+            assert!(seen.insert((word, bit)));
+        }
     }
 
     #[test]

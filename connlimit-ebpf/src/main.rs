@@ -43,8 +43,8 @@ use connlimit_common::{
     established::{self, Step},
     maps::{
         ClientKey, ClientState, Ending, ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429,
-        FlowKey, Handshake, InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PendingState, RESPONDER_V4, RESPONDER_V6,
-        SLOT_CLIENT, SLOT_TOTAL, SocketState, Stat, TotalState, capacity,
+        FlowKey, Handshake, InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PORT_WORDS, PendingState, RESPONDER_V4,
+        RESPONDER_V6, SLOT_CLIENT, SLOT_TOTAL, SocketState, Stat, TotalState, capacity, port_bit,
     },
     pending::{Pending, epoch_of, is_live},
 };
@@ -72,7 +72,7 @@ const MAX_CPUS: u32 = 64;
 #[map]
 static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map]
-static PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
+static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 // Per-network limits: the longest prefix holding a client gives its limit;
 // 0 makes it exempt.
 #[map]
@@ -764,7 +764,8 @@ fn read_ctx<T: Copy>(field: &T) -> T {
 }
 
 fn is_guarded(local_port: u32) -> bool {
-    local_port < PORT_COUNT && PORTS.get(local_port).is_some_and(|&on| on != 0)
+    let (word, bit) = port_bit(local_port as u16);
+    local_port < PORT_COUNT && PORTS.get(word).is_some_and(|&w| w & bit != 0)
 }
 
 /// Applies `f` to the 64-bit word at `word` atomically: `f` returns the new

@@ -241,6 +241,35 @@ fn refusal_is_an_immediate_reset() {
 }
 
 #[test]
+fn guarded_ports_change_live() {
+    require_kernel!();
+    let other_port = PORT + 1;
+    let s = Setup::with(
+        |o| o.config(Config::new(1)),
+        &[SocketAddr::from(([0, 0, 0, 0], PORT)), SocketAddr::from(([0, 0, 0, 0], other_port))],
+    );
+    let me = client_v4(5);
+    let to = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut instance = Instance::open(s.limiter.name()).unwrap();
+    assert_eq!(instance.ports().unwrap(), [PORT]);
+
+    // Guard the other port (in the same 64-port word) and the last port
+    // instead: the first is free from then on.
+    instance.set_ports(&[u16::MAX, other_port]).unwrap();
+    assert_eq!(instance.ports().unwrap(), [other_port, u16::MAX]);
+    assert!(instance.guards(other_port).unwrap() && !instance.guards(PORT).unwrap());
+    let free: Vec<_> = (0..3).map(|_| s.netns.hello_from(me, to(PORT)).unwrap()).collect();
+    let _held = s.netns.hello_from(me, to(other_port)).unwrap();
+    assert_refused(s.netns.hello_from(me, to(other_port)));
+    assert_eq!(s.open(me), 1, "only the guarded port counts");
+
+    assert!(matches!(instance.set_ports(&[]), Err(EbpfError::NoPorts)));
+    assert!(matches!(instance.set_ports(&[0]), Err(EbpfError::PortZero)));
+    assert_eq!(instance.ports().unwrap(), [other_port, u16::MAX], "a refused change changes nothing");
+    drop(free);
+}
+
+#[test]
 fn other_ports_namespaces_and_cgroups_are_unaffected() {
     require_kernel!();
     let other_port = PORT + 1;

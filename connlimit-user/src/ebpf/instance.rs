@@ -29,7 +29,8 @@ pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
 pub struct Instance {
     pub(super) name: String,
     pub(super) config: Array<MapData, KernelConfig>,
-    pub(super) ports: Array<MapData, u8>,
+    /// The guarded ports, a bit each (see [`port_bit`](connlimit_common::maps::port_bit)).
+    pub(super) ports: Array<MapData, u64>,
     /// Exempt prefixes (limit 0) and per-network limits.
     pub(super) networks: LpmTrie<MapData, ExemptKey, u32>,
     pub(super) total: Array<MapData, TotalState>,

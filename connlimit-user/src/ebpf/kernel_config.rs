@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use aya::maps::{IterableMap, lpm_trie::Key};
 use connlimit_common::{
-    maps::{ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429, KernelConfig},
+    maps::{ExemptKey, FLAG_DRY_RUN, FLAG_EXEMPT, FLAG_FULL_CLOSED, FLAG_REFUSE_429, KernelConfig, port_bit},
     pending::{MAX_EPOCH_NS, MIN_EPOCH_NS},
 };
 
@@ -194,42 +194,74 @@ impl Instance {
         Ok(Duration::from_nanos(self.kernel_config()?.epoch_ns))
     }
 
-    /// The guarded local ports, ascending: the whole `PORTS` table, read
-    /// in one system call.
+    /// The guarded local ports, ascending: the whole `PORTS` bitmap
+    /// (8 KiB), read in one system call.
     pub fn ports(&self) -> Result<Vec<u16>, EbpfError> {
-        let table = map_batch::array_values::<u8>(self.ports.map())
-            .map_err(|e| EbpfError::system("reading the ports map", e))?;
-        Ok(table.iter().enumerate().filter(|(_, on)| **on != 0).map(|(port, _)| port as u16).collect())
+        let words = self.port_words()?;
+        Ok((0..=u16::MAX)
+            .filter(|&port| {
+                let (word, bit) = port_bit(port);
+                words.get(word as usize).is_some_and(|w| w & bit != 0)
+            })
+            .collect())
     }
 
     /// Guards exactly `ports` from now on: new ones are added before old
     /// ones are dropped. Connections already counted on a dropped port are
     /// still counted until they close.
     pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
-        let old = self.ports()?;
-        self.guard_ports(ports)?;
-        for port in old.into_iter().filter(|p| !ports.contains(p)) {
-            self.ports.set(u32::from(port), 0, 0).map_err(sys("writing the ports map"))?;
-        }
-        Ok(())
+        let old = self.port_words()?;
+        let new = with_ports(vec![0; old.len()], ports)?;
+        // Additions first (each changed word with its old and new bits),
+        // then the words that lose a bit.
+        let both: Vec<u64> = old.iter().zip(&new).map(|(o, n)| o | n).collect();
+        self.write_port_words(&old, &both)?;
+        self.write_port_words(&both, &new)
     }
 
     /// Adds `ports` to the guarded ones.
     pub(crate) fn guard_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
-        if ports.is_empty() {
-            return Err(EbpfError::NoPorts);
-        }
-        if ports.contains(&0) {
-            return Err(EbpfError::PortZero);
-        }
-        for &port in ports {
-            self.ports.set(u32::from(port), 1, 0).map_err(sys("writing the ports map"))?;
-        }
-        Ok(())
+        let old = self.port_words()?;
+        let new = with_ports(old.clone(), ports)?;
+        self.write_port_words(&old, &new)
     }
 
     /// Whether `port` is guarded.
     pub fn guards(&self, port: u16) -> Result<bool, EbpfError> {
-        Ok(self.ports.get(&u32::from(port), 0).map_err(sys("reading the ports map"))? != 0)
+        let (word, bit) = port_bit(port);
+        Ok(self.ports.get(&word, 0).map_err(sys("reading the ports map"))? & bit != 0)
     }
+
+    /// The `PORTS` bitmap, whole.
+    fn port_words(&self) -> Result<Vec<u64>, EbpfError> {
+        map_batch::array_values::<u64>(self.ports.map()).map_err(|e| EbpfError::system("reading the ports map", e))
+    }
+
+    /// Writes the words of `new` that differ from `old`.
+    fn write_port_words(&mut self, old: &[u64], new: &[u64]) -> Result<(), EbpfError> {
+        for (index, (o, n)) in old.iter().zip(new).enumerate() {
+            if o != n {
+                self.ports.set(index as u32, n, 0).map_err(sys("writing the ports map"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `PORTS` bitmap `words` with `ports` set too; an error for an empty
+/// list or port 0.
+fn with_ports(mut words: Vec<u64>, ports: &[u16]) -> Result<Vec<u64>, EbpfError> {
+    if ports.is_empty() {
+        return Err(EbpfError::NoPorts);
+    }
+    if ports.contains(&0) {
+        return Err(EbpfError::PortZero);
+    }
+    for &port in ports {
+        let (word, bit) = port_bit(port);
+        if let Some(w) = words.get_mut(word as usize) {
+            *w |= bit;
+        }
+    }
+    Ok(words)
 }
