@@ -195,6 +195,17 @@ impl ClientKey {
     pub const fn is_exempt(&self) -> bool {
         self.prefix_len == EXEMPT_KEY
     }
+
+    /// Whether `other` is the same key, compared field by field (the BPF
+    /// target has no `memcmp` for a derived comparison to call).
+    #[inline(always)]
+    pub const fn same_as(&self, other: &Self) -> bool {
+        self.prefix_len == other.prefix_len
+            && self.addr[0] == other.addr[0]
+            && self.addr[1] == other.addr[1]
+            && self.addr[2] == other.addr[2]
+            && self.addr[3] == other.addr[3]
+    }
 }
 
 /// `ClientKey::prefix_len` of exempt keys: out of the range of real prefix

@@ -54,9 +54,10 @@ const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 /// Compare-and-swap retries on a word. Each failure means another CPU's
 /// update went through, so running out takes that many other updates of the
-/// same word during one attempt: at a SYN that refuses it (a client whose
-/// own SYNs contend that hard is flooding); at a handshake's completion the
-/// connection is judged as not countable (see `WhenFull`).
+/// same word during one attempt. Running out of reservation attempts refuses
+/// (a SYN, or a handshake judged at completion, which is then ended: a
+/// client whose own handshakes contend that hard is flooding); running out
+/// while counting an established connection meets the `WhenFull` policy.
 const CAS_ATTEMPTS: u32 = 8;
 /// Attempts to find a live `CLIENTS` entry while another CPU removes a
 /// retired one.
@@ -140,27 +141,30 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     }
     let pending = pending_state(&client);
+    if is_admitted_handshake(config, &flow, pending, epoch) {
+        return sk_action::SK_PASS;
+    }
     match admit(config, &flow, &client, pending, limit, now_ns) {
         ADMITTED => sk_action::SK_PASS,
-        over if is_admitted_handshake(&flow, pending, over, epoch) => sk_action::SK_PASS,
         over => refuse(&ctx, config, pending, over == OVER_TOTAL),
     }
 }
 
-/// Whether `flow`, refused by limit `over`, is a handshake admitted at its
-/// SYN that still holds its slot, come back for its SYN-cookie ACK or a
-/// retransmitted SYN (the context carries no TCP flags).
+/// Whether `flow` is a handshake admitted at its SYN that still holds its
+/// slot, come back for its SYN-cookie ACK or a retransmitted SYN (the
+/// context carries no TCP flags): it passes without taking another.
 ///
-/// Only a client with live reservations can have one, so a flood of new
-/// SYNs from a client at its limit is refused without the look-up. (An
-/// admission of the same flow needs no look-up: it finds the entry when it
-/// inserts its own, and gives the new slot back.)
-fn is_admitted_handshake(flow: &FlowKey, pending: *mut PendingState, over: u32, epoch: u64) -> bool {
+/// Only while its client (`pending`), or the instance under a total limit,
+/// has live reservations can there be one, so new SYNs, a flood's
+/// included, are spared the look-up almost always.
+fn is_admitted_handshake(config: &KernelConfig, flow: &FlowKey, pending: *mut PendingState, epoch: u64) -> bool {
     // SAFETY: a non-null `pending` points into a live map entry.
-    let reserved =
-        over == OVER_TOTAL || !pending.is_null() && Pending(unsafe { (*pending).reservations }).reserved(epoch) != 0;
+    let client_reserved = !pending.is_null() && Pending(unsafe { (*pending).reservations }).reserved(epoch) != 0;
+    let total_reserved = config.max_conns_total != 0
+        // SAFETY: `TOTAL`'s entry is live; an aligned 64-bit load is atomic on BPF.
+        && TOTAL.get_ptr(0).is_some_and(|t| Pending(unsafe { (&raw const (*t).reservations).read_volatile() }).reserved(epoch) != 0);
     // SAFETY: entries are plain data.
-    reserved && unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch))
+    (client_reserved || total_reserved) && unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch))
 }
 
 /// What [`admit`] decided. (Plain numbers: a returned tuple or enum with
@@ -217,8 +221,7 @@ fn admit(
             handshake.epoch = booked;
         }
     }
-    // NOEXIST: a copy of the same SYN on another CPU, or this flow's earlier
-    // admission, holds it already.
+    // NOEXIST: a copy of the same SYN on another CPU holds it already.
     if HANDSHAKES.insert(flow, handshake, BPF_NOEXIST as u64).is_ok() {
         if let Some(last) = LAST_SYN.get_ptr_mut(0) {
             // SAFETY: this CPU's value of a per-CPU array.
@@ -312,11 +315,11 @@ pub extern "C" fn connlimit_reserve_total(epoch: u64, limit: u32) -> u64 {
     let Some(total) = TOTAL.get_ptr_mut(0) else {
         return NOT_BOOKED;
     };
-    // SAFETY: `total` points into a live map entry; an aligned 64-bit load
-    // is atomic on BPF.
-    let established = unsafe { (&raw const (*total).established).read_volatile() }.min(u32::MAX as u64) as u32;
-    // SAFETY: as above.
+    // SAFETY: `total` points into a live map entry.
     compare_and_swap::<CAS_ATTEMPTS, _>(unsafe { &raw mut (*total).reservations }, |w| {
+        // Read after the word, as in `connlimit_reserve`. SAFETY: as above;
+        // an aligned 64-bit load is atomic on BPF.
+        let established = unsafe { (&raw const (*total).established).read_volatile() }.min(u32::MAX as u64) as u32;
         Pending(w).try_reserve(epoch, established, limit).map(|(p, booked)| (p.0, booked))
     })
     .unwrap_or(NOT_BOOKED)
@@ -364,6 +367,12 @@ pub extern "C" fn connlimit_release_total(epoch: u64, booked: u64) -> u64 {
 /// `pending`.
 fn is_held(handshake: &Handshake, pending: *mut PendingState, epoch: u64) -> bool {
     is_live(handshake.epoch, epoch) && (handshake.slots & SLOT_CLIENT == 0 || is_booked_in(handshake, pending))
+}
+
+/// Whether a connection of `client` (limited to `limit`) is judged at all:
+/// neither exempt nor free of every limit.
+fn is_judged(config: &KernelConfig, client: &ClientKey, limit: u32) -> bool {
+    !client.is_exempt() && (limit != 0 || config.max_conns_total != 0)
 }
 
 /// Ends the handshake of `flow` and returns its reservation, if no one else
@@ -470,15 +479,26 @@ fn on_established(ctx: &SockOpsContext) {
     let epoch = epoch_of(now_ns(), config.epoch_ns);
     let claimed = claim_handshake(&flow);
     let (key, limit) = client_key(config, &flow.client);
-    let client = claimed.map_or(key, |h| h.client);
-    // The client's handshake state, if a limit of the client's is in play.
-    let judged = !client.is_exempt() && (limit != 0 || config.max_conns_total != 0);
+    // The key the handshake was booked under (normally the same) and its
+    // handshake state, if a limit is in play.
+    let mut client = claimed.map_or(key, |h| h.client);
     let books_client = claimed.is_some_and(|h| h.slots & SLOT_CLIENT != 0);
-    let pending = if judged || books_client { pending_state(&client) } else { core::ptr::null_mut() };
-    // A reservation that expired (the client held back its final ACK) or
-    // whose handshake state was evicted no longer holds a slot: such a
-    // handshake is judged now, as a SYN would be.
+    let mut pending =
+        if books_client || is_judged(config, &client, limit) { pending_state(&client) } else { core::ptr::null_mut() };
     let held = claimed.filter(|h| is_held(h, pending, epoch));
+    if let Some(late) = claimed
+        && held.is_none()
+    {
+        // A reservation that expired (the client held back its final ACK)
+        // or whose handshake state was evicted no longer holds a slot: give
+        // back what of it still stands, and judge the handshake now, under
+        // its current key, as a SYN would be.
+        release_handshake(&late, pending, epoch);
+        if !client.same_as(&key) {
+            client = key;
+            pending = if is_judged(config, &key, limit) { pending_state(&key) } else { core::ptr::null_mut() };
+        }
+    }
     // The slots this connection takes: those its handshake holds, and for
     // each limit it holds none under, one taken now exactly as a SYN would
     // (so every admission goes through the same compare-and-swap).
@@ -558,12 +578,22 @@ fn count_connection(ctx: &SockOpsContext, client: &ClientKey) -> Result<(), ()> 
     // Ask to hear of this socket's state changes, to see it close.
     ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).map_err(|_| ())?;
     let state = socket_state(ctx, BPF_SK_STORAGE_GET_F_CREATE);
-    if state.is_null() || !add_established(client) {
+    if state.is_null() {
         return Err(());
     }
-    // SAFETY: `state` points into this socket's storage; the socket's
-    // callbacks run one at a time, under its lock.
-    unsafe { state.write(SocketState { counted: 1, client: *client, _pad: 0 }) };
+    // Marked before it is counted, and never counted twice. (The socket's
+    // callbacks run one at a time, under its lock.)
+    // SAFETY: `state` points into this socket's storage, 8-byte aligned.
+    if unsafe { atomic::compare_exchange(&raw mut (*state).counted, 0, 1) }.is_err() {
+        return Err(());
+    }
+    // SAFETY: as above.
+    unsafe { (*state).client = *client };
+    if !add_established(client) {
+        // SAFETY: as above.
+        unsafe { (*state).counted = 0 };
+        return Err(());
+    }
     Ok(())
 }
 

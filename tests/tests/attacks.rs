@@ -21,7 +21,7 @@ use harness::{
 };
 
 mod common;
-use common::{PORT, Setup, WAIT, assert_refused};
+use common::{PORT, Setup, WAIT, assert_refused, burst};
 
 fn server() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], PORT))
@@ -359,4 +359,41 @@ fn a_listener_outside_the_guarded_cgroup_is_reported() {
     let outside = ListenerProblem::OutsideCgroup { port: PORT, cgroup_id: mounts::inode(elsewhere.path()).unwrap() };
     assert_eq!(problems, std::slice::from_ref(&outside));
     assert!(outside.to_string().contains("neither counted nor limited"), "{outside}");
+}
+
+/// With SYN cookies there is no request socket, and the kernel runs no
+/// sock_ops program for the SYN: its reservation is released as unconfirmed,
+/// and each handshake's final ACK comes back through sk_lookup to be judged
+/// there. Exactly the limit get in, and none of them is ended afterwards.
+#[test]
+fn syn_cookie_handshakes_are_judged_at_their_final_ack() {
+    require_kernel!();
+    const L: usize = 5;
+    let s = Setup::new(Config::new(L as u32));
+    s.netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2")).unwrap();
+    let me = client_v4(0x0801);
+    for run in 0..3 {
+        let (held, refused) = burst(&s, &[me; 40]);
+        assert_eq!((held.len(), refused), (L, 40 - L), "run {run}");
+        s.wait_open(me, L as u32);
+        assert_refused(s.hello(me));
+        drop(held);
+        s.wait_open(me, 0);
+    }
+    assert_eq!(s.limiter.stats().unwrap().ended, 0, "an admitted handshake was ended");
+    let cookies =
+        s.netns.run(|| syncookies_received(&std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap()));
+    assert!(cookies >= 3 * L as u64, "the server did not use SYN cookies ({cookies} received)");
+    assert_all_released(&s);
+}
+
+/// `TcpExt: SyncookiesRecv` from `/proc/net/netstat`.
+fn syncookies_received(netstat: &str) -> u64 {
+    let mut rows = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (rows.next().unwrap_or(""), rows.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "SyncookiesRecv")
+        .map_or(0, |(_, v)| v.parse().unwrap_or(0))
 }
