@@ -73,11 +73,15 @@ pub struct Churn {
     pub p50: Duration,
     pub p99: Duration,
     pub failed: u64,
+    /// The machine's busy CPU time (every process and the kernel, all CPUs)
+    /// per connection: the churn's cost even when it leaves CPUs idle.
+    pub cpu_per_conn: Duration,
 }
 
 /// `clients` threads connect, read the server's byte and close, as fast as
 /// they can for `duration`, cycling through `sources` addresses.
 pub fn churn(env: &Env, sources: u32, clients: u32, duration: Duration) -> Churn {
+    let busy_before = busy_cpu();
     let (latencies, failed) = env.netns.run(move || {
         let deadline = Instant::now() + duration;
         thread::scope(|s| {
@@ -107,10 +111,31 @@ pub fn churn(env: &Env, sources: u32, clients: u32, duration: Duration) -> Churn
             (all, failed)
         })
     });
+    let busy = busy_cpu().saturating_sub(busy_before);
     let mut latencies = latencies;
     latencies.sort_unstable();
     let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p) as usize).copied().unwrap_or_default();
-    Churn { per_sec: latencies.len() as f64 / duration.as_secs_f64(), p50: pct(0.50), p99: pct(0.99), failed }
+    Churn {
+        per_sec: latencies.len() as f64 / duration.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        failed,
+        cpu_per_conn: busy / u32::try_from(latencies.len().max(1)).unwrap_or(u32::MAX),
+    }
+}
+
+/// CPU time the machine has spent busy since boot, all CPUs together: the
+/// `cpu` line of `/proc/stat` less idle, I/O wait and time stolen by the
+/// hypervisor.
+fn busy_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| ticks.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(busy * 1_000_000 / hz)
 }
 
 /// 200 connects from one address, all released at once: how many were

@@ -129,6 +129,7 @@ struct ChurnRuns {
     per_sec: Vec<f64>,
     p50_us: Vec<f64>,
     p99_us: Vec<f64>,
+    cpu_us: Vec<f64>,
     failed: u64,
 }
 
@@ -137,6 +138,7 @@ impl ChurnRuns {
         self.per_sec.push(r.per_sec);
         self.p50_us.push(r.p50.as_secs_f64() * 1e6);
         self.p99_us.push(r.p99.as_secs_f64() * 1e6);
+        self.cpu_us.push(r.cpu_per_conn.as_secs_f64() * 1e6);
         self.failed += r.failed;
     }
 }
@@ -149,12 +151,13 @@ fn churn_configs() -> Vec<(Server, Kind)> {
 
 fn log_churn(what: &str, rep: usize, n: u32, server: Server, kind: Kind, r: &load::Churn) {
     eprintln!(
-        "{what} rep {rep} {n:>6} IPs {:<16} {:<20} {:>8.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  failed {}",
+        "{what} rep {rep} {n:>6} IPs {:<16} {:<20} {:>8.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>5.1} µs/conn  failed {}",
         server.name(),
         kind.name(),
         r.per_sec,
         r.p50.as_secs_f64() * 1e6,
         r.p99.as_secs_f64() * 1e6,
+        r.cpu_per_conn.as_secs_f64() * 1e6,
         r.failed
     );
 }
@@ -482,10 +485,15 @@ fn report(args: &Args, results: &Results) -> Result<String> {
         writeln!(
             out,
             "Medians over repetitions; ratios are the median of per-repetition ratios to the no-limiter run of the \
-             same server in the same repetition (churn: higher is better; p99: lower is better).\n"
+             same server in the same repetition (churn: higher is better; p99 and CPU: lower is better). CPU is the \
+             whole machine's busy time (every process and the kernel, all CPUs, from `/proc/stat`) per connection: \
+             what a connection costs, including when the churn leaves CPUs idle.\n"
         )?;
-        writeln!(out, "| server | configuration | sources | conn/s | ratio | p50 µs | p99 µs | p99 ratio | failed |")?;
-        writeln!(out, "|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            out,
+            "| server | configuration | sources | conn/s | ratio | p50 µs | p99 µs | p99 ratio | CPU µs/conn | CPU ratio | failed |"
+        )?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for (ci, (server, kind)) in configs.iter().enumerate() {
             let base = configs.iter().position(|c| *c == (*server, Kind::Baseline)).unwrap_or(0);
             for (si, n) in sources.iter().enumerate() {
@@ -493,7 +501,7 @@ fn report(args: &Args, results: &Results) -> Result<String> {
                 let base = &churn[base][si];
                 writeln!(
                     out,
-                    "| {} | {} | {n} IP{} | {:.0} | {:.3}× | {:.0} | {:.0} | {:.3}× | {} |",
+                    "| {} | {} | {n} IP{} | {:.0} | {:.3}× | {:.0} | {:.0} | {:.3}× | {:.1} | {:.3}× | {} |",
                     server.name(),
                     kind.name(),
                     if *n == 1 { "" } else { "s" },
@@ -502,6 +510,8 @@ fn report(args: &Args, results: &Results) -> Result<String> {
                     median(runs.p50_us.clone()),
                     median(runs.p99_us.clone()),
                     ratio(&runs.p99_us, &base.p99_us),
+                    median(runs.cpu_us.clone()),
+                    ratio(&runs.cpu_us, &base.cpu_us),
                     runs.failed
                 )?;
             }
