@@ -16,7 +16,7 @@ use std::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::process::CommandExt,
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -48,6 +48,23 @@ pub fn connlimit_in(netns: &Netns, args: &[&str]) -> Command {
     cmd.args(args).stdin(Stdio::null());
     netns.enter_on_exec(&mut cmd);
     cmd
+}
+
+/// `connlimit args...` run inside `netns` with pin root `root` (a
+/// [`TestPinRoot`]'s path).
+pub fn connlimit_under(netns: &Netns, root: &Path, args: &[&str]) -> Command {
+    let mut cmd = connlimit_in(netns, args);
+    cmd.env(connlimit::ebpf::PIN_ROOT_ENV, root);
+    cmd
+}
+
+/// The `status --json` row of instance `name` under pin root `root`, if
+/// listed.
+pub fn status_row(netns: &Netns, root: &Path, name: &str) -> Option<serde_json::Value> {
+    let out = connlimit_under(netns, root, &["status", "--json"]).output().unwrap();
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows.as_array().unwrap().iter().find(|r| r["name"] == name).cloned()
 }
 
 /// A unique name for this test's instance, namespace and cgroup.

@@ -16,22 +16,16 @@ use aya::maps::{Array, Map, MapData};
 use connlimit::ebpf::attachments::{AttachPoint, attached_programs};
 use connlimit_common::maps::InstanceInfo;
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_in, eventually, require_kernel, unique,
+    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually, require_kernel,
+    status_row, unique,
 };
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
 const SIGINT_SERVER: &str = env!("CARGO_BIN_EXE_sigint-server");
 
-/// `connlimit args...` inside `netns`, with pin root `root`.
-fn command(netns: &Netns, root: &Path, args: &[&str]) -> Command {
-    let mut cmd = connlimit_in(netns, args);
-    cmd.env(connlimit::ebpf::PIN_ROOT_ENV, root);
-    cmd
-}
-
 fn connlimit(netns: &Netns, root: &Path, args: &[&str]) -> Output {
-    command(netns, root, args).output().unwrap()
+    connlimit_under(netns, root, args).output().unwrap()
 }
 
 fn succeeds(netns: &Netns, root: &Path, args: &[&str]) -> String {
@@ -51,17 +45,9 @@ fn fails(netns: &Netns, root: &Path, args: &[&str], message: &str) -> String {
     stderr
 }
 
-/// The `status --json` row of instance `name`, if listed.
-fn status_row(netns: &Netns, root: &Path, name: &str) -> Option<Value> {
-    let out = connlimit(netns, root, &["status", "--json"]);
-    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
-    rows.as_array().unwrap().iter().find(|r| r["name"] == name).cloned()
-}
-
 /// `connlimit run` in the background, once it enforces.
 fn start(netns: &Netns, root: &Path, args: &[&str]) -> Background {
-    let child = Background::spawn(&mut command(netns, root, args)).unwrap();
+    let child = Background::spawn(&mut connlimit_under(netns, root, args)).unwrap();
     assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
     child
 }
@@ -143,7 +129,7 @@ fn exec_killed_keeps_enforcing_for_its_server() {
     let name = unique("crash-exec");
     let server = SocketAddr::from(([127, 0, 0, 1], 8092));
     let me = client_v4(5);
-    let exec = Background::spawn(&mut command(
+    let exec = Background::spawn(&mut connlimit_under(
         &netns,
         &root.path,
         &["exec", "--name", &name, "--port", "8092", "-m", "1", "--", HOLD_SERVER, "0.0.0.0:8092"],
@@ -209,7 +195,7 @@ fn concurrent_sets_on_different_fields_lose_none() {
             .map(|i| {
                 let mut args = vec!["set", "--name", &name];
                 args.extend(fields[i % fields.len()]);
-                command(&netns, &root.path, &args)
+                connlimit_under(&netns, &root.path, &args)
                     .env("CONNLIMIT_TEST_DELAY_AT", "set:30")
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
@@ -242,7 +228,8 @@ fn a_crash_in_the_middle_of_attach_leaves_nothing_listed_or_in_the_way() {
     let args = ["run", "--name", &name, "--port", "8094", "-m", "1", "--cgroup", &cgroup_path];
 
     // Killed after pinning everything, before the rename into place.
-    let out = command(&netns, &root.path, &args).env("CONNLIMIT_TEST_CRASH_AT", "before-commit").output().unwrap();
+    let out =
+        connlimit_under(&netns, &root.path, &args).env("CONNLIMIT_TEST_CRASH_AT", "before-commit").output().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(root.entries().iter().any(|e| e.starts_with("@staging-")), "{:?}", root.entries());
@@ -417,8 +404,11 @@ fn ctrl_c_on_exec_reaches_the_server_once() {
     let root = TestPinRoot::new("crash-root");
     let netns = Netns::new().unwrap();
     let name = unique("crash-intr");
-    let mut cmd =
-        command(&netns, &root.path, &["exec", "--name", &name, "--port", "8098", "-m", "1", "--", SIGINT_SERVER]);
+    let mut cmd = connlimit_under(
+        &netns,
+        &root.path,
+        &["exec", "--name", &name, "--port", "8098", "-m", "1", "--", SIGINT_SERVER],
+    );
     // As a shell runs a job: its own process group, the terminal's foreground.
     cmd.process_group(0);
     let exec = Background::spawn(&mut cmd).unwrap();

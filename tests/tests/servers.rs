@@ -16,22 +16,14 @@ use std::{
 };
 
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_in, eventually, require_command,
-    require_kernel, unique,
+    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually, require_command,
+    require_kernel, status_row, unique,
 };
-use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
 
-/// `connlimit args...` inside `netns`, with pin root `root`.
-fn command(netns: &Netns, root: &Path, args: &[&str]) -> Command {
-    let mut cmd = connlimit_in(netns, args);
-    cmd.env(connlimit::ebpf::PIN_ROOT_ENV, root);
-    cmd
-}
-
 fn connlimit(netns: &Netns, root: &Path, args: &[&str]) -> Output {
-    command(netns, root, args).output().unwrap()
+    connlimit_under(netns, root, args).output().unwrap()
 }
 
 /// Runs a command that must fail with one line saying `message`.
@@ -41,14 +33,6 @@ fn fails(cmd: &mut Command, message: &str) {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(message), "wanted {message:?} in: {stderr}");
     assert_eq!(stderr.trim().lines().filter(|l| l.contains("error")).count(), 1, "{stderr}");
-}
-
-/// The `status --json` row of instance `name`, if listed.
-fn status_row(netns: &Netns, root: &Path, name: &str) -> Option<Value> {
-    let out = connlimit(netns, root, &["status", "--json"]);
-    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
-    rows.as_array().unwrap().iter().find(|r| r["name"] == name).cloned()
 }
 
 /// `(open, refused)` of instance `name`.
@@ -137,7 +121,7 @@ impl Exec {
         args.extend(limits);
         args.push("--");
         args.extend(server);
-        let exec = Background::spawn(&mut command(netns, root, &args)).unwrap();
+        let exec = Background::spawn(&mut connlimit_under(netns, root, &args)).unwrap();
         let cgroup = connlimit::ebpf::mounts::cgroup2_mount().unwrap().join(format!("connlimit-{name}-{}", exec.pid()));
         Self { exec: Some(exec), cgroup }
     }
@@ -472,7 +456,8 @@ fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
     let main_pid = cgroup.procs()[0];
     let name = unique("srv-unit");
     let run = |path: &str, unit: &str| {
-        let mut cmd = command(&netns, &root.path, &["run", "--name", &name, "-p", "18805", "-m", "1", "--unit", unit]);
+        let mut cmd =
+            connlimit_under(&netns, &root.path, &["run", "--name", &name, "-p", "18805", "-m", "1", "--unit", unit]);
         cmd.env("PATH", path);
         cmd
     };
@@ -522,7 +507,7 @@ fn guarding_the_root_cgroup_warns_that_every_process_counts() {
     let mount = connlimit::ebpf::mounts::cgroup2_mount().unwrap();
     let name = unique("srv-rootcg");
     let args = ["run", "--name", &name, "-p", "18806", "-m", "1", "--cgroup", mount.to_str().unwrap()];
-    let guard = Background::spawn(&mut command(&netns, &root.path, &args)).unwrap();
+    let guard = Background::spawn(&mut connlimit_under(&netns, &root.path, &args)).unwrap();
     assert!(guard.wait_for("enforcing;", Duration::from_secs(10)), "{}", guard.log());
     let (status, log) = guard.stop();
     assert!(status.success(), "{log}");
@@ -531,7 +516,7 @@ fn guarding_the_root_cgroup_warns_that_every_process_counts() {
     // A cgroup of its own: no warning.
     let cgroup = TestCgroup::create(&unique("srv-rootcg")).unwrap();
     let args = ["run", "--name", &name, "-p", "18806", "-m", "1", "--cgroup", cgroup.path().to_str().unwrap()];
-    let guard = Background::spawn(&mut command(&netns, &root.path, &args)).unwrap();
+    let guard = Background::spawn(&mut connlimit_under(&netns, &root.path, &args)).unwrap();
     assert!(guard.wait_for("enforcing;", Duration::from_secs(10)), "{}", guard.log());
     let (status, log) = guard.stop();
     assert!(status.success() && !log.contains("cgroup2 root"), "{log}");
