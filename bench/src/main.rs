@@ -12,6 +12,7 @@ mod load;
 mod memory;
 mod refuse;
 mod setup;
+mod stats;
 
 use std::{
     fmt::Write as _,
@@ -22,6 +23,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use connlimit_common::maps::capacity;
 use setup::{Bins, Env, Kind, Server, Setup};
+use stats::{Ratio, median};
 
 /// "High enough that nothing is refused" for the churn runs.
 const CHURN_LIMIT: u32 = 100_000;
@@ -102,18 +104,14 @@ extern "C" fn on_sigint(_: libc::c_int) {
     load::STOP.store(true, Ordering::Relaxed);
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
+/// "", "2nd ", "3rd "…: which order statistic bounds an interval.
+fn ordinal(k: usize) -> String {
+    match k {
+        1 => String::new(),
+        2 => "2nd ".into(),
+        3 => "3rd ".into(),
+        k => format!("{k}th "),
     }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 }
-}
-
-/// Median of the per-repetition ratios `a[i] / b[i]`.
-fn ratio(a: &[f64], b: &[f64]) -> f64 {
-    median(a.iter().zip(b).map(|(x, y)| x / y).collect())
 }
 
 fn interrupted() -> Result<()> {
@@ -207,13 +205,13 @@ fn main() -> Result<()> {
     }
 
     // Scale: many distinct clients, connlimit's client map nearly full.
-    let mut scale: Vec<ChurnRuns> = Kind::MINIMAL.iter().map(|_| ChurnRuns::default()).collect();
+    let mut scale: Vec<ChurnRuns> = Kind::SCALE.iter().map(|_| ChurnRuns::default()).collect();
     let mut scale_fill = 0;
     if args.wants("scale") {
         for rep in 0..args.reps {
-            for k in 0..Kind::MINIMAL.len() {
-                let ki = (k + rep) % Kind::MINIMAL.len();
-                let kind = Kind::MINIMAL[ki];
+            for k in 0..Kind::SCALE.len() {
+                let ki = (k + rep) % Kind::SCALE.len();
+                let kind = Kind::SCALE[ki];
                 let env = Env::new(kind, setup(Server::Minimal, CHURN_LIMIT, 32))?;
                 if let Some(name) = &env.instance {
                     scale_fill = memory::fill_clients(name, args.scale_fill)?;
@@ -479,6 +477,24 @@ fn report(args: &Args, results: &Results) -> Result<String> {
         load.0,
         load.1
     )?;
+    match stats::interval_rank(args.reps) {
+        Some(k) => writeln!(
+            out,
+            "Every ratio is the median of per-repetition ratios; in brackets, the {}smallest and largest of them, \
+             an interval that holds the true median ratio with {:.1} % confidence whatever the noise's \
+             distribution (order statistics of independent repetitions). A target inside the interval is not \
+             resolved by the run.\n",
+            ordinal(k),
+            stats::coverage(args.reps, k) * 100.0
+        )?,
+        None => writeln!(
+            out,
+            "Every ratio is the median of per-repetition ratios; {} repetitions are too few to bound it with {:.0} % \
+             confidence (5 are enough).\n",
+            args.reps,
+            stats::CONFIDENCE * 100.0
+        )?,
+    }
 
     if args.wants("churn") {
         writeln!(out, "### Connection churn (connect, accept, close)\n")?;
@@ -501,17 +517,17 @@ fn report(args: &Args, results: &Results) -> Result<String> {
                 let base = &churn[base][si];
                 writeln!(
                     out,
-                    "| {} | {} | {n} IP{} | {:.0} | {:.3}× | {:.0} | {:.0} | {:.3}× | {:.1} | {:.3}× | {} |",
+                    "| {} | {} | {n} IP{} | {:.0} | {} | {:.0} | {:.0} | {} | {:.1} | {} | {} |",
                     server.name(),
                     kind.name(),
                     if *n == 1 { "" } else { "s" },
                     median(runs.per_sec.clone()),
-                    ratio(&runs.per_sec, &base.per_sec),
+                    Ratio::of(&runs.per_sec, &base.per_sec),
                     median(runs.p50_us.clone()),
                     median(runs.p99_us.clone()),
-                    ratio(&runs.p99_us, &base.p99_us),
+                    Ratio::of(&runs.p99_us, &base.p99_us),
                     median(runs.cpu_us.clone()),
-                    ratio(&runs.cpu_us, &base.cpu_us),
+                    Ratio::of(&runs.cpu_us, &base.cpu_us),
                     runs.failed
                 )?;
             }
@@ -531,18 +547,18 @@ fn report(args: &Args, results: &Results) -> Result<String> {
         )?;
         writeln!(out, "| server | configuration | conn/s | ratio | p50 µs | p99 µs | p99 ratio | failed |")?;
         writeln!(out, "|---|---|---|---|---|---|---|---|")?;
-        for (ki, kind) in Kind::MINIMAL.iter().enumerate() {
+        for (ki, kind) in Kind::SCALE.iter().enumerate() {
             let (runs, base) = (&scale[ki], &scale[0]);
             writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.3}× | {:.0} | {:.0} | {:.3}× | {} |",
+                "| {} | {} | {:.0} | {} | {:.0} | {:.0} | {} | {} |",
                 Server::Minimal.name(),
                 kind.name(),
                 median(runs.per_sec.clone()),
-                ratio(&runs.per_sec, &base.per_sec),
+                Ratio::of(&runs.per_sec, &base.per_sec),
                 median(runs.p50_us.clone()),
                 median(runs.p99_us.clone()),
-                ratio(&runs.p99_us, &base.p99_us),
+                Ratio::of(&runs.p99_us, &base.p99_us),
                 runs.failed
             )?;
         }
@@ -564,11 +580,11 @@ fn report(args: &Args, results: &Results) -> Result<String> {
         for (ki, kind) in Kind::REFUSERS.iter().enumerate() {
             writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.3}× |",
+                "| {} | {} | {:.0} | {} |",
                 Server::Minimal.name(),
                 kind.name(),
                 median(refusals[ki].clone()),
-                ratio(&refusals[ki], &refusals[0])
+                Ratio::of(&refusals[ki], &refusals[0])
             )?;
         }
     }
@@ -593,12 +609,12 @@ fn report(args: &Args, results: &Results) -> Result<String> {
             let (rate, cpu) = &synflood[ki];
             writeln!(
                 out,
-                "| {} | {:.0} | {:.3}× | {:.0} ns | {:.3}× |",
+                "| {} | {:.0} | {} | {:.0} ns | {} |",
                 kind.name(),
                 median(rate.clone()),
-                ratio(rate, &synflood[0].0),
+                Ratio::of(rate, &synflood[0].0),
                 median(cpu.clone()),
-                ratio(cpu, &synflood[0].1)
+                Ratio::of(cpu, &synflood[0].1)
             )?;
         }
     }

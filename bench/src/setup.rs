@@ -17,6 +17,8 @@ use harness::{Background, Netns, TestCgroup, unique};
 
 /// The guarded port.
 pub const PORT: u16 = 9000;
+/// The port [`Kind::HooksOnly`] guards: nothing listens or connects there.
+const UNGUARDED_PORT: u16 = PORT + 2;
 
 /// What stands between the clients and the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +27,10 @@ pub enum Kind {
     Baseline,
     /// connlimit's eBPF programs.
     Connlimit,
+    /// connlimit's programs attached but guarding another port, so each
+    /// returns at its port check: what the hooks alone cost, the floor of
+    /// any limiter built on them.
+    HooksOnly,
     /// `iptables -m connlimit ... -j REJECT --reject-with tcp-reset`.
     Iptables,
     /// nftables `ct count over N` in a dynamic set, `reject with tcp reset`.
@@ -38,7 +44,9 @@ pub enum Kind {
 
 impl Kind {
     /// Churn configurations in front of the minimal server.
-    pub const MINIMAL: [Kind; 4] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
+    pub const MINIMAL: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::HooksOnly, Kind::Iptables, Kind::Nftables];
+    /// Scale configurations (minimal server).
+    pub const SCALE: [Kind; 4] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
     /// Churn configurations in front of the tokio server.
     pub const TOKIO: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
     /// The ones that refuse (all but the baseline), for bursts and floods.
@@ -50,6 +58,7 @@ impl Kind {
         match self {
             Kind::Baseline => "no limiter",
             Kind::Connlimit => "connlimit (eBPF)",
+            Kind::HooksOnly => "connlimit's hooks only",
             Kind::Iptables => "iptables connlimit",
             Kind::Nftables => "nftables ct count",
             Kind::Userspace => "userspace core",
@@ -109,12 +118,12 @@ impl Env {
         let netns = Netns::new()?;
         tune(&netns)?;
         let cgroup = TestCgroup::create(&unique("connlimit-bench"))?;
-        let instance = (kind == Kind::Connlimit).then(|| unique("bench"));
+        let instance = matches!(kind, Kind::Connlimit | Kind::HooksOnly).then(|| unique("bench"));
         let ebpf = match kind {
-            Kind::Connlimit => Some(EbpfLimiter::attach(
+            Kind::Connlimit | Kind::HooksOnly => Some(EbpfLimiter::attach(
                 AttachOptions::new(instance.clone().unwrap_or_default(), cgroup.path())
                     .netns(netns.path())
-                    .port(PORT)
+                    .port(if kind == Kind::HooksOnly { UNGUARDED_PORT } else { PORT })
                     .config(Config::new(limit).with_ipv4_prefix_len(prefix_v4)),
             )?),
             Kind::Iptables => {
