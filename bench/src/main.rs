@@ -8,6 +8,7 @@
 //! each repetition in a rotating order, and ratios are taken per repetition
 //! against the baseline of the same repetition, so machine drift cancels.
 
+mod drop_floor;
 mod load;
 mod memory;
 mod refuse;

@@ -15,6 +15,8 @@ use connlimit::{
 };
 use harness::{Background, Netns, TestCgroup, unique};
 
+use crate::drop_floor::DropFloor;
+
 /// The guarded port.
 pub const PORT: u16 = 9000;
 /// The port [`Kind::HooksOnly`] guards: nothing listens or connects there.
@@ -40,6 +42,9 @@ pub enum Kind {
     /// No listener on the guarded port: the kernel's own RST, the floor of
     /// what refusing can cost.
     ClosedPort,
+    /// An sk_lookup program that drops every SYN for the guarded port and
+    /// counts nothing ([`DropFloor`]): the floor of refusing in that hook.
+    DropFloor,
 }
 
 impl Kind {
@@ -51,8 +56,9 @@ impl Kind {
     pub const TOKIO: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
     /// The ones that refuse (all but the baseline), for bursts and floods.
     pub const LIMITERS: [Kind; 4] = [Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
-    /// Refusal rate: the floor first, then the kernel limiters.
-    pub const REFUSERS: [Kind; 4] = [Kind::ClosedPort, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
+    /// Refusal rate: the floors first, then the kernel limiters.
+    pub const REFUSERS: [Kind; 5] =
+        [Kind::ClosedPort, Kind::DropFloor, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -63,6 +69,7 @@ impl Kind {
             Kind::Nftables => "nftables ct count",
             Kind::Userspace => "userspace core",
             Kind::ClosedPort => "closed port (floor)",
+            Kind::DropFloor => "sk_lookup drop, no count (floor)",
         }
     }
 }
@@ -109,6 +116,7 @@ pub struct Env {
     pub instance: Option<String>,
     /// connlimit, attached while the environment lives.
     pub ebpf: Option<EbpfLimiter>,
+    _drop_floor: Option<DropFloor>,
     _cgroup: TestCgroup,
 }
 
@@ -166,8 +174,9 @@ impl Env {
                 nft_stdin(&netns, &rules)?;
                 None
             }
-            Kind::Baseline | Kind::Userspace | Kind::ClosedPort => None,
+            Kind::Baseline | Kind::Userspace | Kind::ClosedPort | Kind::DropFloor => None,
         };
+        let drop_floor = (kind == Kind::DropFloor).then(|| DropFloor::attach(&netns.path(), PORT)).transpose()?;
         let bin = match server {
             Server::Minimal => &bins.minimal,
             Server::Tokio => &bins.tokio,
@@ -185,7 +194,7 @@ impl Env {
         if !server.wait_for("listening", Duration::from_secs(10)) {
             bail!("the bench server did not start: {}", server.log());
         }
-        Ok(Self { netns, server, instance, ebpf, _cgroup: cgroup })
+        Ok(Self { netns, server, instance, ebpf, _drop_floor: drop_floor, _cgroup: cgroup })
     }
 
     /// (connections accepted, connections refused by the user-space core)
