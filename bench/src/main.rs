@@ -105,16 +105,6 @@ extern "C" fn on_sigint(_: libc::c_int) {
     load::STOP.store(true, Ordering::Relaxed);
 }
 
-/// "", "2nd ", "3rd "…: which order statistic bounds an interval.
-fn ordinal(k: usize) -> String {
-    match k {
-        1 => String::new(),
-        2 => "2nd ".into(),
-        3 => "3rd ".into(),
-        k => format!("{k}th "),
-    }
-}
-
 fn interrupted() -> Result<()> {
     if load::STOP.load(Ordering::Relaxed) {
         bail!("interrupted; everything set up so far has been torn down");
@@ -150,7 +140,7 @@ fn churn_configs() -> Vec<(Server, Kind)> {
 
 fn log_churn(what: &str, rep: usize, n: u32, server: Server, kind: Kind, r: &load::Churn) {
     eprintln!(
-        "{what} rep {rep} {n:>6} IPs {:<16} {:<20} {:>8.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>5.1} µs/conn  failed {}",
+        "{what} rep {rep} {n:>6} IPs {:<16} {:<24} {:>8.0} conn/s  p50 {:>6.0} µs  p99 {:>6.0} µs  CPU {:>5.1} µs/conn  failed {}",
         server.name(),
         kind.name(),
         r.per_sec,
@@ -246,7 +236,7 @@ fn main() -> Result<()> {
                 drop(env);
                 interrupted()?;
                 eprintln!(
-                    "refuse rep {rep} {:<20} {:>8.0} refused/s  admitted {}  other errors {}",
+                    "refuse rep {rep} {:<36} {:>8.0} refused/s  admitted {}  other errors {}",
                     kind.name(),
                     r.per_sec,
                     r.admitted,
@@ -281,7 +271,7 @@ fn main() -> Result<()> {
                     synflood_refused.1 += r.syns_per_sec * args.duration.as_secs_f64();
                 }
                 eprintln!(
-                    "synflood rep {rep} {:<20} {:>8.0} SYN/s  sender CPU {:>5.0} ns per SYN",
+                    "synflood rep {rep} {:<36} {:>8.0} SYN/s  sender CPU {:>5.0} ns per SYN",
                     kind.name(),
                     r.syns_per_sec,
                     r.cpu_ns_per_syn
@@ -478,24 +468,7 @@ fn report(args: &Args, results: &Results) -> Result<String> {
         load.0,
         load.1
     )?;
-    match stats::interval_rank(args.reps) {
-        Some(k) => writeln!(
-            out,
-            "Every ratio is the median of per-repetition ratios; in brackets, the {}smallest and largest of them, \
-             an interval that holds the true median ratio with {:.1} % confidence whatever the noise's \
-             distribution (order statistics of independent repetitions). A target inside the interval is not \
-             resolved by the run.\n",
-            ordinal(k),
-            stats::coverage(args.reps, k) * 100.0
-        )?,
-        None => writeln!(
-            out,
-            "Every ratio is the median of per-repetition ratios; {} repetitions are too few to bound it with {:.0} % \
-             confidence (5 are enough).\n",
-            args.reps,
-            stats::CONFIDENCE * 100.0
-        )?,
-    }
+    writeln!(out, "{}\n", stats::intervals_explained(args.reps))?;
 
     if args.wants("churn") {
         writeln!(out, "### Connection churn (connect, accept, close)\n")?;
@@ -504,7 +477,9 @@ fn report(args: &Args, results: &Results) -> Result<String> {
             "Medians over repetitions; ratios are the median of per-repetition ratios to the no-limiter run of the \
              same server in the same repetition (churn: higher is better; p99 and CPU: lower is better). CPU is the \
              whole machine's busy time (every process and the kernel, all CPUs, from `/proc/stat`) per connection: \
-             what a connection costs, including when the churn leaves CPUs idle.\n"
+             what a connection costs, including when the churn leaves CPUs idle. \"connlimit's hooks only\" is \
+             connlimit attached but guarding another port, so both programs return at their port check: what the \
+             hooks alone cost, the floor of any limiter built on them.\n"
         )?;
         writeln!(
             out,
@@ -571,8 +546,9 @@ fn report(args: &Args, results: &Results) -> Result<String> {
             out,
             "A client at its limit of 1 (holding one connection to the minimal server) and {} threads from its \
              address connecting as fast as they can, so the machine's CPUs are saturated and refusals per second \
-             compare cost. The closed port (no listener: the kernel's own RST) is the floor; ratios are medians of \
-             per-repetition ratios to it. Attempts admitted over the whole section: {}; failed otherwise than by a \
+             compare cost. The closed port (no listener: the kernel's own RST) is the floor the ratios are \
+             taken to; the second floor is a minimal sk_lookup program that refuses the port's SYNs and counts \
+             nothing: what refusing in that hook costs before any counting. Attempts admitted over the whole section: {}; failed otherwise than by a \
              refusal: {}.\n",
             args.refuse_threads, refusal_leaks.0, refusal_leaks.1
         )?;
@@ -601,7 +577,8 @@ fn report(args: &Args, results: &Results) -> Result<String> {
              so SYNs per second compare cost. CPU per SYN is the sending threads' own CPU time (getrusage \
              RUSAGE_THREAD) per SYN: with tick-based accounting the softirq that receives and refuses a SYN on \
              loopback is charged to the sender it interrupts, so this is the kernel's whole path of a SYN (raw \
-             send, limiter, RST) and excludes other processes on the machine.\n",
+             send, limiter, RST) and excludes other processes on the machine. The floors are those of the \
+             refusal table.\n",
             args.flood_threads, synflood_refused.0, synflood_refused.1
         )?;
         writeln!(out, "| configuration | SYN/s | ratio to the floor | CPU per SYN | ratio to the floor |")?;

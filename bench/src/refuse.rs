@@ -1,6 +1,7 @@
 //! The cost of refusing: how fast each configuration turns attempts away
 //! when the machine does nothing else, against the kernel's own RST for a
-//! port with no listener (the floor).
+//! port with no listener and a minimal sk_lookup program that refuses
+//! without counting (the floors).
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -28,7 +29,8 @@ pub struct Refusals {
 /// its address then connect as fast as they can for `duration`.
 pub fn refusals(env: &Env, threads: u32, duration: Duration) -> Refusals {
     env.netns.run(move || {
-        // Nothing to hold in front of a closed port: the attempt just fails.
+        // Nothing to hold in front of the floors (a closed port, a program
+        // that refuses everything): the attempt just fails.
         let held = attempt(source(0)).1;
         let deadline = Instant::now() + duration;
         let counts: Vec<(u64, u64, u64)> = thread::scope(|s| {

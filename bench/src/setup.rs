@@ -19,8 +19,10 @@ use crate::drop_floor::DropFloor;
 
 /// The guarded port.
 pub const PORT: u16 = 9000;
+/// Where the server listens for [`Kind::ClosedPort`], leaving [`PORT`] closed.
+const CLOSED_PORT_SERVER: u16 = PORT + 1;
 /// The port [`Kind::HooksOnly`] guards: nothing listens or connects there.
-const UNGUARDED_PORT: u16 = PORT + 2;
+const IDLE_PORT: u16 = PORT + 2;
 
 /// What stands between the clients and the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,9 +31,9 @@ pub enum Kind {
     Baseline,
     /// connlimit's eBPF programs.
     Connlimit,
-    /// connlimit's programs attached but guarding another port, so each
-    /// returns at its port check: what the hooks alone cost, the floor of
-    /// any limiter built on them.
+    /// connlimit's programs attached but guarding another port, so they
+    /// return before touching any client's state: what the hooks alone
+    /// cost, the floor of any limiter built on them.
     HooksOnly,
     /// `iptables -m connlimit ... -j REJECT --reject-with tcp-reset`.
     Iptables,
@@ -42,21 +44,24 @@ pub enum Kind {
     /// No listener on the guarded port: the kernel's own RST, the floor of
     /// what refusing can cost.
     ClosedPort,
-    /// An sk_lookup program that drops every SYN for the guarded port and
-    /// counts nothing ([`DropFloor`]): the floor of refusing in that hook.
+    /// A minimal sk_lookup program that refuses every SYN for the guarded
+    /// port and counts nothing ([`DropFloor`]): the floor of refusing in
+    /// that hook.
     DropFloor,
 }
 
 impl Kind {
     /// Churn configurations in front of the minimal server.
     pub const MINIMAL: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::HooksOnly, Kind::Iptables, Kind::Nftables];
-    /// Scale configurations (minimal server).
+    /// Scale configurations (minimal server; the hooks alone touch no map,
+    /// so a full one cannot change them).
     pub const SCALE: [Kind; 4] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
     /// Churn configurations in front of the tokio server.
     pub const TOKIO: [Kind; 5] = [Kind::Baseline, Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
-    /// The ones that refuse (all but the baseline), for bursts and floods.
+    /// The limiters, for bursts and floods.
     pub const LIMITERS: [Kind; 4] = [Kind::Connlimit, Kind::Iptables, Kind::Nftables, Kind::Userspace];
-    /// Refusal rate: the floors first, then the kernel limiters.
+    /// Refusal rate: the closed port first (the reference of every ratio),
+    /// the other floor, then the kernel limiters.
     pub const REFUSERS: [Kind; 5] =
         [Kind::ClosedPort, Kind::DropFloor, Kind::Connlimit, Kind::Iptables, Kind::Nftables];
 
@@ -69,7 +74,7 @@ impl Kind {
             Kind::Nftables => "nftables ct count",
             Kind::Userspace => "userspace core",
             Kind::ClosedPort => "closed port (floor)",
-            Kind::DropFloor => "sk_lookup drop, no count (floor)",
+            Kind::DropFloor => "sk_lookup refusing, no count (floor)",
         }
     }
 }
@@ -131,7 +136,7 @@ impl Env {
             Kind::Connlimit | Kind::HooksOnly => Some(EbpfLimiter::attach(
                 AttachOptions::new(instance.clone().unwrap_or_default(), cgroup.path())
                     .netns(netns.path())
-                    .port(if kind == Kind::HooksOnly { UNGUARDED_PORT } else { PORT })
+                    .port(if kind == Kind::HooksOnly { IDLE_PORT } else { PORT })
                     .config(Config::new(limit).with_ipv4_prefix_len(prefix_v4)),
             )?),
             Kind::Iptables => {
@@ -183,7 +188,7 @@ impl Env {
         };
         let mut cmd = Command::new(bin);
         // With a closed port the server listens elsewhere, so the guarded port has no listener.
-        let port = if kind == Kind::ClosedPort { PORT + 1 } else { PORT };
+        let port = if kind == Kind::ClosedPort { CLOSED_PORT_SERVER } else { PORT };
         cmd.arg(SocketAddr::from(([0, 0, 0, 0], port)).to_string()).stdin(Stdio::piped());
         if kind == Kind::Userspace {
             cmd.arg(limit.to_string());

@@ -17,7 +17,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// The median of per-repetition ratios, with a distribution-free
 /// confidence interval for it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Ratio {
     pub median: f64,
     pub low: f64,
@@ -27,6 +27,7 @@ pub struct Ratio {
 impl Ratio {
     /// Of the per-repetition ratios `a[i] / b[i]`.
     pub fn of(a: &[f64], b: &[f64]) -> Self {
+        debug_assert_eq!(a.len(), b.len(), "ratios pair repetitions");
         let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
         r.sort_by(f64::total_cmp);
         let (low, high) = match interval_rank(r.len()) {
@@ -39,12 +40,48 @@ impl Ratio {
 
 impl fmt::Display for Ratio {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.low.is_nan() {
+        // No interval (too few repetitions, a failed one), or none worth
+        // printing (a reference row against itself).
+        if self.low.is_nan() || self.high.is_nan() || self.low == self.high {
             write!(f, "{:.3}×", self.median)
         } else {
             write!(f, "{:.3}× ({:.2}–{:.2})", self.median, self.low, self.high)
         }
     }
+}
+
+/// What the report's intervals are, for `reps` repetitions.
+pub fn intervals_explained(reps: usize) -> String {
+    match interval_rank(reps) {
+        Some(k) => format!(
+            "Every ratio is the median of per-repetition ratios; in brackets, the {o}smallest and the {o}largest of \
+             them: an interval that holds the true median ratio with {:.1} % confidence, assuming independent, \
+             identically distributed repetitions and nothing about their distribution (order statistics). A target \
+             inside the interval is not resolved by the run; and of this report's many intervals, about one in {:.0} \
+             is expected to miss.",
+            coverage(reps, k) * 100.0,
+            1.0 / (1.0 - coverage(reps, k)),
+            o = ordinal(k),
+        ),
+        None => format!(
+            "Every ratio is the median of per-repetition ratios; {reps} repetitions are too few to bound it with \
+             {:.0} % confidence ({} are enough).",
+            CONFIDENCE * 100.0,
+            (1..).find(|&n| interval_rank(n).is_some()).unwrap_or(0),
+        ),
+    }
+}
+
+/// "", "2nd ", "3rd ", "11th "…: which order statistic bounds an interval.
+fn ordinal(k: usize) -> String {
+    let suffix = match (k % 10, k % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    if k == 1 { String::new() } else { format!("{k}{suffix} ") }
 }
 
 /// The largest `k` for which the `k`-th smallest and the `k`-th largest of
@@ -96,9 +133,21 @@ mod tests {
     }
 
     #[test]
+    fn the_report_names_the_order_statistic() {
+        assert!(intervals_explained(5).contains("the smallest and the largest of them"));
+        assert!(intervals_explained(5).contains("93.8 % confidence"));
+        assert!(intervals_explained(10).contains("the 2nd smallest and the 2nd largest"));
+        assert!(intervals_explained(4).contains("(5 are enough)"));
+        assert_eq!([21, 22, 23, 11, 112].map(ordinal), ["21st ", "22nd ", "23rd ", "11th ", "112th "]);
+    }
+
+    #[test]
     fn ratios_pair_repetitions() {
         let r = Ratio::of(&[9.0, 10.0, 12.0, 8.0, 10.0], &[10.0, 10.0, 10.0, 10.0, 10.0]);
         assert_eq!((r.median, r.low, r.high), (1.0, 0.8, 1.2));
         assert_eq!(r.to_string(), "1.000× (0.80–1.20)");
+        // A reference against itself needs no interval.
+        let same = [3.0, 4.0, 5.0, 6.0, 7.0];
+        assert_eq!(Ratio::of(&same, &same).to_string(), "1.000×");
     }
 }
