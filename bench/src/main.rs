@@ -478,8 +478,8 @@ fn report(args: &Args, results: &Results) -> Result<String> {
              same server in the same repetition (churn: higher is better; p99 and CPU: lower is better). CPU is the \
              whole machine's busy time (every process and the kernel, all CPUs, from `/proc/stat`) per connection: \
              what a connection costs, including when the churn leaves CPUs idle. \"connlimit's hooks only\" is \
-             connlimit attached but guarding another port, so both programs return at their port check: what the \
-             hooks alone cost, the floor of any limiter built on them.\n"
+             connlimit attached but guarding another port, so both programs return before touching any client's \
+             state: what the hooks alone cost, the floor of any limiter built on them.\n"
         )?;
         writeln!(
             out,
@@ -548,8 +548,8 @@ fn report(args: &Args, results: &Results) -> Result<String> {
              address connecting as fast as they can, so the machine's CPUs are saturated and refusals per second \
              compare cost. The closed port (no listener: the kernel's own RST) is the floor the ratios are \
              taken to; the second floor is a minimal sk_lookup program that refuses the port's SYNs and counts \
-             nothing: what refusing in that hook costs before any counting. Attempts admitted over the whole section: {}; failed otherwise than by a \
-             refusal: {}.\n",
+             nothing: what refusing in that hook costs before any counting. Attempts admitted over the whole \
+             section: {}; failed otherwise than by a refusal: {}.\n",
             args.refuse_threads, refusal_leaks.0, refusal_leaks.1
         )?;
         writeln!(out, "| server | configuration | refused/s | ratio to the floor |")?;
