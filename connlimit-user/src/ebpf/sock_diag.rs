@@ -285,20 +285,9 @@ impl SockDiag {
 }
 
 /// The netlink messages in a datagram: (type, payload).
-fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let header_len = size_of::<libc::nlmsghdr>();
-        if buf.len() < header_len {
-            return None;
-        }
-        let len = u32::from_ne_bytes(buf[0..4].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(buf[4..6].try_into().ok()?);
-        if len < header_len || len > buf.len() {
-            return None;
-        }
-        let payload = &buf[header_len..len];
-        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
-        Some((kind, payload))
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    records(buf, size_of::<libc::nlmsghdr>(), |h| {
+        (u32::from_ne_bytes([h[0], h[1], h[2], h[3]]) as usize, u16::from_ne_bytes([h[4], h[5]]))
     })
 }
 
@@ -339,17 +328,29 @@ fn socket(payload: &[u8]) -> Option<TcpSocket> {
 }
 
 /// The netlink attributes in `buf`: (type without flags, value).
-fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    records(buf, 4, |h| (u16::from_ne_bytes([h[0], h[1]]) as usize, u16::from_ne_bytes([h[2], h[3]]) & NLA_TYPE_MASK))
+}
+
+/// Netlink's length-prefixed records, messages and attributes alike: each
+/// starts with a `header_len`-byte header that `header` reads as (length
+/// including the header, type), and the next starts 4-byte aligned after
+/// it. Yields (type, the bytes after the header); stops at the first record
+/// that does not fit.
+fn records(
+    mut buf: &[u8],
+    header_len: usize,
+    header: impl Fn(&[u8]) -> (usize, u16),
+) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
-        if buf.len() < 4 {
+        if buf.len() < header_len {
             return None;
         }
-        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
-        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
+        let (len, kind) = header(buf);
+        if len < header_len || len > buf.len() {
             return None;
         }
-        let value = &buf[4..len];
+        let value = &buf[header_len..len];
         buf = &buf[len.next_multiple_of(4).min(buf.len())..];
         Some((kind, value))
     })
