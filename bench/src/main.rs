@@ -105,6 +105,16 @@ extern "C" fn on_sigint(_: libc::c_int) {
     load::STOP.store(true, Ordering::Relaxed);
 }
 
+/// `items` with their indices, starting at the `rep`-th and wrapping
+/// around: each repetition runs the configurations in another order, so
+/// none always runs first (or right after another).
+fn rotated<T: Copy>(items: &[T], rep: usize) -> impl Iterator<Item = (usize, T)> + '_ {
+    (0..items.len()).map(move |k| {
+        let i = (k + rep) % items.len();
+        (i, items[i])
+    })
+}
+
 fn interrupted() -> Result<()> {
     if load::STOP.load(Ordering::Relaxed) {
         bail!("interrupted; everything set up so far has been torn down");
@@ -181,9 +191,7 @@ fn main() -> Result<()> {
     if args.wants("churn") {
         for rep in 0..args.reps {
             for (si, &n) in sources.iter().enumerate() {
-                for k in 0..configs.len() {
-                    let ci = (k + rep) % configs.len();
-                    let (server, kind) = configs[ci];
+                for (ci, (server, kind)) in rotated(&configs, rep) {
                     let env = Env::new(kind, setup(server, CHURN_LIMIT, 32))?;
                     let r = load::churn(&env, n, args.clients, args.duration);
                     drop(env);
@@ -200,9 +208,7 @@ fn main() -> Result<()> {
     let mut scale_fill = 0;
     if args.wants("scale") {
         for rep in 0..args.reps {
-            for k in 0..Kind::SCALE.len() {
-                let ki = (k + rep) % Kind::SCALE.len();
-                let kind = Kind::SCALE[ki];
+            for (ki, kind) in rotated(&Kind::SCALE, rep) {
                 let env = Env::new(kind, setup(Server::Minimal, CHURN_LIMIT, 32))?;
                 if let Some(name) = &env.instance {
                     scale_fill = memory::fill_clients(name, args.scale_fill)?;
@@ -228,9 +234,7 @@ fn main() -> Result<()> {
     let mut refusal_leaks = (0, 0);
     if args.wants("refuse") {
         for rep in 0..args.reps {
-            for k in 0..Kind::REFUSERS.len() {
-                let ki = (k + rep) % Kind::REFUSERS.len();
-                let kind = Kind::REFUSERS[ki];
+            for (ki, kind) in rotated(&Kind::REFUSERS, rep) {
                 let env = Env::new(kind, setup(Server::Minimal, 1, 32))?;
                 let r = refuse::refusals(&env, args.refuse_threads, args.duration);
                 drop(env);
@@ -255,9 +259,7 @@ fn main() -> Result<()> {
     let mut synflood_refused = (0u64, 0f64);
     if args.wants("synflood") {
         for rep in 0..args.reps {
-            for k in 0..Kind::REFUSERS.len() {
-                let ki = (k + rep) % Kind::REFUSERS.len();
-                let kind = Kind::REFUSERS[ki];
+            for (ki, kind) in rotated(&Kind::REFUSERS, rep) {
                 let env = Env::new(kind, setup(Server::Minimal, 1, 8))?;
                 let held = env.netns.run(|| load::attempt(load::source(0)).1);
                 let refused0 = env.ebpf.as_ref().map(|e| e.stats().map(|s| s.refused)).transpose()?;
@@ -668,4 +670,16 @@ fn report(args: &Args, results: &Results) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rotated;
+
+    #[test]
+    fn every_repetition_runs_every_configuration_once_from_another_start() {
+        let items = ['a', 'b', 'c'];
+        assert_eq!(rotated(&items, 0).collect::<Vec<_>>(), [(0, 'a'), (1, 'b'), (2, 'c')]);
+        assert_eq!(rotated(&items, 4).collect::<Vec<_>>(), [(1, 'b'), (2, 'c'), (0, 'a')]);
+    }
 }
