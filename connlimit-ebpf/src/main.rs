@@ -292,11 +292,15 @@ pub unsafe extern "C" fn connlimit_reserve(
     if pending.is_null() || client.is_null() {
         return NOT_BOOKED;
     }
+    // A copy on the stack: Linux 6.1's verifier takes a map key from the
+    // stack or a map value, not from a global function's pointer argument
+    // (`R2 type=mem expected=fp, ...`; 6.12 takes it). Volatile, so the
+    // compiler cannot hand the argument itself to the look-up.
     // SAFETY: see the function's contract.
-    let client = unsafe { &*client };
+    let client = unsafe { client.read_volatile() };
     // SAFETY: as above.
     compare_and_swap::<CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
-        let held = established_count(client).saturating_add(carried_count(client));
+        let held = established_count(&client).saturating_add(carried_count(&client));
         Pending(w).try_reserve(epoch, held, limit).map(|(p, booked)| (p.0, booked))
     })
     .unwrap_or(NOT_BOOKED)

@@ -9,11 +9,7 @@
 
 use std::sync::OnceLock;
 
-use aya::{
-    programs::ProgramType,
-    sys::{BpfHelper, is_helper_supported, is_program_supported},
-};
-use connlimit::ebpf::mounts;
+use connlimit::ebpf::{kernel_features, mounts};
 
 /// The variable that skips the kernel tests when it is `1`.
 pub const SKIP_KERNEL_TESTS: &str = "CONNLIMIT_SKIP_KERNEL_TESTS";
@@ -68,9 +64,10 @@ pub fn kernel_tests_run() -> bool {
             false
         }
         Decision::Missing(missing) => panic!(
-            "the kernel tests load eBPF programs and cannot run here: {}; run them as root on Linux 5.19+ with \
+            "the kernel tests load eBPF programs and cannot run here: {}; run them as root on Linux {MIN_LINUX} or later with \
              cgroup v2 and bpffs (`cargo xtask test` mounts it), or set {SKIP_KERNEL_TESTS}=1 to skip them explicitly",
-            missing.join("; ")
+            missing.join("; "),
+            MIN_LINUX = kernel_features::MIN_LINUX
         ),
     }
 }
@@ -90,19 +87,9 @@ pub fn missing_requirements() -> Vec<String> {
     if let Err(e) = mounts::cgroup2_mount() {
         missing.push(e.to_string());
     }
-    for (name, supported) in [
-        ("sock_ops programs", is_program_supported(ProgramType::SockOps)),
-        ("sk_lookup programs", is_program_supported(ProgramType::SkLookup)),
-        (
-            "bpf_map_lookup_percpu_elem in sk_lookup (Linux 5.19)",
-            is_helper_supported(ProgramType::SkLookup, BpfHelper::BPF_FUNC_map_lookup_percpu_elem),
-        ),
-    ] {
-        match supported {
-            Ok(true) => {}
-            Ok(false) => missing.push(format!("the kernel lacks {name}")),
-            Err(e) => missing.push(format!("probing the kernel for {name}: {e}")),
-        }
+    // The same probe as attaching: one line per feature the kernel lacks.
+    if let Err(e) = kernel_features::require() {
+        missing.push(e.to_string());
     }
     missing
 }

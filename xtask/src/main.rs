@@ -7,6 +7,7 @@ mod bench;
 mod bootstrap;
 mod bpf_object;
 mod dist;
+mod kernels;
 mod packages;
 
 use std::process::{Command, ExitCode};
@@ -28,12 +29,19 @@ enum Task {
     /// 0700, root only).
     Bootstrap,
     /// Bootstrap, then run clippy and the whole test suite (the eBPF
-    /// integration tests need root).
+    /// integration tests need root), then the kernel suites on the other
+    /// kernels (`cargo xtask kernels`; CONNLIMIT_SKIP_GUEST_KERNELS=1 skips
+    /// that stage).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the kernel integration suites (kernel, attacks, limits,
+    /// responder, crash) on Debian 12's Linux 6.1 and on 6.12 LTS from
+    /// bookworm-backports, each booted under QEMU with virtme-ng (as root;
+    /// installs QEMU, virtme-ng and the kernels if missing). About 15 minutes.
+    Kernels,
     /// Bootstrap, build, and run the `connlimit` CLI with ARGS (as root).
     /// Without ARGS, protect a demo server: Python's http.server on
     /// 127.0.0.1:8080, run as `nobody`, at most 10 connections per client IP.
@@ -116,8 +124,14 @@ fn run(task: Task) -> Result<()> {
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            cargo(&test)?;
+            // A filtered run is a developer's quick look: no guests.
+            if args.is_empty() && std::env::var(kernels::SKIP_ENV).as_deref() != Ok("1") {
+                kernels::run(&workspace_root())?;
+            }
+            Ok(())
         }
+        Task::Kernels => kernels::run(&workspace_root()),
         Task::Connlimit { args } => {
             let args: Vec<&str> =
                 if args.is_empty() { DEMO.to_vec() } else { args.iter().map(String::as_str).collect() };

@@ -1,8 +1,8 @@
 //! Debian packages the project's tasks and tests need.
 
-use std::process::Command;
+use std::{fs, path::Path, process::Command};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 /// Commands the test suite runs, with the packages that provide them.
 /// nginx and lighttpd are the real servers `tests/tests/servers.rs` guards.
@@ -20,15 +20,63 @@ pub fn ensure(commands: &[(&str, &str)]) -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing {}", missing.join(", "));
-    let apt = |args: &[&str]| -> Result<()> {
-        let status = Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status()?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status}); install {} yourself", args.join(" "), missing.join(" "));
-        }
-        Ok(())
-    };
     apt(&["update", "-qq"])?;
     let mut install = vec!["install", "-y", "-qq"];
     install.extend(&missing);
     apt(&install)
+}
+
+/// `apt-get ARGS`, non-interactive.
+pub fn apt(args: &[&str]) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!("`apt-get {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Adds Debian suite `suite` (e.g. `bookworm-backports`) to apt's sources,
+/// from the same mirror as the machine's own Debian entry, and refreshes
+/// the package lists. Does nothing if a source already names it.
+pub fn ensure_suite(suite: &str) -> Result<()> {
+    let dir = Path::new("/etc/apt/sources.list.d");
+    let mut sources = String::new();
+    for path in [Path::new("/etc/apt/sources.list").to_owned()]
+        .into_iter()
+        .chain(fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path())))
+    {
+        if path.extension().is_none_or(|e| e == "list" || e == "sources") {
+            sources.push_str(&fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    let named = sources
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .any(|l| l.split_whitespace().any(|word| word == suite));
+    if !named {
+        // The mirror of the deb822 entry that carries the base release.
+        let base = suite.split('-').next().unwrap_or(suite);
+        let mirror = sources
+            .split("\n\n")
+            .find(|entry| entry.lines().any(|l| l.starts_with("Suites:") && l.split_whitespace().any(|w| w == base)))
+            .and_then(|entry| entry.lines().find_map(|l| l.strip_prefix("URIs:")))
+            .map(|uris| uris.split_whitespace().next().unwrap_or_default().to_owned())
+            .filter(|uri| !uri.is_empty())
+            .with_context(|| format!("no apt source for Debian {base} to take the mirror of {suite} from"))?;
+        let file = dir.join(format!("{suite}.sources"));
+        eprintln!("xtask: adding Debian {suite} to apt's sources ({})", file.display());
+        fs::write(
+            &file,
+            format!(
+                "Types: deb\nURIs: {mirror}\nSuites: {suite}\nComponents: main\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            ),
+        )
+        .with_context(|| format!("writing {}", file.display()))?;
+    }
+    apt(&["update", "-qq"])
 }

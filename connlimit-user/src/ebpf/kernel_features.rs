@@ -20,12 +20,13 @@ use aya::{
 
 use super::EbpfError;
 
-/// The oldest Linux release with everything the kernel programs use: the
-/// newest of [`REQUIRED`]'s releases.
-pub const MIN_LINUX: KernelVersion = KernelVersion::new(5, 19);
+/// The oldest Linux release connlimit runs on: the newest of [`REQUIRED`]'s
+/// releases, which is the oldest one its kernel suites boot (`cargo xtask
+/// kernels`).
+pub const MIN_LINUX: KernelVersion = KernelVersion::new(6, 1);
 
 /// The features that set [`MIN_LINUX`], as error messages name them.
-pub const MIN_LINUX_FOR: &str = "sk_lookup programs, BPF atomics, bpf_map_lookup_percpu_elem";
+pub const MIN_LINUX_FOR: &str = "sk_lookup programs, BPF atomics, bpf_map_lookup_percpu_elem, a tested verifier";
 
 /// A Linux release, major and minor (features come with those).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,6 +95,8 @@ enum Probe {
     Map(MapType),
     Helper(ProgramType, BpfHelper),
     Atomics,
+    /// No probe can tell: the release number decides.
+    Release,
 }
 
 const fn feature(name: &'static str, since: (u32, u32), probe: Probe) -> KernelFeature {
@@ -101,7 +104,7 @@ const fn feature(name: &'static str, since: (u32, u32), probe: Probe) -> KernelF
 }
 
 /// What the kernel object (`connlimit-ebpf`) uses, oldest first.
-pub const REQUIRED: [KernelFeature; 10] = [
+pub const REQUIRED: [KernelFeature; 11] = [
     feature("LRU hash maps", (4, 10), Probe::Map(MapType::LruHash)),
     feature("LPM trie maps", (4, 11), Probe::Map(MapType::LpmTrie)),
     feature("sock_ops programs", (4, 13), Probe::Program(ProgramType::SockOps)),
@@ -129,6 +132,11 @@ pub const REQUIRED: [KernelFeature; 10] = [
         (5, 19),
         Probe::Helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_map_lookup_percpu_elem),
     ),
+    // What the verifier accepts changes from release to release (6.1's
+    // rejected what 6.12's took), and no probe short of loading the
+    // programs tells: releases before the oldest one the kernel suites
+    // boot are refused here, with this line, not with a verifier log.
+    feature("a tested verifier", (6, 1), Probe::Release),
 ];
 
 impl KernelFeature {
@@ -139,6 +147,7 @@ impl KernelFeature {
             Probe::Map(map) => is_map_supported(map).map_err(io::Error::other),
             Probe::Helper(program, helper) => is_helper_supported(program, helper).map_err(io::Error::other),
             Probe::Atomics => probe_atomics(),
+            Probe::Release => Err(io::Error::other("only the release number tells")),
         }
     }
 }
@@ -274,7 +283,8 @@ mod tests {
         assert!(KernelVersion::new(5, 9) < KernelVersion::new(5, 19));
         assert!(KernelVersion::new(5, 19) < KernelVersion::new(6, 0));
         assert!(KernelVersion::new(6, 1) >= MIN_LINUX);
-        assert_eq!(MIN_LINUX.to_string(), "5.19");
+        assert!(KernelVersion::new(6, 0) < MIN_LINUX);
+        assert_eq!(MIN_LINUX.to_string(), "6.1");
     }
 
     #[test]
@@ -312,8 +322,8 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "connlimit needs Linux 5.19 or later (sk_lookup programs, BPF atomics, bpf_map_lookup_percpu_elem); \
-             this kernel (5.15.0-91-generic) lacks bpf_map_lookup_percpu_elem (Linux 5.19)"
+            "connlimit needs Linux 6.1 or later (sk_lookup programs, BPF atomics, bpf_map_lookup_percpu_elem, \
+             a tested verifier); this kernel (5.15.0-91-generic) lacks a tested verifier (Linux 6.1)"
         );
     }
 

@@ -1,0 +1,226 @@
+//! `cargo xtask kernels`, also the last stage of `cargo xtask test`: the
+//! kernel integration suites on the kernels distributions ship, each booted
+//! here under QEMU by virtme-ng (`vng`) with the host's own file system, so
+//! the test binaries this build made run unchanged in the guest.
+//!
+//! Guests run under TCG (`--disable-kvm`): `/dev/kvm` exists on these
+//! machines but nested guests hang at boot. That is several times slower,
+//! still correct. Everything is installed on first use, idempotently: QEMU,
+//! busybox (virtme-ng's init needs it), virtme-ng from PyPI, and each
+//! kernel from Debian (the 6.12 one from `bookworm-backports`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::packages;
+
+/// A kernel the suites are booted on.
+struct GuestKernel {
+    /// Its release series, as `/boot/vmlinuz-<series>.*` names it.
+    series: &'static str,
+    /// The Debian suite that ships it (`linux-image-amd64` there).
+    suite: &'static str,
+}
+
+/// Debian 12's own kernel (also the base of Amazon Linux 2023) and the LTS
+/// kernel of Debian 12's backports; the host's kernel is tested by the
+/// host run itself.
+const KERNELS: [GuestKernel; 2] =
+    [GuestKernel { series: "6.1", suite: "bookworm" }, GuestKernel { series: "6.12", suite: "bookworm-backports" }];
+
+/// The integration suites (`tests/tests/<name>.rs`) that load the kernel
+/// programs and drive real sockets.
+const SUITES: &[&str] = &["kernel", "attacks", "limits", "responder", "crash"];
+
+const VIRTME_NG_VERSION: &str = "1.42";
+
+/// Set to `1` to skip the guest kernels in `cargo xtask test` (the host run
+/// still happens); `cargo xtask kernels` always runs them.
+pub const SKIP_ENV: &str = "CONNLIMIT_SKIP_GUEST_KERNELS";
+
+/// Boots each of [`KERNELS`] and runs [`SUITES`] in it; fails if any suite
+/// fails or a guest does not report.
+pub fn run(root: &Path) -> Result<()> {
+    ensure_tools()?;
+    let tests = build_suites(root)?;
+    let mut failed = Vec::new();
+    for kernel in &KERNELS {
+        let image = ensure_kernel(kernel)?;
+        let started = Instant::now();
+        eprintln!("xtask: booting {} under QEMU (TCG) to run {}", image.display(), SUITES.join(", "));
+        let results = boot_and_test(root, &image, &tests)?;
+        for (suite, outcome) in SUITES.iter().zip(&results) {
+            println!("kernel {} · {suite}: {}", release_of(&image), outcome.summary);
+            if !outcome.passed {
+                failed.push(format!("{suite} on {}", release_of(&image)));
+            }
+        }
+        eprintln!("xtask: {} done in {:.0} s", release_of(&image), started.elapsed().as_secs_f64());
+    }
+    if !failed.is_empty() {
+        bail!("kernel suites failed: {} (logs above)", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// QEMU, busybox and virtme-ng.
+fn ensure_tools() -> Result<()> {
+    packages::ensure(&[("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")])?;
+    let works = |program: &str| Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success());
+    if works("vng") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing virtme-ng {VIRTME_NG_VERSION} from PyPI (once)");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", &format!("virtme-ng=={VIRTME_NG_VERSION}")])
+        .status()
+        .context("running pip")?;
+    if !status.success() || !works("vng") {
+        bail!("installing virtme-ng failed; install it with `pip install virtme-ng=={VIRTME_NG_VERSION}`");
+    }
+    Ok(())
+}
+
+/// `/boot/vmlinuz-<series>.*`, installed from Debian if missing.
+fn ensure_kernel(kernel: &GuestKernel) -> Result<PathBuf> {
+    if let Some(image) = installed_kernel(kernel.series)? {
+        return Ok(image);
+    }
+    eprintln!("xtask: installing Linux {} (linux-image-amd64 from {})", kernel.series, kernel.suite);
+    if kernel.suite.ends_with("-backports") {
+        packages::ensure_suite(kernel.suite)?;
+    }
+    // `package/suite` takes that suite's version; installing the 6.12
+    // meta-package later keeps the 6.1 image, its own package.
+    packages::apt(&["install", "-y", "-qq", "--allow-downgrades", &format!("linux-image-amd64/{}", kernel.suite)])?;
+    installed_kernel(kernel.series)?
+        .with_context(|| format!("linux-image-amd64 from {} installed no Linux {}", kernel.suite, kernel.series))
+}
+
+fn installed_kernel(series: &str) -> Result<Option<PathBuf>> {
+    let prefix = format!("vmlinuz-{series}.");
+    let mut images: Vec<PathBuf> = fs::read_dir("/boot")
+        .context("reading /boot")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+        .collect();
+    images.sort();
+    Ok(images.pop())
+}
+
+fn release_of(image: &Path) -> String {
+    image.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).unwrap_or("?").to_owned()
+}
+
+/// Builds the suites' test binaries (and the binaries they run) and
+/// returns their paths, in [`SUITES`] order.
+fn build_suites(root: &Path) -> Result<Vec<PathBuf>> {
+    crate::cargo(&["build", "--package", "connlimit-user", "--package", "connlimit-tests", "--bins"])?;
+    let mut args = vec!["test", "--no-run", "--package", "connlimit-tests", "--message-format=json"];
+    for suite in SUITES {
+        args.extend(["--test", suite]);
+    }
+    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(&args)
+        .current_dir(root)
+        .env("PATH", crate::bootstrap::path_with_cargo_bin()?)
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the kernel suites failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(name), Some(exe)) = (message["target"]["name"].as_str(), message["executable"].as_str()) else {
+            continue;
+        };
+        if message["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test")) {
+            found.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    SUITES
+        .iter()
+        .map(|suite| {
+            found.iter().find(|(name, _)| name == suite).map(|(_, exe)| exe.clone()).with_context(|| {
+                format!("cargo built no test binary for tests/tests/{suite}.rs")
+            })
+        })
+        .collect()
+}
+
+struct Outcome {
+    passed: bool,
+    summary: String,
+}
+
+/// What the guest runs as root: the set-up a distribution's boot would
+/// have done (bpffs at /sys/fs/bpf, mode 0700 as `cargo xtask bootstrap`
+/// mounts it; loopback up), then each suite, its output and exit status
+/// written to the shared folder.
+fn guest_script(out: &Path, tests: &[PathBuf]) -> String {
+    let mut script = String::from(
+        "set -u\n\
+         mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf\n\
+         ip link set lo up\n\
+         uname -r > OUT/release\n",
+    );
+    for (suite, exe) in SUITES.iter().zip(tests) {
+        script.push_str(&format!(
+            "'{exe}' --test-threads=2 > OUT/{suite}.log 2>&1; echo $? > OUT/{suite}.rc\n",
+            exe = exe.display()
+        ));
+    }
+    script.replace("OUT", &out.display().to_string())
+}
+
+fn boot_and_test(root: &Path, image: &Path, tests: &[PathBuf]) -> Result<Vec<Outcome>> {
+    let out = root.join("target").join("guest-kernels").join(release_of(image));
+    if out.exists() {
+        fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    fs::create_dir_all(&out)?;
+    let script = out.join("run.sh");
+    fs::write(&script, guest_script(&out, tests))?;
+    let status = Command::new("vng")
+        .arg("-r")
+        .arg(image)
+        .args(["--disable-microvm", "--disable-kvm", "--memory", "2G", "--rwdir"])
+        .arg(&out)
+        .arg("--")
+        .arg(format!("sh {}", script.display()))
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("running vng")?;
+    if !status.success() {
+        eprintln!("xtask: vng exited with {status}");
+    }
+    match fs::read_to_string(out.join("release")) {
+        Ok(release) if release.trim() == release_of(image) => {}
+        Ok(release) => bail!("the guest booted {} instead of {}", release.trim(), release_of(image)),
+        Err(_) => bail!("the guest for {} never ran its script (vng: {status})", image.display()),
+    }
+    Ok(SUITES
+        .iter()
+        .map(|suite| {
+            let log = fs::read_to_string(out.join(format!("{suite}.log"))).unwrap_or_default();
+            let rc = fs::read_to_string(out.join(format!("{suite}.rc"))).unwrap_or_default();
+            let passed = rc.trim() == "0";
+            if !passed {
+                eprintln!("---- {suite} on {} (exit {}) ----\n{log}", release_of(image), rc.trim());
+            }
+            let summary = log
+                .lines()
+                .rfind(|l| l.starts_with("test result:"))
+                .map(|l| l.trim_start_matches("test result: ").to_owned())
+                .unwrap_or_else(|| format!("no result (exit {:?})", rc.trim()));
+            Outcome { passed, summary }
+        })
+        .collect())
+}
