@@ -196,7 +196,7 @@ impl Server {
         cgroup.add_on_exec(&mut cmd);
         netns.enter_on_exec(&mut cmd);
         let server = Background::spawn(&mut cmd)?;
-        if !server.wait_for("listening", Duration::from_secs(10)) {
+        if !server.wait_for("listening", STARTUP) {
             bail!("the server did not start: {}", server.log());
         }
         Ok(Self(server))
@@ -207,6 +207,13 @@ impl Server {
         self.0.log().lines().filter(|l| l.starts_with("accepted ")).count()
     }
 }
+
+/// The bound on waiting for a process to start and say so (a server
+/// listening, `connlimit` enforcing). A bound, not a delay: a passing test
+/// returns as soon as the line appears. Generous because the kernel suites
+/// also run in guests under QEMU's TCG (`cargo xtask kernels`), where
+/// attaching takes several times as long as on the host.
+pub const STARTUP: Duration = Duration::from_secs(60);
 
 /// Waits until `cond` holds, for up to `timeout`.
 pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -16,8 +16,8 @@ use aya::maps::{Array, Map, MapData};
 use connlimit::ebpf::attachments::{AttachPoint, attached_programs};
 use connlimit_common::maps::InstanceInfo;
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually, require_kernel,
-    status_row, unique,
+    Background, Netns, STARTUP, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually,
+    require_kernel, status_row, unique,
 };
 use serde_json::Value;
 
@@ -48,7 +48,7 @@ fn fails(netns: &Netns, root: &Path, args: &[&str], message: &str) -> String {
 /// `connlimit run` in the background, once it enforces.
 fn start(netns: &Netns, root: &Path, args: &[&str]) -> Background {
     let child = Background::spawn(&mut connlimit_under(netns, root, args)).unwrap();
-    assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
+    assert!(child.wait_for("enforcing;", STARTUP), "{}", child.log());
     child
 }
 
@@ -135,7 +135,7 @@ fn exec_killed_keeps_enforcing_for_its_server() {
         &["exec", "--name", &name, "--port", "8092", "-m", "1", "--", HOLD_SERVER, "0.0.0.0:8092"],
     ))
     .unwrap();
-    assert!(exec.wait_for("listening", Duration::from_secs(10)), "{}", exec.log());
+    assert!(exec.wait_for("listening", STARTUP), "{}", exec.log());
     let exec_pid = exec.pid();
     let _a = netns.hello_from(me, server).unwrap();
     assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
@@ -412,7 +412,7 @@ fn ctrl_c_on_exec_reaches_the_server_once() {
     // As a shell runs a job: its own process group, the terminal's foreground.
     cmd.process_group(0);
     let exec = Background::spawn(&mut cmd).unwrap();
-    assert!(exec.wait_for("ready", Duration::from_secs(10)), "{}", exec.log());
+    assert!(exec.wait_for("ready", STARTUP), "{}", exec.log());
     // Ctrl-C: the terminal signals the whole foreground process group.
     // SAFETY: signalling our own child's process group.
     unsafe { libc::kill(-(exec.pid() as i32), libc::SIGINT) };

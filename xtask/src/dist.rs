@@ -78,7 +78,7 @@ pub fn deb(root: &Path, binary: &Path, output: &Path) -> Result<PathBuf> {
     build_deb(root, binary, output, true)
 }
 
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into)
 }
 

@@ -51,7 +51,7 @@ pub fn run(root: &Path) -> Result<()> {
     let tests = build_suites(root)?;
     let mut failed = Vec::new();
     for kernel in &KERNELS {
-        let image = ensure_kernel(kernel)?;
+        let image = ensure_kernel(kernel.series)?;
         let started = Instant::now();
         eprintln!("xtask: booting {} under QEMU (TCG) to run {}", image.display(), SUITES.join(", "));
         let results = boot_and_test(root, &image, &tests)?;
@@ -70,7 +70,7 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 /// QEMU, busybox and virtme-ng.
-fn ensure_tools() -> Result<()> {
+pub fn ensure_tools() -> Result<()> {
     packages::ensure(&[("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static")])?;
     let works = |program: &str| Command::new(program).arg("--version").output().is_ok_and(|o| o.status.success());
     if works("vng") {
@@ -87,8 +87,10 @@ fn ensure_tools() -> Result<()> {
     Ok(())
 }
 
-/// `/boot/vmlinuz-<series>.*`, installed from Debian if missing.
-fn ensure_kernel(kernel: &GuestKernel) -> Result<PathBuf> {
+/// `/boot/vmlinuz-<series>.*` of one of [`KERNELS`], installed from Debian
+/// if missing.
+pub fn ensure_kernel(series: &str) -> Result<PathBuf> {
+    let kernel = KERNELS.iter().find(|k| k.series == series).context("not a kernel the tests boot")?;
     if let Some(image) = installed_kernel(kernel.series)? {
         return Ok(image);
     }
@@ -148,9 +150,11 @@ fn build_suites(root: &Path) -> Result<Vec<PathBuf>> {
     SUITES
         .iter()
         .map(|suite| {
-            found.iter().find(|(name, _)| name == suite).map(|(_, exe)| exe.clone()).with_context(|| {
-                format!("cargo built no test binary for tests/tests/{suite}.rs")
-            })
+            found
+                .iter()
+                .find(|(name, _)| name == suite)
+                .map(|(_, exe)| exe.clone())
+                .with_context(|| format!("cargo built no test binary for tests/tests/{suite}.rs"))
         })
         .collect()
 }
@@ -162,13 +166,15 @@ struct Outcome {
 
 /// What the guest runs as root: the set-up a distribution's boot would
 /// have done (bpffs at /sys/fs/bpf, mode 0700 as `cargo xtask bootstrap`
-/// mounts it; loopback up), then each suite, its output and exit status
-/// written to the shared folder.
+/// mounts it; loopback up), the host's descriptor limit (the flood tests
+/// hold thousands of sockets; a guest's init starts at 1,024), then each
+/// suite, its output and exit status written to the shared folder.
 fn guest_script(out: &Path, tests: &[PathBuf]) -> String {
     let mut script = String::from(
         "set -u\n\
          mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=0700 bpf /sys/fs/bpf\n\
          ip link set lo up\n\
+         ulimit -n NOFILE\n\
          uname -r > OUT/release\n",
     );
     for (suite, exe) in SUITES.iter().zip(tests) {
@@ -177,7 +183,17 @@ fn guest_script(out: &Path, tests: &[PathBuf]) -> String {
             exe = exe.display()
         ));
     }
-    script.replace("OUT", &out.display().to_string())
+    script.replace("OUT", &out.display().to_string()).replace("NOFILE", &nofile_limit().to_string())
+}
+
+/// This process's hard limit on open files.
+fn nofile_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 65_536;
+    }
+    limit.rlim_max
 }
 
 fn boot_and_test(root: &Path, image: &Path, tests: &[PathBuf]) -> Result<Vec<Outcome>> {

@@ -9,6 +9,7 @@ mod bpf_object;
 mod dist;
 mod kernels;
 mod packages;
+mod systemd;
 
 use std::process::{Command, ExitCode};
 
@@ -42,6 +43,11 @@ enum Task {
     /// bookworm-backports, each booted under QEMU with virtme-ng (as root;
     /// installs QEMU, virtme-ng and the kernels if missing). About 15 minutes.
     Kernels,
+    /// Build the release files (`dist`) and test the .deb under a real
+    /// systemd: a Debian 12 virtual machine (root file system made by
+    /// mmdebstrap, systemd as PID 1) where systemctl starts, reloads,
+    /// restarts and kills the packaged service guarding nginx.
+    Systemd,
     /// Bootstrap, build, and run the `connlimit` CLI with ARGS (as root).
     /// Without ARGS, protect a demo server: Python's http.server on
     /// 127.0.0.1:8080, run as `nobody`, at most 10 connections per client IP.
@@ -128,10 +134,12 @@ fn run(task: Task) -> Result<()> {
             // A filtered run is a developer's quick look: no guests.
             if args.is_empty() && std::env::var(kernels::SKIP_ENV).as_deref() != Ok("1") {
                 kernels::run(&workspace_root())?;
+                systemd::run(&workspace_root())?;
             }
             Ok(())
         }
         Task::Kernels => kernels::run(&workspace_root()),
+        Task::Systemd => systemd::run(&workspace_root()),
         Task::Connlimit { args } => {
             let args: Vec<&str> =
                 if args.is_empty() { DEMO.to_vec() } else { args.iter().map(String::as_str).collect() };
