@@ -385,8 +385,19 @@ impl Staging<'_> {
             return Err(EbpfError::BadName(self.name.clone()));
         };
         let fd = self.root.dir.as_raw_fd();
-        // SAFETY: valid fds and NUL-terminated names.
-        let rc = unsafe { libc::renameat2(fd, from.as_ptr(), fd, to.as_ptr(), libc::RENAME_NOREPLACE) };
+        // Through syscall(2): musl (the static release build) has no
+        // renameat2 wrapper.
+        // SAFETY: valid fds and NUL-terminated names, which outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::c_long::from(fd),
+                from.as_ptr(),
+                libc::c_long::from(fd),
+                to.as_ptr(),
+                libc::c_long::from(libc::RENAME_NOREPLACE),
+            )
+        };
         if rc != 0 {
             let e = io::Error::last_os_error();
             return Err(if e.kind() == io::ErrorKind::AlreadyExists {

@@ -97,15 +97,15 @@ pub enum Command {
     Exec(ExecArgs),
     /// Run every instance a service file lists, as a long-lived service
     #[command(after_help = "Examples:\n  \
-        connlimit serve --config /etc/connlimit.toml\n  \
-        connlimit serve --config /etc/connlimit.toml --metrics-listen 127.0.0.1:9100\n\n\
+        connlimit serve --config /etc/connlimit/connlimit.toml\n  \
+        connlimit serve --config /etc/connlimit/connlimit.toml --metrics-listen 127.0.0.1:9100\n\n\
         SIGHUP rereads the file and applies it live: limits and ports change without dropping a \
         connection, instances are added and removed. A file with errors is reported and the \
         running configuration kept. Under systemd (Type=notify) READY=1 is sent once every \
         instance is attached. See contrib/connlimit.toml and contrib/connlimit.service.")]
     Serve(ServeArgs),
     /// Check a service file without attaching anything
-    #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit.toml\n\n\
+    #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit/connlimit.toml\n\n\
         Prints one error per problem, with its line, and exits with status 1 if there is any.")]
     CheckConfig(CheckConfigArgs),
     /// Change the live configuration of a running instance
