@@ -27,6 +27,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Config(_) | Command::Top(_) | Command::Status(_) | Command::CheckConfig(_)) {
+        end_quietly_on_a_closed_pipe();
+    }
     let format = cli.log_format.unwrap_or_else(|| match &cli.command {
         Command::Serve(args) => serve::log_format(&args.config).unwrap_or(LogFormat::Text),
         _ => LogFormat::Text,
@@ -55,4 +58,14 @@ fn main() -> ExitCode {
         eprintln!("connlimit: error: {e:#}");
         ExitCode::FAILURE
     })
+}
+
+/// Lets SIGPIPE end the process, as it ends other Unix tools, when what
+/// reads its output goes away (`connlimit status | head -1`); Rust ignores
+/// the signal, and a print to the closed pipe would panic. Only for the
+/// commands that print and exit: a process that enforces keeps running
+/// whatever happens to its output.
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: restoring a signal's default action, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
