@@ -7,6 +7,7 @@
 //! Needs root (CI runs it as root).
 
 use std::{
+    collections::BTreeSet,
     io::{ErrorKind, Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt,
@@ -143,6 +144,20 @@ impl Exec {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// The sockets (by inode) the server's processes hold open: what
+    /// `/proc/PID/fd` names `socket:[INODE]`. A connection's socket leaves
+    /// this set only when the server has closed it.
+    fn sockets(&self) -> BTreeSet<u64> {
+        self.procs()
+            .into_iter()
+            .flat_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten())
+            .filter_map(|fd| {
+                let target = std::fs::read_link(fd.ok()?.path()).ok()?;
+                target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
             .collect()
     }
 
@@ -365,9 +380,20 @@ fn lighttpd_daemonizing_by_default_is_limited() {
     exec.daemonized();
     let daemon = exec.procs();
     assert_eq!(daemon.len(), 1, "{daemon:?}: {}", exec.log());
+    let listener = exec.sockets();
+    assert_eq!(listener.len(), 1, "lighttpd holds its listener alone before any client comes");
 
     exactly_the_limit(&netns, &root.path, &name, SocketAddr::from(([127, 0, 0, 1], port)), 2, 3);
 
+    // lighttpd's status on SIGTERM is 0 only if it has no connection left
+    // open (1.4.69's main(): `if (NULL == srv->conns) rc = 0;`, else 1).
+    // Every client has hung up, but on a busy machine the daemon may not
+    // have read the last FIN and closed its side yet: wait until it has.
+    assert!(
+        eventually(Duration::from_secs(10), || exec.sockets() == listener),
+        "lighttpd closed the connections its clients hung up: holds {:?}, listener {listener:?}",
+        exec.sockets()
+    );
     let (code, log) = exec.stop();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("detached"), "{log}");
