@@ -252,10 +252,18 @@ fn nginx_daemonizing_by_default_stays_guarded_until_it_stops() {
         &[nginx.to_str().unwrap(), "-c", &conf, "-e", &dir.file("error.log")],
     );
     exec.daemonized();
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_to_string(&pid_file).is_ok()), "{}", exec.log());
-    let master: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    // nginx's launcher exits as soon as it has forked the master, which
+    // then creates the pid file (empty at first), writes its PID and only
+    // then starts its worker: wait for each.
+    let read_pid = || std::fs::read_to_string(&pid_file).ok()?.trim().parse::<i32>().ok();
+    assert!(eventually(Duration::from_secs(10), || read_pid().is_some()), "{}", exec.log());
+    let master = read_pid().unwrap();
     assert!(exec.procs().contains(&master), "the master runs in the guarded cgroup: {:?}", exec.procs());
-    assert_eq!(exec.procs().len(), 2, "master and one worker");
+    assert!(
+        eventually(Duration::from_secs(10), || exec.procs().len() == 2),
+        "master and one worker: {:?}",
+        exec.procs()
+    );
 
     let server = SocketAddr::from(([127, 0, 0, 1], port));
     exactly_the_limit(&netns, &root.path, &name, server, 2, 2);
@@ -308,7 +316,7 @@ fn nginx_with_two_reuseport_workers_is_limited_across_both() {
     );
     exec.daemonized();
     assert!(
-        eventually(Duration::from_secs(5), || exec.procs().len() == 3),
+        eventually(Duration::from_secs(10), || exec.procs().len() == 3),
         "master and two workers: {:?}",
         exec.procs()
     );
