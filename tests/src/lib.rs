@@ -336,25 +336,29 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
 pub struct Background {
     child: Option<Child>,
     log: Arc<std::sync::Mutex<String>>,
+    /// How many of the two output streams have reached their end.
+    ended: Arc<AtomicU32>,
 }
 
 impl Background {
     pub fn spawn(cmd: &mut Command) -> Result<Self> {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("spawning")?;
         let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let ended = Arc::new(AtomicU32::new(0));
         let streams: [Box<dyn Read + Send>; 2] =
             [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
         for stream in streams {
-            let log = log.clone();
+            let (log, ended) = (log.clone(), ended.clone());
             thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     let mut log = log.lock().unwrap();
                     log.push_str(&line);
                     log.push('\n');
                 }
+                ended.fetch_add(1, Ordering::SeqCst);
             });
         }
-        Ok(Self { child: Some(child), log })
+        Ok(Self { child: Some(child), log, ended })
     }
 
     /// The process id.
@@ -386,13 +390,13 @@ impl Background {
         (status, self.settled_log())
     }
 
-    /// Kills the process with SIGKILL, as a crash would, and reaps it;
-    /// returns the output.
-    pub fn kill(mut self) -> String {
+    /// Kills the process with SIGKILL, as a crash would, and reaps it. Its
+    /// output is not waited for: what it started (a server under `exec`)
+    /// lives on and may hold the pipes open.
+    pub fn kill(mut self) {
         let mut child = self.child.take().expect("running");
         let _ = child.kill();
         let _ = child.wait();
-        self.settled_log()
     }
 
     /// Waits for the process to exit by itself.
@@ -401,9 +405,11 @@ impl Background {
         (status, self.settled_log())
     }
 
-    /// The output once the reader threads have seen the pipes close.
+    /// The output once the reader threads have seen both pipes close (the
+    /// process has exited: only a descendant that kept them open, such as
+    /// a server's leftover helper, can delay that, so give up after 10 s).
     fn settled_log(&self) -> String {
-        thread::sleep(Duration::from_millis(50));
+        eventually(Duration::from_secs(10), || self.ended.load(Ordering::SeqCst) == 2);
         self.log()
     }
 }

@@ -77,7 +77,7 @@ fn total_network_limits_and_429_through_the_cli() {
 
     // The owner killed: the kernel keeps enforcing, 429s fall back to resets.
     ok(&netns, &["set", "--name", &name, "--refuse-with", "http-429"]);
-    let _log = run.kill();
+    run.kill();
     assert!(eventually(Duration::from_secs(5), || status_of(&netns, &name)["owner"] == "exited"));
     assert_eq!(netns.hello_from(b, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
     let table = String::from_utf8(ok(&netns, &["status"]).stdout).unwrap();

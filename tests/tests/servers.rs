@@ -7,6 +7,7 @@
 //! Needs root (CI runs it as root).
 
 use std::{
+    collections::BTreeSet,
     io::{ErrorKind, Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt,
@@ -146,6 +147,20 @@ impl Exec {
             .collect()
     }
 
+    /// The sockets (by inode) the server's processes hold open: what
+    /// `/proc/PID/fd` names `socket:[INODE]`. A connection's socket leaves
+    /// this set only when the server has closed it.
+    fn sockets(&self) -> BTreeSet<u64> {
+        self.procs()
+            .into_iter()
+            .flat_map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten())
+            .filter_map(|fd| {
+                let target = std::fs::read_link(fd.ok()?.path()).ok()?;
+                target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect()
+    }
+
     /// Waits until the first process has exited 0 and left a daemon.
     fn daemonized(&self) {
         assert!(
@@ -237,10 +252,18 @@ fn nginx_daemonizing_by_default_stays_guarded_until_it_stops() {
         &[nginx.to_str().unwrap(), "-c", &conf, "-e", &dir.file("error.log")],
     );
     exec.daemonized();
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_to_string(&pid_file).is_ok()), "{}", exec.log());
-    let master: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    // nginx's launcher exits as soon as it has forked the master, which
+    // then creates the pid file (empty at first), writes its PID and only
+    // then starts its worker: wait for each.
+    let read_pid = || std::fs::read_to_string(&pid_file).ok()?.trim().parse::<i32>().ok();
+    assert!(eventually(Duration::from_secs(10), || read_pid().is_some()), "{}", exec.log());
+    let master = read_pid().unwrap();
     assert!(exec.procs().contains(&master), "the master runs in the guarded cgroup: {:?}", exec.procs());
-    assert_eq!(exec.procs().len(), 2, "master and one worker");
+    assert!(
+        eventually(Duration::from_secs(10), || exec.procs().len() == 2),
+        "master and one worker: {:?}",
+        exec.procs()
+    );
 
     let server = SocketAddr::from(([127, 0, 0, 1], port));
     exactly_the_limit(&netns, &root.path, &name, server, 2, 2);
@@ -293,7 +316,7 @@ fn nginx_with_two_reuseport_workers_is_limited_across_both() {
     );
     exec.daemonized();
     assert!(
-        eventually(Duration::from_secs(5), || exec.procs().len() == 3),
+        eventually(Duration::from_secs(10), || exec.procs().len() == 3),
         "master and two workers: {:?}",
         exec.procs()
     );
@@ -365,9 +388,20 @@ fn lighttpd_daemonizing_by_default_is_limited() {
     exec.daemonized();
     let daemon = exec.procs();
     assert_eq!(daemon.len(), 1, "{daemon:?}: {}", exec.log());
+    let listener = exec.sockets();
+    assert_eq!(listener.len(), 1, "lighttpd holds its listener alone before any client comes");
 
     exactly_the_limit(&netns, &root.path, &name, SocketAddr::from(([127, 0, 0, 1], port)), 2, 3);
 
+    // lighttpd's status on SIGTERM is 0 only if it has no connection left
+    // open (1.4.69's main(): `if (NULL == srv->conns) rc = 0;`, else 1).
+    // Every client has hung up, but on a busy machine the daemon may not
+    // have read the last FIN and closed its side yet: wait until it has.
+    assert!(
+        eventually(Duration::from_secs(10), || exec.sockets() == listener),
+        "lighttpd closed the connections its clients hung up: holds {:?}, listener {listener:?}",
+        exec.sockets()
+    );
     let (code, log) = exec.stop();
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("detached"), "{log}");
