@@ -8,7 +8,9 @@ use connlimit::ebpf::{
     Instance,
     attachments::{AttachPoint, attached_programs},
 };
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique};
+use harness::{
+    BOUND, Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique,
+};
 use serde_json::Value;
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
@@ -65,7 +67,7 @@ fn operator_walkthrough_exec_set_top_status_detach() {
     );
     let exec = Background::spawn(&mut exec).unwrap();
     // hold-server says "listening" once its listener is up.
-    assert!(exec.wait_for("listening", Duration::from_secs(10)), "{}", exec.log());
+    assert!(exec.wait_for("listening", BOUND), "{}", exec.log());
 
     let me = client_v4(1);
     let _a = netns.hello_from(me, server).unwrap();
@@ -167,8 +169,6 @@ fn run_persist_then_adopt_then_detach() {
     let log = stop(start(&[]));
     assert!(log.contains("adopted"), "{log}");
     assert!(!running(&name));
-    assert!(eventually(Duration::from_secs(2), || attached_programs(&netns.path(), AttachPoint::SkLookup)
-        .unwrap()
-        .is_empty()));
+    assert!(eventually(BOUND, || attached_programs(&netns.path(), AttachPoint::SkLookup).unwrap().is_empty()));
     let _free = netns.hello_from(me, server).unwrap();
 }

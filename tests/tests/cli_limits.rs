@@ -10,7 +10,9 @@ use std::{
 };
 
 use connlimit::http::TOO_MANY_CONNECTIONS_RESPONSE;
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique};
+use harness::{
+    BOUND, Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique,
+};
 use serde_json::{Value, json};
 
 const HOLD_SERVER: &str = env!("CARGO_BIN_EXE_hold-server");
@@ -78,7 +80,7 @@ fn total_network_limits_and_429_through_the_cli() {
     // The owner killed: the kernel keeps enforcing, 429s fall back to resets.
     ok(&netns, &["set", "--name", &name, "--refuse-with", "http-429"]);
     run.kill();
-    assert!(eventually(Duration::from_secs(5), || status_of(&netns, &name)["owner"] == "exited"));
+    assert!(eventually(BOUND, || status_of(&netns, &name)["owner"] == "exited"));
     assert_eq!(netns.hello_from(b, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
     let table = String::from_utf8(ok(&netns, &["status"]).stdout).unwrap();
     assert!(table.contains("429 responder down: refusing with a reset"), "{table}");

@@ -16,8 +16,8 @@ use aya::maps::{Array, Map, MapData};
 use connlimit::ebpf::attachments::{AttachPoint, attached_programs};
 use connlimit_common::maps::InstanceInfo;
 use harness::{
-    Background, Netns, STARTUP, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually,
-    require_kernel, status_row, unique,
+    BOUND, Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually, require_kernel,
+    status_row, unique,
 };
 use serde_json::Value;
 
@@ -48,7 +48,7 @@ fn fails(netns: &Netns, root: &Path, args: &[&str], message: &str) -> String {
 /// `connlimit run` in the background, once it enforces.
 fn start(netns: &Netns, root: &Path, args: &[&str]) -> Background {
     let child = Background::spawn(&mut connlimit_under(netns, root, args)).unwrap();
-    assert!(child.wait_for("enforcing;", STARTUP), "{}", child.log());
+    assert!(child.wait_for("enforcing;", BOUND), "{}", child.log());
     child
 }
 
@@ -117,7 +117,7 @@ fn run_killed_keeps_enforcing_then_the_same_run_adopts_and_detach_cleans_the_orp
     let out = succeeds(&netns, &root.path, &["detach", &name]);
     assert!(out.contains("detached"), "{out}");
     assert!(status_row(&netns, &root.path, &name).is_none());
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 0));
     let _free = netns.hello_from(me, server).unwrap();
 }
 
@@ -135,7 +135,7 @@ fn exec_killed_keeps_enforcing_for_its_server() {
         &["exec", "--name", &name, "--port", "8092", "-m", "1", "--", HOLD_SERVER, "0.0.0.0:8092"],
     ))
     .unwrap();
-    assert!(exec.wait_for("listening", STARTUP), "{}", exec.log());
+    assert!(exec.wait_for("listening", BOUND), "{}", exec.log());
     let exec_pid = exec.pid();
     let _a = netns.hello_from(me, server).unwrap();
     assert_eq!(netns.hello_from(me, server).unwrap_err().kind(), ErrorKind::ConnectionRefused);
@@ -164,7 +164,7 @@ fn exec_killed_keeps_enforcing_for_its_server() {
         // SAFETY: killing the test's own server.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    assert!(eventually(Duration::from_secs(5), || std::fs::remove_dir(&cgroup).is_ok()));
+    assert!(eventually(BOUND, || std::fs::remove_dir(&cgroup).is_ok()));
 }
 
 #[test]
@@ -240,11 +240,11 @@ fn a_crash_in_the_middle_of_attach_leaves_nothing_listed_or_in_the_way() {
     // The next attach clears the leftover (and its pinned links) and proceeds.
     let run = start(&netns, &root.path, &args);
     assert_eq!(root.entries(), vec![name.clone()]);
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 1));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 1));
     assert_eq!(status_row(&netns, &root.path, &name).unwrap()["owner"], "running");
     let (status, log) = run.stop();
     assert!(status.success(), "{log}");
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 0));
     assert!(root.entries().is_empty(), "{:?}", root.entries());
 }
 
@@ -352,7 +352,7 @@ fn detach_never_signals_a_reused_pid() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(decoy.wait().unwrap().signal(), Some(libc::SIGTERM));
     assert!(status_row(&netns, &root.path, &name).is_none());
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 0));
 }
 
 #[test]
@@ -375,7 +375,7 @@ fn sighup_detaches_run_and_leaves_a_persisted_one_unowned() {
     let log = hangup(start(&netns, &root.path, &args));
     assert!(log.contains("detached"), "{log}");
     assert!(status_row(&netns, &root.path, &name).is_none());
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 0));
 
     let mut persist = args.to_vec();
     persist.push("--persist");
@@ -386,7 +386,7 @@ fn sighup_detaches_run_and_leaves_a_persisted_one_unowned() {
     let table = succeeds(&netns, &root.path, &["status"]);
     assert!(table.contains("persisted (no owner)"), "{table}");
     succeeds(&netns, &root.path, &["detach", &name]);
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 0));
 
     // `detach` stops a running persisted owner and removes what it leaves.
     let owner = start(&netns, &root.path, &persist);
@@ -395,7 +395,7 @@ fn sighup_detaches_run_and_leaves_a_persisted_one_unowned() {
     let (status, log) = owner.wait();
     assert!(status.success() && log.contains("left enforcing"), "{log}");
     assert!(status_row(&netns, &root.path, &name).is_none());
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 0));
 }
 
 #[test]
@@ -412,7 +412,7 @@ fn ctrl_c_on_exec_reaches_the_server_once() {
     // As a shell runs a job: its own process group, the terminal's foreground.
     cmd.process_group(0);
     let exec = Background::spawn(&mut cmd).unwrap();
-    assert!(exec.wait_for("ready", STARTUP), "{}", exec.log());
+    assert!(exec.wait_for("ready", BOUND), "{}", exec.log());
     // Ctrl-C: the terminal signals the whole foreground process group.
     // SAFETY: signalling our own child's process group.
     unsafe { libc::kill(-(exec.pid() as i32), libc::SIGINT) };
@@ -509,5 +509,5 @@ fn an_instance_of_another_layout_version_is_refused_with_the_fix() {
 
     succeeds(&netns, &root.path, &["detach", &name, "--force"]);
     assert!(root.entries().is_empty(), "{:?}", root.entries());
-    assert!(eventually(Duration::from_secs(2), || lookup_programs(&netns) == 0));
+    assert!(eventually(BOUND, || lookup_programs(&netns) == 0));
 }

@@ -6,7 +6,6 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, SocketAddr},
     thread,
-    time::Duration,
 };
 
 use connlimit::{
@@ -14,7 +13,7 @@ use connlimit::{
     ebpf::{Instance, MAX_RESPONDING, RefuseWith},
     http::TOO_MANY_CONNECTIONS_RESPONSE,
 };
-use harness::{Netns, client_v4, eventually, require_kernel};
+use harness::{BOUND, Netns, client_v4, eventually, require_kernel};
 
 mod common;
 use common::{PORT, Setup, assert_accepted, assert_refused, loopback_like};
@@ -142,7 +141,7 @@ fn a_flood_of_over_limit_clients_is_bounded() {
     assert_accepted(&s.server, 200);
     assert!(s.limiter.clients().unwrap().iter().all(|c| c.open == 1));
     // Descriptors come back once the last answers are drained (1 s at most).
-    assert!(eventually(Duration::from_secs(5), || open_fds() <= fds_before + 2), "fds {} > {fds_before}", open_fds());
+    assert!(eventually(BOUND, || open_fds() <= fds_before + 2), "fds {} > {fds_before}", open_fds());
     let grown = rss_kib().saturating_sub(rss_before);
     assert!(grown < 64 * 1024, "the responder grew by {grown} KiB");
     drop(held);

@@ -17,7 +17,7 @@ use std::{
 };
 
 use harness::{
-    Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually, require_command,
+    BOUND, Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_under, eventually, require_command,
     require_kernel, status_row, unique,
 };
 
@@ -100,7 +100,7 @@ fn exactly_the_limit(netns: &Netns, root: &Path, name: &str, server: SocketAddr,
     assert_eq!(counts(netns, root, name), (limit * u64::from(clients), u64::from(clients)));
     drop(held);
     assert!(
-        eventually(Duration::from_secs(10), || counts(netns, root, name).0 == 0),
+        eventually(BOUND, || counts(netns, root, name).0 == 0),
         "counts back to zero: {:?}",
         counts(netns, root, name)
     );
@@ -164,7 +164,7 @@ impl Exec {
     /// Waits until the first process has exited 0 and left a daemon.
     fn daemonized(&self) {
         assert!(
-            self.wait_for("guarding until they exit", Duration::from_secs(10)),
+            self.wait_for("guarding until they exit", BOUND),
             "the launcher did not exit leaving a daemon: {}",
             self.log()
         );
@@ -256,14 +256,10 @@ fn nginx_daemonizing_by_default_stays_guarded_until_it_stops() {
     // then creates the pid file (empty at first), writes its PID and only
     // then starts its worker: wait for each.
     let read_pid = || std::fs::read_to_string(&pid_file).ok()?.trim().parse::<i32>().ok();
-    assert!(eventually(Duration::from_secs(10), || read_pid().is_some()), "{}", exec.log());
+    assert!(eventually(BOUND, || read_pid().is_some()), "{}", exec.log());
     let master = read_pid().unwrap();
     assert!(exec.procs().contains(&master), "the master runs in the guarded cgroup: {:?}", exec.procs());
-    assert!(
-        eventually(Duration::from_secs(10), || exec.procs().len() == 2),
-        "master and one worker: {:?}",
-        exec.procs()
-    );
+    assert!(eventually(BOUND, || exec.procs().len() == 2), "master and one worker: {:?}", exec.procs());
 
     let server = SocketAddr::from(([127, 0, 0, 1], port));
     exactly_the_limit(&netns, &root.path, &name, server, 2, 2);
@@ -274,7 +270,7 @@ fn nginx_daemonizing_by_default_stays_guarded_until_it_stops() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(exec.pid(), libc::SIGHUP) };
     assert!(
-        eventually(Duration::from_secs(10), || {
+        eventually(BOUND, || {
             let procs = exec.procs();
             procs.len() == 2 && procs.contains(&master) && !old_worker.iter().any(|p| procs.contains(p))
         }),
@@ -315,11 +311,7 @@ fn nginx_with_two_reuseport_workers_is_limited_across_both() {
         &[nginx.to_str().unwrap(), "-c", &conf, "-e", &dir.file("error.log")],
     );
     exec.daemonized();
-    assert!(
-        eventually(Duration::from_secs(10), || exec.procs().len() == 3),
-        "master and two workers: {:?}",
-        exec.procs()
-    );
+    assert!(eventually(BOUND, || exec.procs().len() == 3), "master and two workers: {:?}", exec.procs());
     // One listening socket per worker.
     let listeners = netns.run(move || {
         use connlimit::ebpf::sock_diag::SockDiag;
@@ -398,7 +390,7 @@ fn lighttpd_daemonizing_by_default_is_limited() {
     // Every client has hung up, but on a busy machine the daemon may not
     // have read the last FIN and closed its side yet: wait until it has.
     assert!(
-        eventually(Duration::from_secs(10), || exec.sockets() == listener),
+        eventually(BOUND, || exec.sockets() == listener),
         "lighttpd closed the connections its clients hung up: holds {:?}, listener {listener:?}",
         exec.sockets()
     );
@@ -436,7 +428,7 @@ fn shell_daemons_keep_exec_guarding_and_set_its_status() {
     // lives on, and so does the guard.
     // SAFETY: signalling our own child.
     unsafe { libc::kill(exec.pid(), libc::SIGTERM) };
-    assert!(eventually(Duration::from_secs(5), || !alive(main)));
+    assert!(eventually(BOUND, || !alive(main)));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(exec.procs().len(), 1, "the helper is left alone: {}", exec.log());
     assert!(status_row(&netns, &root.path, &name).is_some(), "still guarding the helper");
@@ -456,7 +448,7 @@ fn a_failed_first_process_sets_the_status_and_nothing_is_killed_unasked() {
     let netns = Netns::new().unwrap();
     let name = unique("srv-fail");
     let exec = Exec::start(&netns, &root.path, &name, &["-p", "18804", "-m", "1"], &["sh", "-c", "sleep 300 & exit 3"]);
-    assert!(exec.wait_for("first process failed", Duration::from_secs(10)), "{}", exec.log());
+    assert!(exec.wait_for("first process failed", BOUND), "{}", exec.log());
     assert_eq!(exec.procs().len(), 1, "the leftover is not killed");
     let (code, log) = exec.stop();
     assert_eq!(code, Some(3), "{log}");
@@ -509,7 +501,7 @@ fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let _held = netns.hello_from(me, addr).unwrap();
     assert_eq!(netns.hello_from(me, addr).unwrap_err().kind(), ErrorKind::ConnectionRefused);
-    assert!(eventually(Duration::from_secs(2), || server.accepted() == 1), "the refused one never reached the server");
+    assert!(eventually(BOUND, || server.accepted() == 1), "the refused one never reached the server");
     let (status, log) = guard.stop();
     assert!(status.success() && log.contains("detached"), "{log}");
     let calls = std::fs::read_to_string(dir.file("calls")).unwrap();
