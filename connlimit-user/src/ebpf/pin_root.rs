@@ -61,6 +61,29 @@ fn cstring(bytes: &OsStr) -> io::Result<CString> {
     CString::new(bytes.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// The system user the packaged unit runs connlimit as.
+pub const SERVICE_USER: &str = "connlimit";
+
+/// Whether `uid` is [`SERVICE_USER`] and the pin root `path` sits in a
+/// directory only root can change (bpffs mounted 0700, as connlimit and
+/// systemd mount it): then root made the pin root and gave it to that
+/// user, and no other user can have put it there.
+fn is_service_users(uid: libc::uid_t, path: &Path) -> bool {
+    let Ok(name) = std::ffi::CString::new(SERVICE_USER) else { return false };
+    // SAFETY: a NUL-terminated name; the result is read at once, before any
+    // other call that could reuse its storage.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    // SAFETY: non-null entries point at a valid passwd record.
+    if entry.is_null() || unsafe { (*entry).pw_uid } != uid {
+        return false;
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    fs::metadata(parent).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0 && m.mode() & 0o022 == 0
+    })
+}
+
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
@@ -226,9 +249,10 @@ impl PinRoot {
         );
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
-        // Root's, or the dedicated user's that connlimit runs as (the
-        // systemd unit's `connlimit`): nobody else may control it.
-        if st.st_uid != 0 && st.st_uid != me {
+        // Root's, ours, or the service user's (the systemd unit runs as
+        // `connlimit` and owns the root it is given, which root's `status`
+        // and `top` then read): nobody else may control it.
+        if st.st_uid != 0 && st.st_uid != me && !is_service_users(st.st_uid, &path) {
             return Err(refuse(
                 &format!("is owned by uid {}, not root (or uid {me}, which runs connlimit)", st.st_uid),
                 secure,
