@@ -27,8 +27,10 @@ enum Task {
     /// matching the nightly's LLVM, and a bpffs mounted at /sys/fs/bpf (mode
     /// 0700, root only).
     Bootstrap,
-    /// Bootstrap, then run clippy and the whole test suite (the eBPF
-    /// integration tests need root).
+    /// Bootstrap, then run clippy, build the release files (`dist`, which
+    /// the package test installs; skipped when CONNLIMIT_DIST_DIR names
+    /// them) and run the whole test suite (the eBPF integration tests need
+    /// root).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
@@ -53,19 +55,10 @@ enum Task {
         check: bool,
     },
     /// Build the release artifacts under target/dist/: a static (musl)
-    /// x86_64 `connlimit` in a tarball, a Debian package, and SHA-256 sums.
+    /// x86_64 `connlimit` in a tarball, a Debian package, and SHA-256 sums;
+    /// with podman installed, also the container image
+    /// (contrib/Containerfile) localhost/connlimit:VERSION.
     Dist,
-    /// Package a built `connlimit` binary as a Debian package (what `dist`
-    /// does; the package test uses it on the binary the suite built).
-    #[command(hide = true)]
-    Deb {
-        /// The `connlimit` binary to package.
-        #[arg(long)]
-        binary: std::path::PathBuf,
-        /// Folder to write the .deb to.
-        #[arg(long)]
-        output: std::path::PathBuf,
-    },
     /// Benchmark connlimit against no limiter, iptables, nftables and the
     /// userspace core, side by side (as root; installs iptables and nftables
     /// if missing), print the report and put it in BENCHMARKS.md.
@@ -78,6 +71,10 @@ enum Task {
         args: Vec<String>,
     },
 }
+
+/// Where the tests find the release files of `cargo xtask dist`
+/// (tests/tests/install.rs).
+const DIST_DIR_VAR: &str = "CONNLIMIT_DIST_DIR";
 
 /// The main job's default: one command protecting an unmodified server.
 const DEMO: &[&str] = &[
@@ -114,9 +111,16 @@ fn run(task: Task) -> Result<()> {
         Task::Test { args } => {
             packages::ensure(packages::FOR_TESTS)?;
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            // The package test installs exactly the release files: build
+            // them first, unless CONNLIMIT_DIST_DIR names them already.
+            let dist = match std::env::var_os(DIST_DIR_VAR) {
+                Some(dir) => std::path::PathBuf::from(dir),
+                None => dist::run(&workspace_root())?,
+            };
+            let dist = dist.to_str().context("the dist folder's path is not UTF-8")?.to_owned();
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            cargo_with_env(&test, &[(DIST_DIR_VAR, &dist)])
         }
         Task::Connlimit { args } => {
             let args: Vec<&str> =
@@ -128,10 +132,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Bench { no_write, args } => bench::run(no_write, &args),
         Task::BpfObject { check } => bpf_object::run(&workspace_root(), check),
-        Task::Dist => dist::run(&workspace_root()),
-        Task::Deb { binary, output } => {
-            dist::deb(&workspace_root(), &binary, &output).map(|deb| println!("{}", deb.display()))
-        }
+        Task::Dist => dist::run(&workspace_root()).map(drop),
         // The reference test rewrites docs/CLI.md when asked to.
         Task::Docs => cargo_with_env(
             &["test", "--package", "connlimit-user", "--test", "cli_reference"],
