@@ -199,6 +199,8 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     assert!(file.contains("static") && !file.contains("interpreter"), "not a static binary: {file}");
     let released = run(Command::new(&binary).arg("--version")).stdout;
     let unit_in_tarball = fs::read_to_string(unpacked.join(&folder).join("connlimit.service")).unwrap();
+    let sysusers_in_tarball = fs::read_to_string(unpacked.join(&folder).join("connlimit.sysusers")).unwrap();
+    assert!(unpacked.join(&folder).join("Containerfile").is_file(), "the tarball lacks the Containerfile");
     let _ = fs::remove_dir_all(&unpacked);
     assert!(String::from_utf8_lossy(&released).starts_with(concat!("connlimit ", env!("CARGO_PKG_VERSION"))));
 
@@ -250,6 +252,7 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     // (the tarball's unit is the same file), and the file checks.
     let unit_text = fs::read_to_string(unit).unwrap();
     assert_eq!(unit_text, unit_in_tarball);
+    assert_eq!(fs::read_to_string(sysusers).unwrap(), sysusers_in_tarball);
     let exec_lines: Vec<&str> = unit_text.lines().filter(|l| l.starts_with("ExecStart")).collect();
     assert!(
         exec_lines.contains(&"ExecStartPre=/usr/bin/connlimit check-config /etc/connlimit/connlimit.toml"),

@@ -2,7 +2,8 @@
 //!
 //! - `connlimit-<version>-x86_64-unknown-linux-musl.tar.gz`: a statically
 //!   linked `connlimit` with the README, the licences, the changelog, the
-//!   systemd unit and the example config;
+//!   systemd unit, its sysusers.d file, the example config and the
+//!   Containerfile;
 //! - `connlimit_<version>-1_amd64.deb`, made by cargo-deb from
 //!   `[package.metadata.deb]` in connlimit-user/Cargo.toml;
 //! - `SHA256SUMS`, for `sha256sum -c`;
@@ -35,6 +36,8 @@ const TARBALL_FILES: &[(&str, &str)] = &[
     ("LICENSE-APACHE", "LICENSE-APACHE"),
     ("contrib/connlimit.service", "connlimit.service"),
     ("contrib/connlimit.toml", "connlimit.toml"),
+    ("contrib/connlimit.sysusers", "connlimit.sysusers"),
+    ("contrib/Containerfile", "Containerfile"),
 ];
 
 /// The name `dist` gives the image it builds.
