@@ -1,6 +1,9 @@
 //! Installing connlimit like any other tool: the library and the binary
 //! build with a stock stable toolchain (no nightly, no bpf-linker), and the
-//! Debian package installs, runs, verifies and removes cleanly.
+//! release files of `cargo xtask dist` (the static musl binary's tarball and
+//! Debian package, named by `CONNLIMIT_DIST_DIR`, which `cargo xtask test`
+//! sets) are what they claim, and the package installs, creates its user,
+//! verifies and removes cleanly.
 //!
 //! The stock-toolchain builds run cargo with a PATH of the stable
 //! toolchain's own directory and the system's (no rustup, no cargo bin
@@ -117,15 +120,30 @@ fn binary_builds_on_stable_with_the_kept_kernel_object() {
     assert!(version.lines().any(|l| l == format!("kernel object {hash}")), "{version}");
 }
 
-/// The CLI binary the suite built (see cli.rs).
-fn connlimit_bin() -> PathBuf {
-    let bin = target_dir().join("debug").join("connlimit");
-    assert!(
-        bin.exists(),
-        "{} is missing; build it with `cargo build -p connlimit-user --bin connlimit`",
-        bin.display()
-    );
-    bin
+/// The release files of `cargo xtask dist` (`cargo xtask test` builds them
+/// and names their folder in `CONNLIMIT_DIST_DIR`).
+fn dist_dir() -> PathBuf {
+    let Some(dir) = std::env::var_os("CONNLIMIT_DIST_DIR") else {
+        panic!(
+            "CONNLIMIT_DIST_DIR is not set: this test installs the release files themselves. Run it through \
+             `cargo xtask test`, or run `cargo xtask dist` and set CONNLIMIT_DIST_DIR=target/dist"
+        )
+    };
+    let dir = PathBuf::from(dir);
+    assert!(dir.join("SHA256SUMS").is_file(), "{} holds no SHA256SUMS; run `cargo xtask dist`", dir.display());
+    dir
+}
+
+/// The one file in `dir` whose name ends with `suffix`.
+fn one_file(dir: &Path, suffix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    assert_eq!(found.len(), 1, "expected one *{suffix} in {}: {found:?}", dir.display());
+    found.into_iter().next().unwrap()
 }
 
 /// Purges the package when the test ends, however it ends.
@@ -142,9 +160,50 @@ fn installed_status() -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `getent passwd connlimit`, split into its fields.
+fn connlimit_user() -> Option<Vec<String>> {
+    let out = Command::new("getent").args(["passwd", "connlimit"]).output().unwrap();
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().split(':').map(str::to_owned).collect())
+}
+
 #[test]
-fn debian_package_installs_runs_verifies_and_removes_cleanly() {
+fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges_cleanly() {
     require_kernel!();
+    let dist = dist_dir();
+    let tarball = one_file(&dist, "-x86_64-unknown-linux-musl.tar.gz");
+    let deb = one_file(&dist, "_amd64.deb");
+
+    // SHA256SUMS names exactly the tarball and the package, with their sums.
+    let sums = fs::read_to_string(dist.join("SHA256SUMS")).unwrap();
+    let mut named = Vec::new();
+    for line in sums.lines() {
+        let (digest, name) = line.split_once("  ").unwrap_or_else(|| panic!("bad SHA256SUMS line {line:?}"));
+        let actual: String =
+            Sha256::digest(fs::read(dist.join(name)).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(digest, actual, "SHA256SUMS is wrong for {name}");
+        named.push(name.to_owned());
+    }
+    named.sort();
+    let mut expected =
+        [tarball.file_name().unwrap(), deb.file_name().unwrap()].map(|n| n.to_string_lossy().into_owned());
+    expected.sort();
+    assert_eq!(named, expected);
+
+    // The tarball's binary is static (no program interpreter) and runs.
+    let unpacked = target_dir().join(format!("release-test-{}", std::process::id()));
+    fs::create_dir_all(&unpacked).unwrap();
+    run(Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&unpacked));
+    let folder = tarball.file_name().unwrap().to_string_lossy().trim_end_matches(".tar.gz").to_owned();
+    let binary = unpacked.join(&folder).join("connlimit");
+    let file = String::from_utf8(run(Command::new("file").arg("-b").arg(&binary)).stdout).unwrap();
+    assert!(file.contains("static") && !file.contains("interpreter"), "not a static binary: {file}");
+    let released = run(Command::new(&binary).arg("--version")).stdout;
+    let unit_in_tarball = fs::read_to_string(unpacked.join(&folder).join("connlimit.service")).unwrap();
+    let sysusers_in_tarball = fs::read_to_string(unpacked.join(&folder).join("connlimit.sysusers")).unwrap();
+    assert!(unpacked.join(&folder).join("Containerfile").is_file(), "the tarball lacks the Containerfile");
+    let _ = fs::remove_dir_all(&unpacked);
+    assert!(String::from_utf8_lossy(&released).starts_with(concat!("connlimit ", env!("CARGO_PKG_VERSION"))));
+
     // One package test at a time on this machine (dpkg's own lock fails
     // instead of waiting).
     let lock = fs::File::create("/tmp/connlimit-package-test.lock").unwrap();
@@ -157,21 +216,10 @@ fn debian_package_installs_runs_verifies_and_removes_cleanly() {
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
         run(Command::new("apt-get").args(["install", "-y", "-qq", "systemd"]).env("DEBIAN_FRONTEND", "noninteractive"));
     }
-
-    // The package of the binary the suite built, made as `cargo xtask dist` makes it.
-    let out_dir = target_dir().join(format!("package-test-{}", std::process::id()));
-    let xtask = run(Command::new(env!("CARGO"))
-        .args(["run", "--quiet", "--package", "xtask", "--", "deb", "--binary"])
-        .arg(connlimit_bin())
-        .arg("--output")
-        .arg(&out_dir)
-        .current_dir(workspace()));
-    let deb = PathBuf::from(String::from_utf8(xtask.stdout).unwrap().trim());
-    assert!(deb.is_file(), "{}", deb.display());
+    let user_before = connlimit_user();
 
     let _purge = Purge;
     run(Command::new("dpkg").arg("--install").arg(&deb));
-    let _ = fs::remove_dir_all(&out_dir);
     let files: Vec<PathBuf> = String::from_utf8(run(Command::new("dpkg").args(["--listfiles", "connlimit"])).stdout)
         .unwrap()
         .lines()
@@ -180,16 +228,49 @@ fn debian_package_installs_runs_verifies_and_removes_cleanly() {
         .collect();
     let conffile = Path::new("/etc/connlimit/connlimit.toml");
     let unit = Path::new("/usr/lib/systemd/system/connlimit.service");
-    for wanted in [Path::new("/usr/bin/connlimit"), unit, conffile] {
+    let sysusers = Path::new("/usr/lib/sysusers.d/connlimit.conf");
+    for wanted in [Path::new("/usr/bin/connlimit"), unit, conffile, sysusers] {
         assert!(files.iter().any(|f| f == wanted), "the package lacks {}: {files:?}", wanted.display());
     }
 
-    // The installed binary is the one packaged: same version, commit and kernel object.
+    // The installed binary is the released one: same version, commit and kernel object.
     let installed = run(Command::new("/usr/bin/connlimit").arg("--version")).stdout;
-    assert_eq!(installed, run(Command::new(connlimit_bin()).arg("--version")).stdout);
-    assert!(String::from_utf8_lossy(&installed).starts_with(concat!("connlimit ", env!("CARGO_PKG_VERSION"))));
+    assert_eq!(String::from_utf8_lossy(&installed), String::from_utf8_lossy(&released));
 
-    // The unit is valid, and installed but not enabled.
+    // The unit's user exists: a system user without a login shell, made by
+    // postinst (or left as it was if it existed).
+    let user = connlimit_user().expect("the package did not create the user connlimit");
+    assert!(user[2].parse::<u32>().unwrap() < 1000, "connlimit is not a system user: {user:?}");
+    assert!(user[6].ends_with("nologin"), "connlimit can log in: {user:?}");
+    if let Some(before) = &user_before {
+        assert_eq!(&user, before, "postinst changed an existing user connlimit");
+    }
+    let group = run(Command::new("id").args(["-gn", "connlimit"])).stdout;
+    assert_eq!(String::from_utf8_lossy(&group).trim(), "connlimit");
+
+    // The unit runs what the package installs, with the file it installs
+    // (the tarball's unit is the same file), and the file checks.
+    let unit_text = fs::read_to_string(unit).unwrap();
+    assert_eq!(unit_text, unit_in_tarball);
+    assert_eq!(fs::read_to_string(sysusers).unwrap(), sysusers_in_tarball);
+    let exec_lines: Vec<&str> = unit_text.lines().filter(|l| l.starts_with("ExecStart")).collect();
+    assert!(
+        exec_lines.contains(&"ExecStartPre=/usr/bin/connlimit check-config /etc/connlimit/connlimit.toml"),
+        "{exec_lines:?}"
+    );
+    assert!(
+        exec_lines.contains(&"ExecStart=/usr/bin/connlimit serve --config /etc/connlimit/connlimit.toml"),
+        "{exec_lines:?}"
+    );
+    assert!(unit_text.lines().any(|l| l == "User=connlimit"));
+    run(Command::new("/usr/bin/connlimit").arg("check-config").arg(conffile));
+    // Hardening and advice agree: a pid target in another network
+    // namespace needs setns, which RestrictNamespaces must let through.
+    let restrict = unit_text.lines().find(|l| l.starts_with("RestrictNamespaces=")).expect("no RestrictNamespaces=");
+    assert!(restrict.split(['=', ' ']).any(|w| w == "net"), "{restrict} forbids the setns its comment advises");
+
+    // The unit is valid (systemd-analyze finds the user, the binary and
+    // every directive), and installed but not enabled.
     run(Command::new("systemd-analyze").arg("verify").arg(unit));
     let enabled: Vec<_> = fs::read_dir("/etc/systemd/system")
         .into_iter()
@@ -201,7 +282,11 @@ fn debian_package_installs_runs_verifies_and_removes_cleanly() {
         .collect();
     assert!(enabled.is_empty(), "the unit is enabled: {enabled:?}");
 
-    // Removing leaves only the conffile; purging removes that too.
+    // Installing again (an upgrade to the same version) keeps the user.
+    run(Command::new("dpkg").arg("--install").arg(&deb));
+    assert_eq!(connlimit_user().as_ref(), Some(&user));
+
+    // Removing leaves only the conffile; purging removes it and its folder.
     run(Command::new("dpkg").args(["--remove", "connlimit"]));
     assert_eq!(installed_status().as_deref(), Some("deinstall ok config-files"));
     let left: Vec<_> = files.iter().filter(|f| f.exists()).collect();
@@ -209,5 +294,12 @@ fn debian_package_installs_runs_verifies_and_removes_cleanly() {
     assert!(!Path::new("/etc/systemd/system/connlimit.service").exists(), "no mask or override is left behind");
     run(Command::new("dpkg").args(["--purge", "connlimit"]));
     assert!(!conffile.exists(), "dpkg --purge removes the conffile");
+    assert!(!Path::new("/etc/connlimit").exists(), "dpkg --purge removes /etc/connlimit");
     assert!(installed_status().is_none_or(|s| s.contains("not-installed")), "{:?}", installed_status());
+    // The system user stays, as Debian's packages leave theirs; one this
+    // test made goes, so that the next run sees postinst create it again.
+    assert!(connlimit_user().is_some(), "purge removed the system user");
+    if user_before.is_none() {
+        run(Command::new("userdel").arg("connlimit"));
+    }
 }

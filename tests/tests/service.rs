@@ -604,13 +604,32 @@ fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
     // Kubernetes allows only in a privileged container: a one-shot init
     // container.
     let init = spec["initContainers"].as_sequence().unwrap();
-    assert!(init.iter().any(|i| {
-        i["volumeMounts"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == bpffs_volume["name"] && m["mountPropagation"] == "Bidirectional")
-    }));
+    let mounter = init
+        .iter()
+        .find(|i| {
+            i["volumeMounts"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == bpffs_volume["name"] && m["mountPropagation"] == "Bidirectional")
+        })
+        .expect("an init container mounting bpffs with Bidirectional propagation");
+    // Root-only, as the CLI mounts it (the kernel's default 1777 lets any
+    // user take /sys/fs/bpf/connlimit first), with what the image has: its
+    // static busybox (which has no `mountpoint` applet).
+    let command: Vec<&str> = mounter["command"].as_sequence().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert_eq!(command[..3], ["/bin/busybox", "sh", "-c"], "{command:?}");
+    assert!(command[3].contains("/bin/busybox mount -t bpf -o mode=0700 bpf /sys/fs/bpf"), "{command:?}");
+    assert!(!command[3].contains("mountpoint"), "busybox-static has no mountpoint applet: {command:?}");
+    // Both containers run the image contrib/Containerfile builds, under the
+    // name `cargo xtask dist` gives it.
+    assert!(repo().join("contrib/Containerfile").is_file());
+    for container in init.iter().chain(containers) {
+        assert_eq!(container["image"], concat!("localhost/connlimit:", env!("CARGO_PKG_VERSION")));
+    }
+    // bpf(2) passes the runtimes' default seccomp profiles only with
+    // CAP_SYS_ADMIN.
+    assert_eq!(security["seccompProfile"]["type"], "Unconfined");
     let cgroup = mount_of(host_path("/sys/fs/cgroup"));
     assert_eq!(cgroup["mountPath"], "/sys/fs/cgroup");
 

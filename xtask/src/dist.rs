@@ -2,10 +2,14 @@
 //!
 //! - `connlimit-<version>-x86_64-unknown-linux-musl.tar.gz`: a statically
 //!   linked `connlimit` with the README, the licences, the changelog, the
-//!   systemd unit and the example config;
+//!   systemd unit, its sysusers.d file, the example config and the
+//!   Containerfile;
 //! - `connlimit_<version>-1_amd64.deb`, made by cargo-deb from
 //!   `[package.metadata.deb]` in connlimit-user/Cargo.toml;
-//! - `SHA256SUMS`, for `sha256sum -c`.
+//! - `SHA256SUMS`, for `sha256sum -c`;
+//!
+//! and, when podman is installed, the container image `contrib/Containerfile`
+//! makes of the tarball and a static busybox: `localhost/connlimit:<version>`.
 
 use std::{
     fs,
@@ -32,9 +36,17 @@ const TARBALL_FILES: &[(&str, &str)] = &[
     ("LICENSE-APACHE", "LICENSE-APACHE"),
     ("contrib/connlimit.service", "connlimit.service"),
     ("contrib/connlimit.toml", "connlimit.toml"),
+    ("contrib/connlimit.sysusers", "connlimit.sysusers"),
+    ("contrib/Containerfile", "Containerfile"),
 ];
 
-pub fn run(root: &Path) -> Result<()> {
+/// The name `dist` gives the image it builds.
+pub fn image_name() -> String {
+    format!("localhost/connlimit:{VERSION}")
+}
+
+/// Builds the release files and returns the folder that holds them.
+pub fn run(root: &Path) -> Result<PathBuf> {
     ensure_target()?;
     crate::cargo(&[
         "build",
@@ -57,7 +69,7 @@ pub fn run(root: &Path) -> Result<()> {
     }
     fs::create_dir_all(&dist)?;
     let tarball = tarball(root, &binary, &dist)?;
-    let deb = build_deb(root, &binary, &dist, false)?;
+    let deb = build_deb(root, &binary, &dist)?;
     let sums = dist.join("SHA256SUMS");
     let mut lines = String::new();
     for file in [&tarball, &deb] {
@@ -70,15 +82,60 @@ pub fn run(root: &Path) -> Result<()> {
     for file in [&tarball, &deb, &sums] {
         eprintln!("  {} ({} bytes)", file_name(file), fs::metadata(file)?.len());
     }
+    image(root, &tarball, &dist)?;
+    Ok(dist)
+}
+
+/// Builds the container image from the tarball with podman, if podman is
+/// installed (a note says how otherwise). The build context is the tarball
+/// and a static busybox (Debian's busybox-static, installed if missing);
+/// the Containerfile has no RUN step, so no container runtime is needed.
+fn image(root: &Path, tarball: &Path, dist: &Path) -> Result<()> {
+    let name = image_name();
+    if Command::new("podman").arg("--version").output().is_err() {
+        eprintln!(
+            "xtask: podman is not installed, so no image; build it as the README says \
+             (\"Container image\") to get {name}"
+        );
+        return Ok(());
+    }
+    crate::packages::ensure(&[("busybox", "busybox-static")])?;
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .context("busybox-static is installed but no /bin/busybox was found")?;
+    require_static(busybox).context("the image needs a statically linked busybox: apt-get install busybox-static")?;
+    let context = dist.join(".image-context");
+    if context.exists() {
+        fs::remove_dir_all(&context)?;
+    }
+    fs::create_dir_all(&context)?;
+    fs::copy(tarball, context.join(file_name(tarball)))?;
+    fs::copy(busybox, context.join("busybox"))?;
+    let build = Command::new("podman")
+        .arg("build")
+        .arg("--file")
+        .arg(root.join("contrib/Containerfile"))
+        .args(["--build-arg", &format!("VERSION={VERSION}"), "--tag", &name])
+        // Files and the image dated by the commit, like the tarball.
+        .arg(format!("--timestamp={}", source_date_epoch(root)))
+        .arg("--quiet")
+        .arg(&context)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running podman build")?;
+    fs::remove_dir_all(&context)?;
+    if !build.status.success() {
+        bail!("`podman build -f contrib/Containerfile` failed ({})", build.status);
+    }
+    // --quiet prints the image's ID.
+    let id = String::from_utf8_lossy(&build.stdout);
+    eprintln!("  image {name} ({}, podman)", id.trim().get(..12).unwrap_or_default());
     Ok(())
 }
 
-/// Packages `binary` as a Debian package in `output` and returns its path.
-pub fn deb(root: &Path, binary: &Path, output: &Path) -> Result<PathBuf> {
-    build_deb(root, binary, output, true)
-}
-
-pub(crate) fn target_dir(root: &Path) -> PathBuf {
+fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into)
 }
 
@@ -197,7 +254,7 @@ fn ensure_cargo_deb() -> Result<()> {
 
 /// Runs cargo-deb on an already built `binary`: cargo-deb takes the binary
 /// from `<target dir>/release/`, so it gets a target dir of its own.
-fn build_deb(root: &Path, binary: &Path, output: &Path, fast: bool) -> Result<PathBuf> {
+fn build_deb(root: &Path, binary: &Path, output: &Path) -> Result<PathBuf> {
     ensure_cargo_deb()?;
     let staging = target_dir(root).join(format!("deb-staging-{}", std::process::id()));
     fs::create_dir_all(staging.join("release"))?;
@@ -211,9 +268,6 @@ fn build_deb(root: &Path, binary: &Path, output: &Path, fast: bool) -> Result<Pa
         .current_dir(root)
         .env("PATH", path_with_cargo_bin()?)
         .env("CARGO_TARGET_DIR", &staging);
-    if fast {
-        deb.arg("--fast");
-    }
     let out = deb.output().context("running cargo deb")?;
     let _ = fs::remove_dir_all(&staging);
     if !out.status.success() {

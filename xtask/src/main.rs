@@ -11,7 +11,10 @@ mod kernels;
 mod packages;
 mod systemd;
 
-use std::process::{Command, ExitCode};
+use std::{
+    path::Path,
+    process::{Command, ExitCode},
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -29,10 +32,11 @@ enum Task {
     /// matching the nightly's LLVM, and a bpffs mounted at /sys/fs/bpf (mode
     /// 0700, root only).
     Bootstrap,
-    /// Bootstrap, then run clippy and the whole test suite (the eBPF
-    /// integration tests need root), then the kernel suites on the other
-    /// kernels (`cargo xtask kernels`; CONNLIMIT_SKIP_GUEST_KERNELS=1 skips
-    /// that stage).
+    /// Bootstrap, then run clippy, build the release files (`dist`, which
+    /// the package test installs; skipped when CONNLIMIT_DIST_DIR names
+    /// them) and run the whole test suite (the eBPF integration tests need
+    /// root), then the guest stages: `kernels` and `systemd`
+    /// (CONNLIMIT_SKIP_GUEST_KERNELS=1 leaves them out).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
@@ -67,19 +71,10 @@ enum Task {
         check: bool,
     },
     /// Build the release artifacts under target/dist/: a static (musl)
-    /// x86_64 `connlimit` in a tarball, a Debian package, and SHA-256 sums.
+    /// x86_64 `connlimit` in a tarball, a Debian package, and SHA-256 sums;
+    /// with podman installed, also the container image
+    /// (contrib/Containerfile) localhost/connlimit:VERSION.
     Dist,
-    /// Package a built `connlimit` binary as a Debian package (what `dist`
-    /// does; the package test uses it on the binary the suite built).
-    #[command(hide = true)]
-    Deb {
-        /// The `connlimit` binary to package.
-        #[arg(long)]
-        binary: std::path::PathBuf,
-        /// Folder to write the .deb to.
-        #[arg(long)]
-        output: std::path::PathBuf,
-    },
     /// Benchmark connlimit against no limiter, iptables, nftables and the
     /// userspace core, side by side (as root; installs iptables and nftables
     /// if missing), print the report and put it in BENCHMARKS.md.
@@ -92,6 +87,10 @@ enum Task {
         args: Vec<String>,
     },
 }
+
+/// Where the tests find the release files of `cargo xtask dist`
+/// (tests/tests/install.rs).
+const DIST_DIR_VAR: &str = "CONNLIMIT_DIST_DIR";
 
 /// The main job's default: one command protecting an unmodified server.
 const DEMO: &[&str] = &[
@@ -128,18 +127,25 @@ fn run(task: Task) -> Result<()> {
         Task::Test { args } => {
             packages::ensure(packages::FOR_TESTS)?;
             cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+            // The package test installs exactly the release files: build
+            // them first, unless CONNLIMIT_DIST_DIR names them already.
+            let dist = match std::env::var_os(DIST_DIR_VAR) {
+                Some(dir) => std::path::PathBuf::from(dir),
+                None => dist::run(&workspace_root())?,
+            };
+            let dist = dist.to_str().context("the dist folder's path is not UTF-8")?.to_owned();
             let mut test = vec!["test", "--workspace"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)?;
+            cargo_with_env(&test, &[(DIST_DIR_VAR, &dist)])?;
             // A filtered run is a developer's quick look: no guests.
             if args.is_empty() && std::env::var(kernels::SKIP_ENV).as_deref() != Ok("1") {
                 kernels::run(&workspace_root())?;
-                systemd::run(&workspace_root())?;
+                systemd::run(&workspace_root(), Path::new(&dist))?;
             }
             Ok(())
         }
         Task::Kernels => kernels::run(&workspace_root()),
-        Task::Systemd => systemd::run(&workspace_root()),
+        Task::Systemd => systemd::run(&workspace_root(), &dist::run(&workspace_root())?),
         Task::Connlimit { args } => {
             let args: Vec<&str> =
                 if args.is_empty() { DEMO.to_vec() } else { args.iter().map(String::as_str).collect() };
@@ -150,10 +156,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Bench { no_write, args } => bench::run(no_write, &args),
         Task::BpfObject { check } => bpf_object::run(&workspace_root(), check),
-        Task::Dist => dist::run(&workspace_root()),
-        Task::Deb { binary, output } => {
-            dist::deb(&workspace_root(), &binary, &output).map(|deb| println!("{}", deb.display()))
-        }
+        Task::Dist => dist::run(&workspace_root()).map(drop),
         // The reference test rewrites docs/CLI.md when asked to.
         Task::Docs => cargo_with_env(
             &["test", "--package", "connlimit-user", "--test", "cli_reference"],

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{dist, kernels, packages};
+use crate::{kernels, packages};
 
 /// What the guest's root file system holds besides Debian's minimal base:
 /// systemd as init, the guarded server, what the test runs.
@@ -35,7 +35,8 @@ const TEST_UNIT: &str = "connlimit-guest-test.service";
 /// busy 2-core machine (it takes about 3 minutes on an idle one).
 const GUEST_BOUND: Duration = Duration::from_secs(1200);
 
-pub fn run(root: &Path) -> Result<()> {
+/// Tests the .deb in `dist` (the release files of `cargo xtask dist`).
+pub fn run(root: &Path, dist: &Path) -> Result<()> {
     kernels::ensure_tools()?;
     packages::ensure(&[("mmdebstrap", "mmdebstrap"), ("mkfs.ext4", "e2fsprogs"), ("debugfs", "e2fsprogs")])?;
     let kernel = kernels::ensure_kernel(KERNEL_SERIES)?;
@@ -43,7 +44,7 @@ pub fn run(root: &Path) -> Result<()> {
     if !initrd.is_file() {
         bail!("{} has no initramfs at {}; reinstall its package", kernel.display(), initrd.display());
     }
-    let deb = release_deb(root)?;
+    let deb = release_deb(dist)?;
     let base = ensure_root_fs(root)?;
 
     // A fresh copy for each run: the test installs, edits and purges.
@@ -157,15 +158,13 @@ fn read_from_image(image: &Path, path: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The .deb `cargo xtask dist` made (built now).
-fn release_deb(root: &Path) -> Result<PathBuf> {
-    dist::run(root)?;
-    let dist = dist::target_dir(root).join("dist");
-    fs::read_dir(&dist)
+/// The .deb among the release files in `dist`.
+fn release_deb(dist: &Path) -> Result<PathBuf> {
+    fs::read_dir(dist)
         .with_context(|| format!("reading {}", dist.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .with_context(|| format!("cargo xtask dist left no .deb in {}", dist.display()))
+        .with_context(|| format!("no .deb among the release files in {}", dist.display()))
 }
 
 /// The Debian root file system, made once per package list (the list is
