@@ -95,6 +95,15 @@ impl Netns {
         .expect("netns thread")
     }
 
+    /// An existing namespace, named by a path such as `/proc/PID/ns/net`
+    /// (a container's) or `/run/netns/NAME` (made with `ip netns add`),
+    /// held open while this is.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let fd = OwnedFd::from(File::open(path).with_context(|| format!("opening {}", path.display()))?);
+        Ok(Self { fd })
+    }
+
     /// A path naming this namespace, for `AttachOptions::netns`.
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd()))

@@ -5,8 +5,18 @@ use std::{fs, path::Path, process::Command};
 use anyhow::{Context as _, Result, bail};
 
 /// Commands the test suite runs, with the packages that provide them.
-/// nginx and lighttpd are the real servers `tests/tests/servers.rs` guards.
-pub const FOR_TESTS: &[(&str, &str)] = &[("iptables", "iptables"), ("nginx", "nginx"), ("lighttpd", "lighttpd")];
+/// nginx and lighttpd are the real servers `tests/tests/servers.rs` guards;
+/// podman (run with runc: its default runtime, crun, refuses hosts with
+/// hybrid cgroups) and docker.io's dockerd are the container runtimes
+/// `tests/tests/containers.rs` runs.
+pub const FOR_TESTS: &[(&str, &str)] = &[
+    ("iptables", "iptables"),
+    ("nginx", "nginx"),
+    ("lighttpd", "lighttpd"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("dockerd", "docker.io"),
+];
 
 /// Installs Debian packages whose commands are missing.
 pub fn ensure(commands: &[(&str, &str)]) -> Result<()> {
