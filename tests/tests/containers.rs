@@ -23,7 +23,7 @@ use std::{
 };
 
 use harness::{
-    Background, Netns, STARTUP, TestPinRoot, client_v4, connlimit_bin, eventually, require_command, require_kernel,
+    BOUND, Background, Netns, TestPinRoot, client_v4, connlimit_bin, eventually, require_command, require_kernel,
     status_row, unique,
 };
 
@@ -157,7 +157,7 @@ impl Dockerd {
         .stdin(Stdio::null());
         let process = Background::spawn(&mut cmd).unwrap();
         let daemon = Self { process: Some(process), dir, _turn: turn };
-        assert!(daemon.process().wait_for("API listen on", STARTUP), "dockerd did not start: {}", daemon.log());
+        assert!(daemon.process().wait_for("API listen on", BOUND), "dockerd did not start: {}", daemon.log());
         daemon
     }
 
@@ -291,7 +291,7 @@ impl<'a> Container<'a> {
     /// start of the container).
     fn listening(&self, starts: usize) {
         assert!(
-            eventually(STARTUP, || self.logs().matches("listening").count() == starts),
+            eventually(BOUND, || self.logs().matches("listening").count() == starts),
             "the container's server did not start: {}",
             self.logs()
         );
@@ -455,7 +455,7 @@ fn guarded(runtime: &Runtime, target: Target, own_netns: bool, restart: bool) {
     };
     cmd.env(connlimit::ebpf::PIN_ROOT_ENV, &root.path).stdin(Stdio::null());
     let guard = Background::spawn(&mut cmd).unwrap();
-    assert!(guard.wait_for("enforcing;", STARTUP), "connlimit did not start: {}", guard.log());
+    assert!(guard.wait_for("enforcing;", BOUND), "connlimit did not start: {}", guard.log());
 
     exactly_the_limit(&netns, &root.path, &name, &container);
 

@@ -141,7 +141,10 @@ fn boot(kernel: &Path, initrd: &Path, image: &Path, console: &Path) -> Result<()
         if Instant::now() > deadline {
             let _ = qemu.kill();
             let _ = qemu.wait();
-            bail!("the systemd guest did not power off within {GUEST_BOUND:?}; its console is in {}", console.display());
+            bail!(
+                "the systemd guest did not power off within {GUEST_BOUND:?}; its console is in {}",
+                console.display()
+            );
         }
         thread::sleep(Duration::from_millis(200));
     }
