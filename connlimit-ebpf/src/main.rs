@@ -5,7 +5,8 @@
 //!   packet. It reserves a slot for the client or, when the client is at its
 //!   limit, returns `SK_DROP`, which makes the kernel answer a SYN with a RST.
 //! - `connlimit_sock_ops` (sock_ops, per cgroup v2) sees the server's sockets:
-//!   it confirms that a listener took an admitted SYN, counts the connection
+//!   it confirms that a listener took an admitted SYN (when the listener
+//!   makes a request socket, or answers with a SYN cookie), counts the connection
 //!   when its handshake completes (re-checking the limit when the
 //!   handshake's reservation is gone), and gives the slot back, exactly once,
 //!   when the socket closes.
@@ -24,8 +25,9 @@ mod atomic;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sk_lookup, bpf_sock_ops,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sk_lookup, bpf_sock_ops,
         sk_action,
     },
     btf_maps::SkStorage,
@@ -52,6 +54,9 @@ use connlimit_common::{
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
+/// `args[0]` of `BPF_SOCK_OPS_HDR_OPT_LEN_CB` for a SYN-ACK carrying a SYN
+/// cookie (uapi `bpf.h`, since 5.10; an anonymous enum in the bindings).
+const BPF_WRITE_HDR_TCP_SYNACK_COOKIE: u32 = 2;
 /// Compare-and-swap retries on a word. Each failure means another CPU's
 /// update went through, so running out takes that many other updates of the
 /// same word during one attempt. Running out of reservation attempts refuses
@@ -447,6 +452,9 @@ fn release_stale_syn(epoch: u64, now_ns: u64) -> bool {
 pub fn connlimit_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_RWND_INIT => on_syn_taken(&ctx),
+        // A listener's SYN-ACK carrying a SYN cookie (see `on_listen`).
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB if ctx.arg(0) & BPF_WRITE_HDR_TCP_SYNACK_COOKIE != 0 => on_syn_taken(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => on_close(&ctx),
         _ => {}
@@ -454,8 +462,30 @@ pub fn connlimit_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A listener of the cgroup took a SYN (it made a request socket or a SYN
-/// cookie): if it is the one this CPU just admitted, its reservation stands.
+/// A socket of the cgroup started listening: ask to be called when it
+/// sizes the options of its SYN-ACKs, so that its SYN-cookie SYN-ACKs are
+/// seen.
+///
+/// A SYN answered with a cookie gets a request socket with no listener
+/// attached (`inet_reqsk_alloc(.., !want_cookie)`), so the kernel runs no
+/// cgroup program for it at `RWND_INIT` (`sk_to_full_sk` gives null); the
+/// SYN-ACK's option callback runs the listener's programs explicitly
+/// (`BPF_CGROUP_RUN_PROG_SOCK_OPS_SK`), and only for a listener with this
+/// flag. Its accepted sockets inherit the flag: `on_established` clears it,
+/// so that only SYN-ACKs call the program, never data segments.
+///
+/// Cost: one more run of this program per SYN-ACK a listener of the cgroup
+/// sends (for one without a cookie, a test of the op and of `args[0]`; for
+/// a cookie one, what `RWND_INIT` costs: a per-CPU look-up and a 40-byte
+/// compare), and one more helper call per accepted connection.
+fn on_listen(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+}
+
+/// A listener of the cgroup took a SYN (it made a request socket, or sent a
+/// SYN-ACK with a cookie): if it is the one this CPU just admitted, its
+/// reservation stands. Both callbacks run in the SYN's own softirq, on the
+/// CPU that looked it up, before any other lookup there.
 fn on_syn_taken(ctx: &SockOpsContext) {
     let Some(last) = LAST_SYN.get_ptr_mut(0) else {
         return;
@@ -469,6 +499,11 @@ fn on_syn_taken(ctx: &SockOpsContext) {
 
 /// A server-side handshake completed on a socket of the cgroup.
 fn on_established(ctx: &SockOpsContext) {
+    // Inherited from its listener (see `on_listen`), and of no use here.
+    let flags = ctx.cb_flags();
+    if flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG != 0 {
+        let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    }
     if !is_guarded(ctx.local_port()) {
         return;
     }
