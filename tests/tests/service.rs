@@ -791,7 +791,7 @@ fn serve_exits_non_zero_only_when_it_can_enforce_nothing() {
     std::fs::write(
         &file,
         format!(
-            "[[instance]]\nname = \"{}\"\nports = [8193]\ncgroup = \"{}\"\n",
+            "[[instance]]\nname = \"{}\"\nports = [8193]\ncgroup = \"{}\"\nmax_conns_per_client_ip = 1\n",
             unique("svc-none"),
             missing.display()
         ),
