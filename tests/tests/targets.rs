@@ -196,3 +196,33 @@ fn listeners_and_connections_below_the_guarded_cgroup_are_counted_and_not_warned
     drop((before, limiter, server));
     drop(child);
 }
+
+#[test]
+fn a_restarted_run_adopts_its_instance_after_the_cgroup_was_made_again_while_it_was_down() {
+    require_kernel!();
+    let port = 8331;
+    let name = unique("follow-adopt");
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&name).unwrap();
+    let server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(port)]).unwrap();
+    let path = cgroup.path().display().to_string();
+    let args = ["run", "--name", &name, "--cgroup", &path, "--port", "8331", "--max-conns-per-client-ip", "2"];
+    let run = Background::spawn(&mut connlimit_in(&netns, &args)).unwrap();
+    assert!(run.wait_for("enforcing;", WAIT), "{}", run.log());
+    // connlimit is killed; while it is down, the service restarts.
+    run.kill();
+    drop(server);
+    drop(cgroup);
+    let cgroup = TestCgroup::create(&name).unwrap();
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(port)]).unwrap();
+
+    let run = Background::spawn(&mut connlimit_in(&netns, &args)).unwrap();
+    assert!(run.wait_for("enforcing on the new one, counts kept", WAIT), "{}", run.log());
+    assert!(run.log().contains("adopted the instance, counts intact"), "{}", run.log());
+    let me = client_v4(0x45);
+    let held: Vec<_> = (0..2).map(|_| netns.hello_from(me, local(port)).unwrap()).collect();
+    assert_refused(netns.hello_from(me, local(port)));
+    let (status, log) = run.stop();
+    assert!(status.success(), "{log}");
+    drop(held);
+}

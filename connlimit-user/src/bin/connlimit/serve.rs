@@ -113,6 +113,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         waiting: BTreeMap::new(),
         stale: BTreeMap::new(),
         announced: None,
+        read_mtime: mtime(&args.config),
     };
     for spec in &file.instances {
         service.start_or_wait(spec);
@@ -141,6 +142,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 },
                 _ = tick.tick() => {
                     service.retry();
+                    service.reread_if_changed();
                     service.announce(false);
                 }
             }
@@ -171,6 +173,8 @@ struct Service {
     stale: BTreeMap<String, Unmet>,
     /// The last state told to the service manager.
     announced: Option<String>,
+    /// When the file last read was modified.
+    read_mtime: Option<std::time::SystemTime>,
 }
 
 fn plan(spec: &InstanceSpec) -> Plan {
@@ -306,11 +310,27 @@ impl Service {
         }
     }
 
-    /// SIGHUP: rereads the file and applies what changed. A file with
-    /// errors changes nothing.
+    /// SIGHUP: rereads the file and applies what changed.
     fn reload(&mut self) {
         notify::send(&format!("RELOADING=1\n{}", notify::monotonic_usec()));
         tracing::info!(file = %self.path.display(), "SIGHUP: rereading the service file");
+        self.reread();
+    }
+
+    /// While an instance does not enforce, READY=1 is withheld, so systemd
+    /// holds back further reloads: a fix to the file is applied without one.
+    fn reread_if_changed(&mut self) {
+        if self.status().0 || mtime(&self.path) == self.read_mtime {
+            return;
+        }
+        tracing::info!(file = %self.path.display(), "the service file changed while an instance does not enforce: applying it");
+        self.reread();
+    }
+
+    /// Rereads the file and applies what changed. A file with errors
+    /// changes nothing.
+    fn reread(&mut self) {
+        self.read_mtime = mtime(&self.path);
         match config_file::load(&self.path) {
             Ok(file) => self.apply(&file),
             Err(e) => {
@@ -403,6 +423,10 @@ impl Service {
             }
         }
     }
+}
+
+fn mtime(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// `e`, said as what the operator can do about it when the target is
