@@ -770,6 +770,24 @@ fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload(
     let ready = notify.next();
     assert!(ready.contains("READY=1"), "{ready:?}");
     assert!(serve.log().contains("the service file changed while an instance does not enforce"), "{}", serve.log());
+
+    // B's service restarts: its cgroup goes (systemd hears so), and comes
+    // back at the same path (followed, READY=1 again).
+    drop((_late_held, _late_server));
+    drop(late_cgroup);
+    let gone = next_with(&notify, "STATUS=");
+    assert!(gone.contains(&format!("not enforcing: {b} (the guarded cgroup is gone")), "{gone:?}");
+    assert!(!gone.contains("READY=1"), "{gone:?}");
+    let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    assert!(text.contains(&format!("connlimit_enforcing{{instance=\"{b}\"}} 0\n")), "{text}");
+    let late_cgroup = TestCgroup::create(&late_name).unwrap();
+    let appeared = Instant::now();
+    let ready = next_with(&notify, "READY=1");
+    assert!(appeared.elapsed() < Duration::from_secs(1), "followed {:?} after it appeared", appeared.elapsed());
+    let _late_server =
+        Server::hold(HOLD_SERVER, &netns, &late_cgroup, &[SocketAddr::from(([0, 0, 0, 0], late_port))]).unwrap();
+    let _late_held = netns.hello_from(me, late_addr).unwrap();
+    assert_eq!(netns.hello_from(me, late_addr).unwrap_err().kind(), ErrorKind::ConnectionRefused, "{ready:?}");
     let (status, log) = serve.stop();
     assert!(status.success(), "{log}");
     drop(held);

@@ -58,6 +58,15 @@ fn machine_problems(file: &ServiceFile) -> Vec<String> {
     let mut ports: BTreeMap<(u64, u64, u16), &str> = BTreeMap::new();
     for spec in &file.instances {
         let name = &spec.name;
+        if let Target::Unit(unit) = &spec.target {
+            // Known to systemd is enough: a stopped unit is waited for.
+            if crate::unit::systemd_runs()
+                && let Err(e) = crate::unit::require_known(unit)
+            {
+                problems.push(format!("instance {name:?}: {e:#}"));
+            }
+            continue;
+        }
         let (cgroup, netns) = match resolve(&spec.target) {
             Ok(resolved) => resolved,
             Err(e) => {
@@ -463,6 +472,7 @@ fn update(spec: &InstanceSpec) -> Result<()> {
 fn resolve(target: &Target) -> Result<(PathBuf, PathBuf)> {
     match target {
         Target::Cgroup(path) => Ok((path.clone(), PathBuf::from(netns::OWN_NETNS))),
+        Target::Unit(unit) => crate::unit::resolve(unit),
         Target::Pid(pid) => {
             let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
             if let Err(EbpfError::Netns(_, e)) = netns::NetnsId::of(&netns)
