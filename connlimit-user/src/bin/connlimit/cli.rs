@@ -113,7 +113,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit.toml\n  \
         connlimit check-config --syntax-only web-02.toml\n\n\
         Prints one error per problem, with its line, and exits with status 1 if there is any. \
-        Then checks the file against this machine: each cgroup exists and is cgroup v2, each \
+        Then checks the file against this machine: each cgroup exists and is cgroup v2, each unit \
+        is known to systemd (when systemd runs), each \
         pid exists, and no port is guarded twice in one network namespace. --syntax-only skips \
         that, for a file meant for another machine.")]
     CheckConfig(CheckConfigArgs),
