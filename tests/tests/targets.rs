@@ -226,3 +226,37 @@ fn a_restarted_run_adopts_its_instance_after_the_cgroup_was_made_again_while_it_
     assert!(status.success(), "{log}");
     drop(held);
 }
+
+#[test]
+fn serve_follows_the_cgroup_of_a_pid_target_after_the_process_exits() {
+    require_kernel!();
+    let port = 8341;
+    let name = unique("follow-pid");
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&name).unwrap();
+    let server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(port)]).unwrap();
+    let file = std::env::temp_dir().join(format!("{name}.toml"));
+    let text = format!(
+        "[[instance]]\nname = \"{name}\"\nports = [{port}]\npid = {}\nmax_conns_per_client_ip = 1\n",
+        server.pid()
+    );
+    std::fs::write(&file, text).unwrap();
+    let mut cmd = connlimit_in(&netns, &["serve", "--config", file.to_str().unwrap()]);
+    let serve = Background::spawn(&mut cmd).unwrap();
+    assert!(serve.wait_for("enforcing;", WAIT), "{}", serve.log());
+
+    // The process exits and its service restarts: a new process, with
+    // another pid, in a cgroup made again at the same path.
+    drop(server);
+    drop(cgroup);
+    assert!(serve.wait_for("not enforcing: the guarded cgroup is gone", WAIT), "{}", serve.log());
+    let cgroup = TestCgroup::create(&name).unwrap();
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(port)]).unwrap();
+    assert!(serve.wait_for("enforcing on the new one, counts kept", WAIT), "{}", serve.log());
+    let me = client_v4(0x46);
+    let _held = netns.hello_from(me, local(port)).unwrap();
+    assert_refused(netns.hello_from(me, local(port)));
+    let (status, log) = serve.stop();
+    assert!(status.success(), "{log}");
+    let _ = std::fs::remove_file(&file);
+}

@@ -1,97 +1,24 @@
-//! `serve` and `check-config`: every instance of a service file in one
-//! process, reloaded live on SIGHUP.
+//! `serve`: every instance of a service file in one process, reloaded live
+//! on SIGHUP, with instances whose target is missing retried until it
+//! appears.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::ExitCode,
 };
 
-use anyhow::{Context, Result};
-use connlimit::ebpf::{EbpfError, Instance, PinRoot, mounts, netns};
+use anyhow::Result;
+use connlimit::ebpf::{Instance, PinRoot};
 
 use crate::{
-    cli::{CheckConfigArgs, ReportArgs, ServeArgs},
-    config_file::{self, InstanceSpec, ServiceFile, Target},
+    cli::{ReportArgs, ServeArgs},
+    config_file::{self, InstanceSpec, ServiceFile},
     enforce::{Enforcement, Plan, Signals},
     notify,
     report::Reports,
     show::describe,
+    target::{missing_target, resolve},
 };
-
-/// `connlimit check-config FILE`: the file, then (unless `--syntax-only`)
-/// what it names on this machine.
-pub fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read the service file {}", args.file.display()))?;
-    let file = match config_file::parse(&text) {
-        Ok(file) => file,
-        Err(problems) => {
-            for line in config_file::render(&args.file, &problems).lines() {
-                eprintln!("connlimit: error: {line}");
-            }
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    let problems = if args.syntax_only { Vec::new() } else { machine_problems(&file) };
-    for problem in &problems {
-        eprintln!("connlimit: error: {}: {problem}", args.file.display());
-    }
-    if !problems.is_empty() {
-        eprintln!(
-            "connlimit: error: {}: the file is valid, but not on this machine; check a file meant for another \
-             machine with --syntax-only",
-            args.file.display()
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    let names: Vec<&str> = file.instances.iter().map(|i| i.name.as_str()).collect();
-    let checked = if args.syntax_only { " (syntax only)" } else { "" };
-    println!("{}: OK{checked}, {} instances: {}", args.file.display(), names.len(), names.join(", "));
-    Ok(ExitCode::SUCCESS)
-}
-
-/// What the file names that this machine lacks: targets that do not exist,
-/// and ports two instances would guard in the same network namespace.
-fn machine_problems(file: &ServiceFile) -> Vec<String> {
-    let mut problems = Vec::new();
-    let mut ports: BTreeMap<(u64, u64, u16), &str> = BTreeMap::new();
-    for spec in &file.instances {
-        let name = &spec.name;
-        if let Target::Unit(unit) = &spec.target {
-            // Known to systemd is enough: a stopped unit is waited for.
-            if crate::unit::systemd_runs()
-                && let Err(e) = crate::unit::require_known(unit)
-            {
-                problems.push(format!("instance {name:?}: {e:#}"));
-            }
-            continue;
-        }
-        let (cgroup, netns) = match resolve(&spec.target) {
-            Ok(resolved) => resolved,
-            Err(e) => {
-                problems.push(format!("instance {name:?}: {:#}", missing_target(spec, e)));
-                continue;
-            }
-        };
-        if let Err(e) = mounts::require_cgroup2_dir(&cgroup) {
-            problems.push(format!("instance {name:?}: {:#}", missing_target(spec, e.into())));
-            continue;
-        }
-        // Cgroup targets share the namespace (the syntax check covers them).
-        let Ok(netns) = netns::NetnsId::of(&netns) else { continue };
-        for &port in &spec.ports {
-            match ports.insert((netns.dev, netns.ino, port), name) {
-                Some(other) if other != name => problems.push(format!(
-                    "instance {name:?}: port {port} is guarded by instance {other:?} in the same network namespace; \
-                     an instance's ports must be its own"
-                )),
-                _ => {}
-            }
-        }
-    }
-    problems
-}
 
 /// How often instances that do not enforce are tried again, and the
 /// guarded cgroups looked at: a target that appears is attached within it.
@@ -378,8 +305,8 @@ impl Service {
                     let why = format!("{e:#}");
                     tracing::error!(
                         instance = %spec.name,
-                        "the new settings cannot be applied: {why}; it keeps enforcing with its old settings; \
-                         fix the file and reload"
+                        "the new settings cannot be applied: {why}; it keeps enforcing with its old settings \
+                         until the file is fixed (applied as soon as it is saved)"
                     );
                     self.stale.insert(spec.name.clone(), Unmet { spec: spec.clone(), why });
                 }
@@ -434,27 +361,6 @@ impl Service {
     }
 }
 
-fn mtime(path: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// `e`, said as what the operator can do about it when the target is
-/// missing: the cgroup directory or process does not exist (yet).
-fn missing_target(spec: &InstanceSpec, e: anyhow::Error) -> anyhow::Error {
-    match &spec.target {
-        Target::Cgroup(path) if !path.exists() => anyhow::anyhow!(
-            "the cgroup {} does not exist; start the service it belongs to (connlimit attaches it when it \
-             appears) or correct `cgroup =` in the service file and reload",
-            path.display()
-        ),
-        Target::Pid(pid) if !Path::new(&format!("/proc/{pid}")).exists() => anyhow::anyhow!(
-            "process {pid} does not exist; give the server's `cgroup =` instead of a pid that changes, \
-             or correct `pid =` in the service file and reload"
-        ),
-        _ => e,
-    }
-}
-
 /// Changes a running instance's ports and limits in place: nothing is
 /// detached, no connection dropped, no count lost.
 fn update(spec: &InstanceSpec) -> Result<()> {
@@ -468,25 +374,8 @@ fn update(spec: &InstanceSpec) -> Result<()> {
     Ok(())
 }
 
-/// The cgroup and network namespace of a target.
-fn resolve(target: &Target) -> Result<(PathBuf, PathBuf)> {
-    match target {
-        Target::Cgroup(path) => Ok((path.clone(), PathBuf::from(netns::OWN_NETNS))),
-        Target::Unit(unit) => crate::unit::resolve(unit),
-        Target::Pid(pid) => {
-            let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            if let Err(EbpfError::Netns(_, e)) = netns::NetnsId::of(&netns)
-                && e.kind() == std::io::ErrorKind::PermissionDenied
-            {
-                anyhow::bail!(
-                    "cannot open {}: guarding another user's process by pid needs CAP_SYS_PTRACE; \
-                     add it to the unit's capabilities, or give the process's cgroup instead",
-                    netns.display()
-                );
-            }
-            Ok((mounts::cgroup_of_pid(*pid)?, netns))
-        }
-    }
+fn mtime(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// For `main`: the log format the file asks for.
