@@ -4,11 +4,11 @@
 //! when a new directory stands there, attaches the same program (same
 //! maps, same counts) to it.
 //!
-//! The new link is pinned as `link_sock_ops_<cgroup id>` (bpffs allows no dot in a name) beside the old
-//! ones, which stay until the kernel releases their cgroup: a connection
-//! that outlives its cgroup still runs the cgroup's programs, so its close
-//! is seen and its count dropped. Dropping a link earlier would detach them
-//! and leak the count.
+//! The new link is pinned as `link_sock_ops_<cgroup id>` (bpffs allows no
+//! dot in a name) beside the old ones, which stay until the kernel releases
+//! their cgroup: a connection that outlives its cgroup still runs the
+//! cgroup's programs, so its close is seen and its count dropped. Dropping
+//! a link earlier would detach them and leak the count.
 
 use std::{
     ffi::CString,
@@ -84,7 +84,7 @@ impl Follow {
                         tracing::error!(
                             instance = %name, cgroup = %self.path.display(), error = %e,
                             "not enforcing: the guarded cgroup was made again but cannot be attached; \
-                             tried again each second"
+                             tried again every 200 ms"
                         );
                         self.failure_said = Some(e);
                     }
@@ -130,8 +130,11 @@ fn repoint(instance: &mut Instance, path: &Path, ino: u64) -> Result<(), EbpfErr
     }
     // bpffs renames no pin, so the first link keeps its name (the links of
     // dead cgroups hold nothing once the kernel releases them).
-    obj_pin(link.as_fd(), dir.as_fd(), &format!("{SOCK_OPS_PIN}_{ino}"))
-        .map_err(|e| fail("pinning the new link", e))?;
+    if let Err(e) = obj_pin(link.as_fd(), dir.as_fd(), &format!("{SOCK_OPS_PIN}_{ino}")) {
+        // Unpinned, the link goes with this function: the old cgroup stays on record.
+        instance.set_info(info)?;
+        return Err(fail("pinning the new link", e));
+    }
     prune_released(dir.as_fd());
     Ok(())
 }
