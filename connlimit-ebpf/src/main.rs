@@ -27,8 +27,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sk_lookup, bpf_sock_ops,
-        sk_action,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sk_lookup, bpf_sock_ops, sk_action,
     },
     btf_maps::SkStorage,
     helpers::{

@@ -4,7 +4,7 @@
 
 use std::{path::Path, process::Command};
 
-const SUBCOMMANDS: [&str; 7] = ["run", "exec", "set", "config", "top", "status", "detach"];
+const SUBCOMMANDS: [&str; 9] = ["run", "exec", "serve", "check-config", "set", "config", "top", "status", "detach"];
 
 fn help(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_connlimit")).args(args).arg("--help").output().unwrap();

@@ -211,6 +211,11 @@ impl Server {
         Ok(Self(server))
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.0.pid()
+    }
+
     /// Connections the server process has accepted so far.
     pub fn accepted(&self) -> usize {
         self.0.log().lines().filter(|l| l.starts_with("accepted ")).count()

@@ -242,11 +242,14 @@ fn persisted_instances_survive_a_crash_and_are_adopted_by_the_next_serve() {
 
 #[test]
 fn check_config_reports_every_problem_with_its_line() {
-    // The shipped example is valid.
-    let out =
-        Command::new(connlimit_bin()).arg("check-config").arg(repo().join("contrib/connlimit.toml")).output().unwrap();
+    // The shipped example is valid (its cgroups are another machine's).
+    let out = Command::new(connlimit_bin())
+        .args(["check-config", "--syntax-only"])
+        .arg(repo().join("contrib/connlimit.toml"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OK, 1 instances: web"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK (syntax only), 1 instances: web"));
 
     let dir = TempDir::new("svc-check");
     let file = dir.0.join("bad.toml");
@@ -265,6 +268,48 @@ fn check_config_reports_every_problem_with_its_line() {
     assert!(lines[0].starts_with(&at(1)) && lines[0].contains("not an address"), "{stderr}");
     assert!(lines[1].starts_with(&at(4)) && lines[1].contains("0 is not a TCP port"), "{stderr}");
     assert!(lines[2].starts_with(&at(7)) && lines[2].contains("invalid prefix length"), "{stderr}");
+}
+
+#[test]
+fn check_config_checks_the_targets_on_this_machine_unless_told_syntax_only() {
+    let dir = TempDir::new("svc-check-machine");
+    let file = dir.0.join("machine.toml");
+    let root = connlimit::ebpf::mounts::cgroup2_mount().unwrap();
+    let missing = root.join(unique("no-such-unit.service"));
+    // A pid that does not exist: past the kernel's pid_max.
+    let no_pid = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse::<u32>().unwrap() + 1;
+    let me = std::process::id();
+    let instance = |name: &str, port: u16, target: String| {
+        format!("[[instance]]\nname = \"{name}\"\nports = [{port}]\n{target}\nmax_conns_per_client_ip = 1\n\n")
+    };
+    let text = [
+        instance("root", 80, format!("cgroup = \"{}\"", root.display())),
+        instance("missing", 81, format!("cgroup = \"{}\"", missing.display())),
+        instance("notcg", 82, format!("cgroup = \"{}\"", dir.0.display())),
+        instance("gone", 83, format!("pid = {no_pid}")),
+        // This test process shares connlimit's namespace: port 80 twice.
+        instance("twice", 80, format!("pid = {me}")),
+    ]
+    .concat();
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(connlimit_bin()).arg("check-config").arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let at = format!("connlimit: error: {}: ", file.display());
+    let want = [
+        format!("instance \"missing\": the cgroup {} does not exist", missing.display()),
+        format!("instance \"notcg\": {} is not a cgroup v2 directory", dir.0.display()),
+        format!("instance \"gone\": process {no_pid} does not exist"),
+        "instance \"twice\": port 80 is guarded by instance \"root\" in the same network namespace".to_owned(),
+    ];
+    for w in &want {
+        assert!(stderr.lines().any(|l| l.starts_with(&format!("{at}{w}"))), "no {w:?} in {stderr}");
+    }
+    assert!(stderr.contains("--syntax-only"), "{stderr}");
+    assert!(!stderr.contains("instance \"root\":"), "{stderr}");
+
+    let out = Command::new(connlimit_bin()).args(["check-config", "--syntax-only"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -644,7 +689,158 @@ fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
     // The shipped config is valid.
     let dir = TempDir::new("svc-k8s");
     std::fs::write(dir.0.join("c.toml"), toml).unwrap();
-    let out = Command::new(connlimit_bin()).arg("check-config").arg(dir.0.join("c.toml")).output().unwrap();
+    let out = Command::new(connlimit_bin())
+        .args(["check-config", "--syntax-only"])
+        .arg(dir.0.join("c.toml"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(toml.contains(&format!(":{port}\"")), "metrics_listen on the annotated port {port}");
+}
+
+/// Waits for the next notification holding `want`, skipping others (a
+/// STATUS= line may come between); returns it.
+fn next_with(notify: &NotifySocket, want: &str) -> String {
+    loop {
+        let message = notify.next();
+        if message.contains(want) {
+            return message;
+        }
+    }
+}
+
+#[test]
+fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload() {
+    require_kernel!();
+    let netns = Netns::new().unwrap();
+    let (good_port, late_port) = (8191, 8192);
+    let cgroup = TestCgroup::create(&unique("svc-part")).unwrap();
+    let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[SocketAddr::from(([0, 0, 0, 0], good_port))]).unwrap();
+    let late_name = unique("svc-late");
+    let late_path = harness_cgroup_path(&late_name);
+    let (a, b) = (unique("svc-good"), unique("svc-late"));
+    let dir = TempDir::new("svc-part");
+    let file = dir.0.join("connlimit.toml");
+    let instance = |name: &str, port: u16, cgroup: &str| {
+        format!(
+            "[[instance]]\nname = \"{name}\"\nports = [{port}]\ncgroup = \"{cgroup}\"\nmax_conns_per_client_ip = 1\n\n"
+        )
+    };
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 9102));
+    let header = format!("metrics_listen = \"{metrics}\"\n\n");
+    let good = instance(&a, good_port, &cgroup.path().display().to_string());
+    let late = instance(&b, late_port, &late_path.display().to_string());
+    std::fs::write(&file, format!("{header}{good}{late}")).unwrap();
+    let notify = NotifySocket::new(&dir.0);
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(["serve", "--config"]).arg(&file).env("NOTIFY_SOCKET", &notify.path).stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let serve = Background::spawn(&mut cmd).unwrap();
+
+    // One target is missing: the other enforces, systemd hears which does
+    // not, and READY=1 waits.
+    let first = notify.next();
+    assert!(!first.contains("READY=1"), "{first:?}");
+    assert!(first.contains(&format!("STATUS=not enforcing: {b} (the cgroup {}", late_path.display())), "{first:?}");
+    assert!(running(&a) && !running(&b), "{}", serve.log());
+    let me = client_v4(0x51);
+    let (good_addr, late_addr) =
+        (SocketAddr::from(([127, 0, 0, 1], good_port)), SocketAddr::from(([127, 0, 0, 1], late_port)));
+    let held = netns.hello_from(me, good_addr).unwrap();
+    assert_eq!(netns.hello_from(me, good_addr).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    assert!(serve.log().contains("start the service it belongs to"), "{}", serve.log());
+    let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    assert!(text.contains(&format!("connlimit_enforcing{{instance=\"{a}\"}} 1\n")), "{text}");
+    assert!(text.contains(&format!("connlimit_enforcing{{instance=\"{b}\"}} 0\n")), "{text}");
+
+    // The missing target appears (a unit that starts after connlimit): it
+    // is attached by itself, and now READY=1.
+    let late_cgroup = TestCgroup::create(&late_name).unwrap();
+    let appeared = Instant::now();
+    let _late_server =
+        Server::hold(HOLD_SERVER, &netns, &late_cgroup, &[SocketAddr::from(([0, 0, 0, 0], late_port))]).unwrap();
+    let ready = next_with(&notify, "READY=1");
+    assert!(appeared.elapsed() < Duration::from_secs(2), "attached {:?} after it appeared", appeared.elapsed());
+    assert!(ready.contains("STATUS=enforcing 2 instances: "), "{ready:?}");
+    assert!(running(&b));
+    let _late_held = netns.hello_from(me, late_addr).unwrap();
+    assert_eq!(netns.hello_from(me, late_addr).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+
+    // A reload with a mistake check-config's syntax check cannot see: a
+    // typo in A's cgroup. A keeps enforcing with its old settings; systemd
+    // hears which instance and why, and no READY=1.
+    let typo = instance(&a, good_port, &format!("{}-typo", cgroup.path().display()));
+    std::fs::write(&file, format!("{header}{typo}{late}")).unwrap();
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
+    assert!(notify.next().contains("RELOADING=1"));
+    let status = notify.next();
+    assert!(!status.contains("READY=1"), "{status:?}");
+    assert!(status.contains(&format!("STATUS=not enforcing: {a} keeps its old settings (the cgroup")), "{status:?}");
+    assert!(running(&a), "the running instance was let go: {}", serve.log());
+    for _ in 0..5 {
+        assert_eq!(netns.hello_from(me, good_addr).unwrap_err().kind(), ErrorKind::ConnectionRefused);
+    }
+    assert_eq!(Instance::open(&a).unwrap().num_open(me).unwrap(), 1);
+    assert!(serve.wait_for("it keeps enforcing with its old settings", WAIT_LOG), "{}", serve.log());
+
+    // The file fixed: applied without a SIGHUP (systemd, still waiting for
+    // the reload's READY=1, would hold another reload back), READY=1 again.
+    std::fs::write(&file, format!("{header}{good}{late}")).unwrap();
+    let ready = notify.next();
+    assert!(ready.contains("READY=1"), "{ready:?}");
+    // (The log comes through a pipe: it may trail the notification.)
+    assert!(serve.wait_for("the service file changed while an instance does not enforce", WAIT_LOG), "{}", serve.log());
+
+    // B's service restarts: its cgroup goes (systemd hears so), and comes
+    // back at the same path (followed, READY=1 again).
+    drop((_late_held, _late_server));
+    drop(late_cgroup);
+    let gone = next_with(&notify, "STATUS=");
+    assert!(gone.contains(&format!("not enforcing: {b} (the guarded cgroup is gone")), "{gone:?}");
+    assert!(!gone.contains("READY=1"), "{gone:?}");
+    let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
+    assert!(text.contains(&format!("connlimit_enforcing{{instance=\"{b}\"}} 0\n")), "{text}");
+    let late_cgroup = TestCgroup::create(&late_name).unwrap();
+    let appeared = Instant::now();
+    let ready = next_with(&notify, "READY=1");
+    assert!(appeared.elapsed() < Duration::from_secs(1), "followed {:?} after it appeared", appeared.elapsed());
+    let _late_server =
+        Server::hold(HOLD_SERVER, &netns, &late_cgroup, &[SocketAddr::from(([0, 0, 0, 0], late_port))]).unwrap();
+    let _late_held = netns.hello_from(me, late_addr).unwrap();
+    assert_eq!(netns.hello_from(me, late_addr).unwrap_err().kind(), ErrorKind::ConnectionRefused, "{ready:?}");
+    let (status, log) = serve.stop();
+    assert!(status.success(), "{log}");
+    drop(held);
+}
+
+const WAIT_LOG: Duration = Duration::from_secs(5);
+
+/// Where `TestCgroup::create(name)` makes its directory.
+fn harness_cgroup_path(name: &str) -> PathBuf {
+    connlimit::ebpf::mounts::cgroup2_mount().unwrap().join(name)
+}
+
+#[test]
+fn serve_exits_non_zero_only_when_it_can_enforce_nothing() {
+    require_kernel!();
+    let netns = Netns::new().unwrap();
+    let dir = TempDir::new("svc-none");
+    let file = dir.0.join("connlimit.toml");
+    let missing = harness_cgroup_path(&unique("svc-none"));
+    std::fs::write(
+        &file,
+        format!(
+            "[[instance]]\nname = \"{}\"\nports = [8193]\ncgroup = \"{}\"\nmax_conns_per_client_ip = 1\n",
+            unique("svc-none"),
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(["serve", "--config"]).arg(&file).stdin(Stdio::null());
+    netns.enter_on_exec(&mut cmd);
+    let (status, log) = Background::spawn(&mut cmd).unwrap().wait();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("no instance of") && log.contains("can enforce"), "{log}");
+    assert!(log.contains(&format!("the cgroup {} does not exist", missing.display())), "{log}");
 }

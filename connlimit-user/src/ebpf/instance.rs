@@ -181,10 +181,11 @@ impl Instance {
 
     /// Starts the instance's [`Upkeep`](super::Upkeep) in the network
     /// namespace `netns` it guards: ending the connections the kernel asks
-    /// to end, and counting those it cannot see. The process owning an
+    /// to end, counting those it cannot see, and attaching to the cgroup at
+    /// `cgroup` again when it is removed and made again. The process owning an
     /// instance runs it (once per handle); [`EbpfLimiter`](super::EbpfLimiter)
     /// does so itself.
-    pub fn start_upkeep(&mut self, netns: &Path) -> Result<super::Upkeep, EbpfError> {
+    pub fn start_upkeep(&mut self, netns: &Path, cgroup: &Path) -> Result<super::Upkeep, EbpfError> {
         let ring = self
             .endings
             .take()
@@ -199,7 +200,15 @@ impl Instance {
             }
             None => None,
         };
-        Ok(super::Upkeep::start(ring, self.duplicate()?, netns)?.with_responder(responder))
+        Ok(super::Upkeep::start(ring, self.duplicate()?, netns, cgroup)?.with_responder(responder))
+    }
+
+    /// Whether the kernel enforces for the instance's guarded cgroup: `false`
+    /// once that cgroup is gone (until its owner attaches to the one made
+    /// again at the same path); `None` when it cannot be told (without
+    /// CAP_DAC_READ_SEARCH).
+    pub fn enforcing(&self) -> Result<Option<bool>, EbpfError> {
+        Ok(super::mounts::cgroup_exists(self.info()?.cgroup_ino))
     }
 
     /// The socket storage map of counted connections, for

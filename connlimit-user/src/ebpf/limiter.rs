@@ -123,6 +123,17 @@ impl AttachOptions {
     }
 }
 
+impl AttachOptions {
+    /// Checks what [`EbpfLimiter::attach`] checks before it touches the
+    /// kernel (options, capabilities, kernel features, that the cgroup is a
+    /// cgroup v2 directory, the network namespace, ports taken by other
+    /// instances), with instance `replacing` out of the way; changes
+    /// nothing. For replacing an instance only once its successor can start.
+    pub fn check(&self, replacing: Option<&str>) -> Result<(), EbpfError> {
+        loader::check(self, replacing)
+    }
+}
+
 /// A limiter enforced by the kernel, owned by this process. Dropping it
 /// detaches the programs and removes the pins, unless it was attached with
 /// [`AttachOptions::persist`].
@@ -188,6 +199,14 @@ impl EbpfLimiter {
     /// changes made by other processes, e.g. `connlimit set`).
     pub fn config(&self) -> Result<Config, EbpfError> {
         self.instance().config()
+    }
+
+    /// Whether the kernel enforces now: `false` while the guarded cgroup is
+    /// gone (its service stopped); this limiter attaches to the cgroup made
+    /// again at the same path by itself, within a fraction of a second.
+    /// `true` when it cannot be told.
+    pub fn is_enforcing(&self) -> bool {
+        self.instance().enforcing().ok().flatten() != Some(false)
     }
 
     /// Established connections counted under the client key of `peer`.

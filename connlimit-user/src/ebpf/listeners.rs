@@ -17,8 +17,8 @@ pub enum ListenerProblem {
         /// The guarded port.
         port: u16,
     },
-    /// A listener of the port belongs to another cgroup: its connections are
-    /// neither counted nor limited.
+    /// A listener of the port belongs to a cgroup outside the guarded one
+    /// and those below it: its connections are neither counted nor limited.
     OutsideCgroup {
         /// The guarded port.
         port: u16,
@@ -33,7 +33,7 @@ impl std::fmt::Display for ListenerProblem {
             Self::NoListener { port } => write!(f, "nothing listens on port {port} yet"),
             Self::OutsideCgroup { port, cgroup_id } => write!(
                 f,
-                "a listener on port {port} is in another cgroup (id {cgroup_id}), so its connections are neither \
+                "a listener on port {port} is in a cgroup outside the guarded one (id {cgroup_id}), so its connections are neither \
                  counted nor limited; start the server inside the guarded cgroup, or guard the server's own cgroup \
                  (`--pid` of the process that opened the listener)"
             ),
@@ -42,8 +42,10 @@ impl std::fmt::Display for ListenerProblem {
 }
 
 /// Checks the listeners of `ports` in the network namespace `netns` against
-/// the guarded cgroup (its id: the inode of its directory).
+/// the guarded cgroup (its id: the inode of its directory) and the cgroups
+/// below it, whose sockets are counted too.
 pub fn check(netns: &Path, ports: &[u16], cgroup_id: u64) -> std::io::Result<Vec<ListenerProblem>> {
+    let guarded = mounts::cgroup_subtree(cgroup_id);
     let listeners = sock_diag::in_netns(netns, || sock_diag::SockDiag::open()?.listeners())?;
     let mut problems = Vec::new();
     for &port in ports {
@@ -51,7 +53,7 @@ pub fn check(netns: &Path, ports: &[u16], cgroup_id: u64) -> std::io::Result<Vec
         if on_port.is_empty() {
             problems.push(ListenerProblem::NoListener { port });
         }
-        if let Some(outside) = on_port.iter().find(|l| l.cgroup_id != cgroup_id) {
+        if let Some(outside) = on_port.iter().find(|l| !guarded.contains(&l.cgroup_id)) {
             problems.push(ListenerProblem::OutsideCgroup { port, cgroup_id: outside.cgroup_id });
         }
     }

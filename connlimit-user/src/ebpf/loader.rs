@@ -34,6 +34,7 @@ pub(super) struct Attached {
 /// and links; the instance appears in the pin root all at once. On
 /// error nothing is left attached or pinned.
 pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
+    let options_ref = options.clone();
     let AttachOptions {
         name,
         cgroup,
@@ -46,16 +47,9 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
         refuse_with,
         max_clients,
     } = options;
-    Instance::validate_name(&name)?;
-    config.validate()?;
+    let netns_id = preflight(&options_ref)?;
     let epoch_ns = validated_epoch_ns(reservation_epoch)?;
     ports = guard::normalize_ports(&ports)?;
-    capabilities::require_capabilities(&capabilities::ATTACH_CAPABILITIES)?;
-    // Before loading: an old kernel gets what it lacks, not a verifier log.
-    kernel_features::require()?;
-    capabilities::require_access(&pin_root())?;
-    mounts::require_cgroup2_dir(&cgroup)?;
-    let netns_id = netns::NetnsId::of(&netns)?;
     let netns_file = File::open(&netns).map_err(|e| EbpfError::Netns(netns.clone(), e))?;
     let cgroup_file = File::open(&cgroup).map_err(|e| EbpfError::system(format!("opening {}", cgroup.display()), e))?;
     let owner = owner::Owner::current()?;
@@ -99,7 +93,7 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
         object_hash: OBJECT_HASH,
     })?;
 
-    let upkeep = instance.start_upkeep(&netns)?;
+    let upkeep = instance.start_upkeep(&netns, &cgroup)?;
     let links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
     // Pinned links keep the kernel enforcing if this process crashes.
     let links = pin_links(&staging, links)?;
@@ -112,6 +106,35 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
     listeners::warn_about(&netns, &ports, &cgroup);
     let program_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.program_id()).collect();
     Ok(Attached { instance, program_ids, upkeep, log, links, ebpf })
+}
+
+/// What [`attach`] checks before touching the kernel or the pin root:
+/// the options, the capabilities, the kernel's features, the cgroup and
+/// the network namespace (whose id it returns).
+fn preflight(options: &AttachOptions) -> Result<netns::NetnsId, EbpfError> {
+    Instance::validate_name(&options.name)?;
+    options.config.validate()?;
+    validated_epoch_ns(options.reservation_epoch)?;
+    guard::normalize_ports(&options.ports)?;
+    capabilities::require_capabilities(&capabilities::ATTACH_CAPABILITIES)?;
+    // Before loading: an old kernel gets what it lacks, not a verifier log.
+    kernel_features::require()?;
+    capabilities::require_access(&pin_root())?;
+    mounts::require_cgroup2_dir(&options.cgroup)?;
+    netns::NetnsId::of(&options.netns)
+}
+
+/// Whether [`attach`] would get past its checks now, with instance
+/// `replacing` (if any) out of the way: its ports do not count as taken and
+/// its name as used. Changes nothing.
+pub(super) fn check(options: &AttachOptions, replacing: Option<&str>) -> Result<(), EbpfError> {
+    let netns_id = preflight(options)?;
+    let ports = guard::normalize_ports(&options.ports)?;
+    let Some(root) = PinRoot::read()? else { return Ok(()) };
+    if replacing != Some(options.name.as_str()) && root.is_instance(&options.name) {
+        return Err(EbpfError::InstanceExists(options.name.clone()));
+    }
+    guard::refuse_taken_ports(&root, &ports, netns_id, replacing)
 }
 
 /// Loads the embedded kernel object (maps created, programs not yet

@@ -51,6 +51,7 @@ pub mod cgroup;
 pub mod clock;
 mod counts;
 mod error;
+mod follow;
 mod guard;
 mod instance;
 mod kernel_config;

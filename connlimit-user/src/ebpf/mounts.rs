@@ -102,6 +102,68 @@ pub fn inode(path: &Path) -> Result<u64, EbpfError> {
     fs::metadata(path).map(|m| m.ino()).map_err(|e| EbpfError::system(format!("reading {}", path.display()), e))
 }
 
+/// Opens the cgroup with id `id` by its file handle (a cgroupfs handle is
+/// the id); ESTALE once it was removed. Needs CAP_DAC_READ_SEARCH.
+fn open_cgroup(id: u64) -> io::Result<fs::File> {
+    const FILEID_KERNFS: i32 = 0xfe;
+    #[repr(C)]
+    struct Handle {
+        bytes: u32,
+        kind: i32,
+        id: u64,
+    }
+    let mount = fs::File::open(cgroup2_mount().map_err(io::Error::other)?)?;
+    let handle = Handle { bytes: 8, kind: FILEID_KERNFS, id };
+    // SAFETY: a valid file_handle with its 8 bytes of handle.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            std::os::fd::AsRawFd::as_raw_fd(&mount),
+            &handle as *const Handle,
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just opened for us.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
+/// Whether a cgroup with id `id` exists (was not removed). `None` when it
+/// cannot be told, e.g. without CAP_DAC_READ_SEARCH.
+pub fn cgroup_exists(id: u64) -> Option<bool> {
+    match open_cgroup(id) {
+        Ok(_) => Some(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// The ids of the cgroup with id `id` and of every cgroup below it (their
+/// sockets run the programs attached to it); just `id` when its directory
+/// cannot be found.
+pub fn cgroup_subtree(id: u64) -> std::collections::HashSet<u64> {
+    let mut ids = std::collections::HashSet::from([id]);
+    let Ok(dir) = open_cgroup(id) else { return ids };
+    let Ok(path) = fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir))) else {
+        return ids;
+    };
+    let mut stack = vec![path];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Ok(m) = entry.metadata() {
+                    ids.insert(m.ino());
+                }
+                stack.push(entry.path());
+            }
+        }
+    }
+    ids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,7 +157,10 @@ impl Instance {
         {
             return Err(EbpfError::InstanceHeld { name: name.clone(), pid: owner.pid });
         }
-        if info.cgroup_ino != cgroup_ino || (info.netns_dev, info.netns_ino) != (netns.dev, netns.ino) {
+        // A guarded cgroup made again since (a restarted service) is the
+        // same target: the upkeep attaches to the new one.
+        let same_cgroup = info.cgroup_ino == cgroup_ino || mounts::cgroup_exists(info.cgroup_ino) == Some(false);
+        if !same_cgroup || (info.netns_dev, info.netns_ino) != (netns.dev, netns.ino) {
             return Err(EbpfError::AdoptMismatch(name.clone()));
         }
         guard::refuse_taken_ports(&root, &ports, netns, Some(name))?;

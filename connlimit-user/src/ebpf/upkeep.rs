@@ -11,7 +11,7 @@
 //! - **Carrying counts the kernel cannot see.** Connections open before the
 //!   instance attached were never counted by sock_ops, and after a change
 //!   of prefix length, connections stay counted under their old keys. From
-//!   a socket-diagnostics dump of the cgroup's established connections on
+//!   a socket-diagnostics dump of the established connections of the cgroup (and those below it) on
 //!   the guarded ports, this thread writes, for each client key, how many
 //!   of its connections the kernel does not count under it (`CARRIED`,
 //!   which only user space writes); the kernel adds them to the key's
@@ -19,6 +19,9 @@
 //!   completed while the programs were attaching), then each second while
 //!   anything is carried or after the grouping or the untracked count
 //!   changes.
+//! - **Following the guarded cgroup** when it is removed and made again
+//!   (see [`follow`](super::follow)): looked at each round, so at most
+//!   [`POLL`] after the new directory appears.
 
 use std::{
     collections::HashMap,
@@ -35,7 +38,11 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use connlimit_common::maps::{ClientKey, Ending};
 
-use super::{EbpfError, Instance, sock_diag};
+use super::{
+    EbpfError, Instance,
+    follow::{Follow, Look},
+    sock_diag,
+};
 use crate::addr;
 
 /// How often the thread looks at its stop flag while nothing arrives.
@@ -55,7 +62,14 @@ pub struct Upkeep {
 impl Upkeep {
     /// Starts the upkeep of `instance` (a handle of its own on the maps),
     /// ending what `ring` reports, in the network namespace `netns`.
-    pub(crate) fn start(ring: RingBuf<MapData>, instance: Instance, netns: &Path) -> Result<Self, EbpfError> {
+    /// Follows the cgroup at `cgroup` if it is made again.
+    pub(crate) fn start(
+        ring: RingBuf<MapData>,
+        instance: Instance,
+        netns: &Path,
+        cgroup: &Path,
+    ) -> Result<Self, EbpfError> {
+        let follow = Follow::new(cgroup);
         let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
@@ -71,11 +85,16 @@ impl Upkeep {
                         return;
                     }
                 };
-                let mut work = Work { instance, diag, ring, carrying: Carrying::default() };
+                let mut work = Work { instance, diag, ring, carrying: Carrying::default(), follow };
                 work.reconcile();
                 let _ = ready_tx.send(Ok(()));
                 while !stopping.load(Ordering::Relaxed) {
                     work.end_what_is_asked();
+                    if work.follow.look(&mut work.instance) == Look::Followed {
+                        // Connections made in the new cgroup before the
+                        // program was attached to it are carried.
+                        work.carrying = Carrying::default();
+                    }
                     work.reconcile_if_due();
                     wait_readable(&work.ring, POLL);
                 }
@@ -127,6 +146,7 @@ struct Work {
     diag: sock_diag::SockDiag,
     ring: RingBuf<MapData>,
     carrying: Carrying,
+    follow: Follow,
 }
 
 impl Work {
@@ -211,19 +231,20 @@ impl Work {
         }
     }
 
-    /// For each client key, the cgroup's established connections on the
-    /// guarded ports that belong to it but that the kernel does not count
+    /// For each client key, the established connections of the guarded
+    /// cgroup and those below it on the guarded ports that belong to it but that the kernel does not count
     /// under it.
     fn carried(&self) -> Result<HashMap<ClientKey, u32>, EbpfError> {
         let config = self.instance.config()?;
-        let cgroup = self.instance.info()?.cgroup_ino;
+        // The programs run for the cgroups below the guarded one too.
+        let subtree = super::mounts::cgroup_subtree(self.instance.info()?.cgroup_ino);
         let sockets = self
             .diag
             .connections(self.instance.socket_states())
             .map_err(|e| EbpfError::system("listing the established connections", e))?;
         let mut guarded: HashMap<u16, bool> = HashMap::new();
         let mut carried = HashMap::new();
-        for s in sockets.iter().filter(|s| s.cgroup_id == cgroup) {
+        for s in sockets.iter().filter(|s| subtree.contains(&s.cgroup_id)) {
             let is_guarded = match guarded.get(&s.local_port) {
                 Some(&g) => g,
                 None => {

@@ -101,12 +101,22 @@ pub enum Command {
         connlimit serve --config /etc/connlimit/connlimit.toml --metrics-listen 127.0.0.1:9100\n\n\
         SIGHUP rereads the file and applies it live: limits and ports change without dropping a \
         connection, instances are added and removed. A file with errors is reported and the \
-        running configuration kept. Under systemd (Type=notify) READY=1 is sent once every \
-        instance is attached. See contrib/connlimit.toml and contrib/connlimit.service.")]
+        running configuration kept; an instance whose new settings cannot be applied keeps \
+        enforcing its old ones. An instance whose target is missing (a cgroup not made yet, a \
+        unit not started) is reported and attached when it appears; the others enforce \
+        meanwhile. serve exits with status 1 only when no instance can enforce. A guarded cgroup \
+        removed and made again (a service restart) is followed. Under systemd (Type=notify) \
+        READY=1 is sent once every instance enforces; until then STATUS= names those that do \
+        not. See contrib/connlimit.toml and contrib/connlimit.service.")]
     Serve(ServeArgs),
     /// Check a service file without attaching anything
-    #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit/connlimit.toml\n\n\
-        Prints one error per problem, with its line, and exits with status 1 if there is any.")]
+    #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit/connlimit.toml\n  \
+        connlimit check-config --syntax-only web-02.toml\n\n\
+        Prints one error per problem, with its line, and exits with status 1 if there is any. \
+        Then checks the file against this machine: each cgroup exists and is cgroup v2, each unit \
+        is known to systemd (when systemd runs), each \
+        pid exists, and no port is guarded twice in one network namespace. --syntax-only skips \
+        that, for a file meant for another machine.")]
     CheckConfig(CheckConfigArgs),
     /// Change the live configuration of a running instance
     #[command(after_help = "Examples:\n  \
@@ -283,6 +293,11 @@ pub struct CheckConfigArgs {
     /// The service file to check
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
+    /// Check the file alone, not its targets on this machine (cgroups,
+    /// processes, ports shared in a network namespace): for a file meant
+    /// for another machine
+    #[arg(long)]
+    pub syntax_only: bool,
 }
 
 #[derive(Args, Debug)]

@@ -56,11 +56,14 @@ impl Default for LogSettings {
 }
 
 /// What a guarded server is: a cgroup v2 directory (in connlimit's own
-/// network namespace), or a process (its cgroup and namespace).
+/// network namespace), a process (its cgroup and namespace), or a systemd
+/// unit (its cgroup, and its main process's namespace).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     Cgroup(PathBuf),
     Pid(u32),
+    /// A systemd unit: its cgroup, and its main process's namespace.
+    Unit(String),
 }
 
 /// One `[[instance]]`.
@@ -186,11 +189,12 @@ struct Parser<'t> {
     problems: Vec<Problem>,
 }
 
-const INSTANCE_KEYS: [&str; 15] = [
+const INSTANCE_KEYS: [&str; 16] = [
     "name",
     "ports",
     "cgroup",
     "pid",
+    "unit",
     "max_conns_per_client_ip",
     "ipv4_prefix_len",
     "ipv6_prefix_len",
@@ -317,12 +321,14 @@ impl Parser<'_> {
             }
         };
         let ports = self.ports(table, &header);
-        let target = match (self.get(table, "cgroup"), self.get(table, "pid")) {
-            (Some(_), Some((span, _))) => {
-                self.problem(&span, "give `cgroup` or `pid`, not both".into());
+        let given: Vec<_> = ["cgroup", "pid", "unit"].into_iter().filter_map(|k| self.get(table, k)).collect();
+        let target = match (self.get(table, "cgroup"), self.get(table, "pid"), self.get(table, "unit")) {
+            _ if given.len() > 1 => {
+                self.problem(&given[1].0, "give one of `cgroup`, `pid` or `unit`, not several".into());
                 None
             }
-            (Some((span, item)), None) => self.string(&span, item, "cgroup").and_then(|c| {
+            (None, None, Some((span, item))) => self.string(&span, item, "unit").map(|u| Target::Unit(u.to_owned())),
+            (Some((span, item)), _, _) => self.string(&span, item, "cgroup").and_then(|c| {
                 let path = PathBuf::from(c);
                 if path.is_absolute() {
                     Some(Target::Cgroup(path))
@@ -336,13 +342,15 @@ impl Parser<'_> {
                     None
                 }
             }),
-            (None, Some(_)) => {
+            (None, Some(_), _) => {
                 self.int(table, "pid", 1..i64::from(i32::MAX), "give a process id").map(|p| Target::Pid(p as u32))
             }
-            (None, None) => {
+            (None, None, None) => {
                 self.problem(
                     &header,
-                    "this [[instance]] has no target; add cgroup = \"/sys/fs/cgroup/...\" or pid = N".into(),
+                    "this [[instance]] has no target; add cgroup = \"/sys/fs/cgroup/...\", unit = \"NAME.service\" \
+                     or pid = N"
+                        .into(),
                 );
                 None
             }
@@ -546,6 +554,18 @@ reservation_epoch_ms = 500
         assert_eq!(db.target, Target::Pid(1234));
         assert!(db.config.dry_run && db.persist);
         assert_eq!(db.reservation_epoch, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_unit_target_parses_and_one_target_only_is_allowed() {
+        let unit = "[[instance]]\nname = \"api\"\nports = [80]\nunit = \"api.service\"\nmax_conns_per_client_ip = 5\n";
+        assert_eq!(parse(unit).unwrap().instances[0].target, Target::Unit("api.service".into()));
+        let both = format!("{unit}pid = 7\n");
+        let problems = parse(&both).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].message, "give one of `cgroup`, `pid` or `unit`, not several");
+        let none = "[[instance]]\nname = \"api\"\nports = [80]\nmax_conns_per_client_ip = 5\n";
+        assert!(parse(none).unwrap_err()[0].message.contains("unit = \"NAME.service\""));
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    fn options(&self, cgroup: &Path, netns: &Path) -> AttachOptions {
+    pub(crate) fn options(&self, cgroup: &Path, netns: &Path) -> AttachOptions {
         AttachOptions::new(&self.name, cgroup)
             .netns(netns)
             .ports(self.ports.iter().copied())
@@ -98,11 +98,19 @@ impl Enforcement {
             Ok(limiter) => Ok(Self::Attached(limiter)),
             Err(EbpfError::InstanceExists(_)) => {
                 let mut instance = Instance::adopt(&options)?;
-                let upkeep = instance.start_upkeep(netns)?;
+                let upkeep = instance.start_upkeep(netns, cgroup)?;
                 tracing::info!(instance = %instance.name(), ports = ?plan.ports, "adopted the instance, counts intact");
                 Ok(Self::Adopted { instance, persist: plan.persist, _upkeep: upkeep })
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the kernel enforces (the guarded cgroup is there).
+    pub(crate) fn enforcing(&self) -> bool {
+        match self {
+            Self::Attached(limiter) => limiter.is_enforcing(),
+            Self::Adopted { instance, .. } => instance.enforcing().ok().flatten() != Some(false),
         }
     }
 

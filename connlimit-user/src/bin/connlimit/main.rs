@@ -3,6 +3,7 @@
 //! Exit status: 0 on success, 1 on a runtime error, 2 on a usage error;
 //! `exec` exits with its server's status.
 
+mod check_config;
 mod cli;
 mod config_file;
 mod enforce;
@@ -16,6 +17,7 @@ mod refusals;
 mod report;
 mod serve;
 mod show;
+mod target;
 mod unit;
 mod user;
 
@@ -47,7 +49,7 @@ fn main() -> ExitCode {
         Command::Run(args) => enforce::run(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => enforce::exec(args),
         Command::Serve(args) => serve::serve(args).map(|()| ExitCode::SUCCESS),
-        Command::CheckConfig(args) => serve::check_config(args),
+        Command::CheckConfig(args) => check_config::check_config(args),
         Command::Set(args) => manage::set(args).map(|()| ExitCode::SUCCESS),
         Command::Detach(args) => manage::detach(&args.name, args.force).map(|()| ExitCode::SUCCESS),
         Command::Config(args) => show::config(&args.name.name, args.json.json).map(|()| ExitCode::SUCCESS),

@@ -54,6 +54,10 @@ impl Watched {
 /// removes them (`serve` on reload).
 pub type Instances = Arc<Mutex<BTreeMap<String, Watched>>>;
 
+/// Instances a process should enforce but has not attached (a `serve`
+/// instance waiting for its target): exported as not enforcing.
+pub type Unattached = Arc<Mutex<std::collections::BTreeSet<String>>>;
+
 /// Locks the shared instances, even if a thread panicked holding them.
 pub fn lock(instances: &Instances) -> std::sync::MutexGuard<'_, BTreeMap<String, Watched>> {
     instances.lock().unwrap_or_else(PoisonError::into_inner)
@@ -69,6 +73,7 @@ struct Reading {
     total_limit: u32,
     keys: u64,
     keys_capacity: u32,
+    enforcing: bool,
 }
 
 fn read(name: &str, w: &Watched) -> Result<Reading> {
@@ -82,11 +87,12 @@ fn read(name: &str, w: &Watched) -> Result<Reading> {
         total_limit: w.instance.config()?.max_conns_total,
         keys: clients.len() as u64,
         keys_capacity: w.clients_capacity,
+        enforcing: w.instance.enforcing()? != Some(false),
     })
 }
 
 #[derive(Debug)]
-struct Kernel(Instances);
+struct Kernel(Instances, Unattached);
 
 impl std::fmt::Debug for Watched {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,6 +151,18 @@ impl Collector for Kernel {
             }
         }
         let mut family = encoder.encode_descriptor(
+            "connlimit_enforcing",
+            "1 while the kernel enforces the instance, 0 while its guarded cgroup is gone or it is not attached",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &readings {
+            ConstGauge::new(i64::from(r.enforcing)).encode(family.encode_family(&[("instance", r.name.as_str())])?)?;
+        }
+        for name in self.1.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            ConstGauge::new(0i64).encode(family.encode_family(&[("instance", name.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
             "connlimit_map_fill_ratio",
             "How full a kernel map is, 0 to 1 (clients: client keys holding connections)",
             None,
@@ -160,9 +178,9 @@ impl Collector for Kernel {
 }
 
 /// The text of /metrics now.
-pub fn render(instances: &Instances) -> Result<String> {
+pub fn render(instances: &Instances, unattached: &Unattached) -> Result<String> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Kernel(instances.clone())));
+    registry.register_collector(Box::new(Kernel(instances.clone(), unattached.clone())));
     let mut text = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut text, &registry).context("encoding metrics")?;
     Ok(text)
@@ -170,7 +188,7 @@ pub fn render(instances: &Instances) -> Result<String> {
 
 /// Binds `addr` and serves /metrics on the current tokio runtime until the
 /// returned task is aborted.
-pub fn serve(addr: SocketAddr, instances: Instances) -> Result<JoinHandle<()>> {
+pub fn serve(addr: SocketAddr, instances: Instances, unattached: Unattached) -> Result<JoinHandle<()>> {
     let std_listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} for metrics; pick a free address with --metrics-listen"))?;
     std_listener.set_nonblocking(true).context("setting up the metrics listener")?;
@@ -179,9 +197,10 @@ pub fn serve(addr: SocketAddr, instances: Instances) -> Result<JoinHandle<()>> {
     Ok(tokio::spawn(async move {
         loop {
             let Ok((conn, _)) = listener.accept().await else { continue };
-            let instances = instances.clone();
+            let (instances, unattached) = (instances.clone(), unattached.clone());
             tokio::spawn(async move {
-                if let Err(e) = tokio::time::timeout(Duration::from_secs(10), answer(conn, instances)).await {
+                if let Err(e) = tokio::time::timeout(Duration::from_secs(10), answer(conn, instances, unattached)).await
+                {
                     tracing::debug!(error = %e, "metrics request timed out");
                 }
             });
@@ -190,7 +209,7 @@ pub fn serve(addr: SocketAddr, instances: Instances) -> Result<JoinHandle<()>> {
 }
 
 /// Answers one HTTP/1 request and closes the connection.
-async fn answer(mut conn: TcpStream, instances: Instances) {
+async fn answer(mut conn: TcpStream, instances: Instances, unattached: Unattached) {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
@@ -206,7 +225,7 @@ async fn answer(mut conn: TcpStream, instances: Instances) {
     let (status, content_type, body) = match (method, path) {
         (b"GET" | b"HEAD", b"/metrics") => {
             // Walking the maps can take a while: off the event loop.
-            match tokio::task::spawn_blocking(move || render(&instances)).await {
+            match tokio::task::spawn_blocking(move || render(&instances, &unattached)).await {
                 Ok(Ok(text)) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
                 Ok(Err(e)) => ("500 Internal Server Error", "text/plain", format!("{e:#}\n")),
                 Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),

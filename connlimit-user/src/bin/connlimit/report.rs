@@ -13,7 +13,7 @@ use tokio::{runtime::Runtime, task::JoinHandle};
 
 use crate::{
     cli::ReportArgs,
-    metrics::{self, Instances, Watched},
+    metrics::{self, Instances, Unattached, Watched},
     refusals,
 };
 
@@ -21,6 +21,7 @@ use crate::{
 /// enforces. Dropping it stops both.
 pub struct Reports {
     pub instances: Instances,
+    unattached: Unattached,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     refusal_log: Option<RefusalLog>,
     handle: tokio::runtime::Handle,
@@ -32,6 +33,7 @@ impl Reports {
     pub fn start(runtime: &Runtime, args: &ReportArgs) -> Result<Self> {
         let mut reports = Self {
             instances: Instances::default(),
+            unattached: Unattached::default(),
             metrics: None,
             refusal_log: None,
             handle: runtime.handle().clone(),
@@ -54,7 +56,7 @@ impl Reports {
                     task.abort();
                 }
                 let _in = self.handle.enter();
-                Some((addr, metrics::serve(addr, self.instances.clone())?))
+                Some((addr, metrics::serve(addr, self.instances.clone(), self.unattached.clone())?))
             }
             None => None,
         };
@@ -83,6 +85,17 @@ impl Reports {
                 metrics::lock(&self.instances).insert(name.to_owned(), w);
             }
             Err(e) => tracing::warn!(instance = %name, error = %format!("{e:#}"), "no metrics or refusal log for it"),
+        }
+    }
+
+    /// Exports instance `name` as configured but not attached (`true`), or
+    /// stops (`false`).
+    pub fn set_unattached(&mut self, name: &str, unattached: bool) {
+        let mut set = self.unattached.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if unattached {
+            set.insert(name.to_owned());
+        } else {
+            set.remove(name);
         }
     }
 

@@ -1,47 +1,40 @@
-//! `serve` and `check-config`: every instance of a service file in one
-//! process, reloaded live on SIGHUP.
+//! `serve`: every instance of a service file in one process, reloaded live
+//! on SIGHUP, with instances whose target is missing retried until it
+//! appears.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::ExitCode,
 };
 
-use anyhow::{Context, Result};
-use connlimit::ebpf::{EbpfError, Instance, PinRoot, mounts, netns};
+use anyhow::Result;
+use connlimit::ebpf::{Instance, PinRoot};
 
 use crate::{
-    cli::{CheckConfigArgs, ReportArgs, ServeArgs},
-    config_file::{self, InstanceSpec, ServiceFile, Target},
+    cli::{ReportArgs, ServeArgs},
+    config_file::{self, InstanceSpec, ServiceFile},
     enforce::{Enforcement, Plan, Signals},
     notify,
     report::Reports,
     show::describe,
+    target::{missing_target, resolve},
 };
 
-/// `connlimit check-config FILE`.
-pub fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read the service file {}", args.file.display()))?;
-    match config_file::parse(&text) {
-        Ok(file) => {
-            let names: Vec<&str> = file.instances.iter().map(|i| i.name.as_str()).collect();
-            println!("{}: OK, {} instances: {}", args.file.display(), names.len(), names.join(", "));
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(problems) => {
-            for line in config_file::render(&args.file, &problems).lines() {
-                eprintln!("connlimit: error: {line}");
-            }
-            Ok(ExitCode::FAILURE)
-        }
-    }
-}
+/// How often instances that do not enforce are tried again, and the
+/// guarded cgroups looked at: a target that appears is attached within it.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// An instance this process runs, and the spec it runs with.
 struct Running {
     spec: InstanceSpec,
     enforcement: Enforcement,
+}
+
+/// A configured instance that does not enforce as the file says, and why
+/// (with the fix).
+struct Unmet {
+    spec: InstanceSpec,
+    why: String,
 }
 
 /// `connlimit serve --config FILE`.
@@ -53,22 +46,42 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         metrics_override: args.metrics_listen,
         reports: Reports::start(&runtime, &report_args(&file, args.metrics_listen))?,
         running: BTreeMap::new(),
+        waiting: BTreeMap::new(),
+        stale: BTreeMap::new(),
+        announced: None,
+        read_mtime: mtime(&args.config),
     };
     for spec in &file.instances {
-        if let Err(e) = service.start(spec) {
-            service.stop_all();
-            return Err(e);
-        }
+        service.start_or_wait(spec);
+    }
+    if service.running.is_empty() {
+        service.stop_all();
+        anyhow::bail!(
+            "no instance of {} can enforce (each is logged above with its fix); exiting",
+            args.config.display()
+        );
     }
     tracing::info!(
-        instances = file.instances.len(),
+        instances = service.running.len(),
         file = %args.config.display(),
         "enforcing; reload the file with SIGHUP, stop with SIGTERM"
     );
-    notify::send(&format!("READY=1\nSTATUS={}", service.status()));
+    service.announce(true);
     runtime.block_on(async {
-        while signals.next().await == libc::SIGHUP {
-            service.reload();
+        let mut tick = tokio::time::interval(RETRY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    libc::SIGHUP => service.reload(),
+                    _ => break,
+                },
+                _ = tick.tick() => {
+                    service.retry();
+                    service.reread_if_changed();
+                    service.announce(false);
+                }
+            }
         }
     });
     notify::send("STOPPING=1");
@@ -89,36 +102,125 @@ struct Service {
     metrics_override: Option<std::net::SocketAddr>,
     reports: Reports,
     running: BTreeMap<String, Running>,
+    /// Configured but not attached: tried again every [`RETRY`].
+    waiting: BTreeMap<String, Unmet>,
+    /// Running with their old settings: the file's could not be applied
+    /// (tried again on the next reload).
+    stale: BTreeMap<String, Unmet>,
+    /// The last state told to the service manager.
+    announced: Option<String>,
+    /// When the file last read was modified.
+    read_mtime: Option<std::time::SystemTime>,
+}
+
+fn plan(spec: &InstanceSpec) -> Plan {
+    Plan {
+        name: spec.name.clone(),
+        ports: spec.ports.clone(),
+        config: spec.config.clone(),
+        reservation_epoch: spec.reservation_epoch,
+        when_full: spec.when_full,
+        refuse_with: spec.refuse_with,
+        persist: spec.persist,
+    }
 }
 
 impl Service {
-    fn status(&self) -> String {
+    /// Instances that do not enforce as configured, each with why.
+    fn unmet(&self) -> Vec<String> {
+        let mut unmet: Vec<String> = self.waiting.values().map(|u| format!("{} ({})", u.spec.name, u.why)).collect();
+        unmet.extend(self.stale.values().map(|u| format!("{} keeps its old settings ({})", u.spec.name, u.why)));
+        for (name, running) in &self.running {
+            if !running.enforcement.enforcing() {
+                unmet.push(format!("{name} (the guarded cgroup is gone; waiting for it to be made again)"));
+            }
+        }
+        unmet
+    }
+
+    /// The notify `STATUS=` line: what enforces, and what does not and why.
+    fn status(&self) -> (bool, String) {
         let names: Vec<&str> = self.running.keys().map(String::as_str).collect();
-        format!("enforcing {} instances: {}", names.len(), names.join(", "))
+        let enforcing = format!("enforcing {} instances: {}", names.len(), names.join(", "));
+        let unmet = self.unmet();
+        if unmet.is_empty() {
+            (true, enforcing)
+        } else {
+            (false, format!("not enforcing: {}; {enforcing}", unmet.join("; ")))
+        }
+    }
+
+    /// Tells the service manager the state if it changed (or `always`):
+    /// READY=1 only when every configured instance enforces as configured,
+    /// else a STATUS= line naming those that do not.
+    fn announce(&mut self, always: bool) {
+        let (ready, status) = self.status();
+        let state = if ready { format!("READY=1\nSTATUS={status}") } else { format!("STATUS={status}") };
+        if !always && self.announced.as_ref() == Some(&state) {
+            return;
+        }
+        if !ready && self.announced.as_ref() != Some(&state) {
+            tracing::warn!("{status}");
+        }
+        notify::send(&state);
+        self.announced = Some(state);
     }
 
     /// Attaches (or adopts) `spec` and watches it.
     fn start(&mut self, spec: &InstanceSpec) -> Result<()> {
-        let (cgroup, netns) = resolve(&spec.target).with_context(|| format!("instance {:?}", spec.name))?;
-        let plan = Plan {
-            name: spec.name.clone(),
-            ports: spec.ports.clone(),
-            config: spec.config.clone(),
-            reservation_epoch: spec.reservation_epoch,
-            when_full: spec.when_full,
-            refuse_with: spec.refuse_with,
-            persist: spec.persist,
-        };
-        let enforcement =
-            Enforcement::start(&plan, &cgroup, &netns).with_context(|| format!("instance {:?}", spec.name))?;
+        let (cgroup, netns) = resolve(&spec.target).map_err(|e| missing_target(spec, e))?;
+        let enforcement = Enforcement::start(&plan(spec), &cgroup, &netns).map_err(|e| missing_target(spec, e))?;
         self.reports.watch(&spec.name);
         self.running.insert(spec.name.clone(), Running { spec: spec.clone(), enforcement });
         Ok(())
     }
 
+    /// Starts `spec`, or logs why not and tries again every [`RETRY`].
+    fn start_or_wait(&mut self, spec: &InstanceSpec) {
+        match self.start(spec) {
+            Ok(()) => {
+                self.waiting.remove(&spec.name);
+                self.reports.set_unattached(&spec.name, false);
+            }
+            Err(e) => self.wait_for(spec, e),
+        }
+    }
+
+    fn wait_for(&mut self, spec: &InstanceSpec, e: anyhow::Error) {
+        let why = format!("{e:#}");
+        let unchanged = self.waiting.get(&spec.name).is_some_and(|u| u.why == why);
+        if !unchanged {
+            tracing::error!(
+                instance = %spec.name,
+                "not enforcing: {why}; the other instances enforce, and this one is tried again every {} ms",
+                RETRY.as_millis()
+            );
+        }
+        self.reports.set_unattached(&spec.name, true);
+        self.waiting.insert(spec.name.clone(), Unmet { spec: spec.clone(), why });
+    }
+
+    /// Tries again the instances whose target was missing, once it exists.
+    fn retry(&mut self) {
+        let specs: Vec<InstanceSpec> = self.waiting.values().map(|u| u.spec.clone()).collect();
+        for spec in specs {
+            // Cheap first: most ticks, the target is still missing.
+            if resolve(&spec.target).is_ok_and(|(cgroup, _)| cgroup.is_dir()) {
+                self.start_or_wait(&spec);
+                if self.running.contains_key(&spec.name) {
+                    tracing::info!(instance = %spec.name, "its target appeared: attached, enforcing");
+                }
+            }
+        }
+    }
+
     /// Stops enforcing instance `name`; a persisted one too, since the
     /// file no longer asks for it.
     fn remove(&mut self, name: &str) {
+        self.stale.remove(name);
+        if self.waiting.remove(name).is_some() {
+            self.reports.set_unattached(name, false);
+        }
         let Some(running) = self.running.remove(name) else { return };
         self.reports.unwatch(name);
         let persisted = running.spec.persist;
@@ -144,11 +246,27 @@ impl Service {
         }
     }
 
-    /// SIGHUP: rereads the file and applies what changed. A file with
-    /// errors changes nothing.
+    /// SIGHUP: rereads the file and applies what changed.
     fn reload(&mut self) {
         notify::send(&format!("RELOADING=1\n{}", notify::monotonic_usec()));
         tracing::info!(file = %self.path.display(), "SIGHUP: rereading the service file");
+        self.reread();
+    }
+
+    /// While an instance does not enforce, READY=1 is withheld, so systemd
+    /// holds back further reloads: a fix to the file is applied without one.
+    fn reread_if_changed(&mut self) {
+        if self.status().0 || mtime(&self.path) == self.read_mtime {
+            return;
+        }
+        tracing::info!(file = %self.path.display(), "the service file changed while an instance does not enforce: applying it");
+        self.reread();
+    }
+
+    /// Rereads the file and applies what changed. A file with errors
+    /// changes nothing.
+    fn reread(&mut self) {
+        self.read_mtime = mtime(&self.path);
         match config_file::load(&self.path) {
             Ok(file) => self.apply(&file),
             Err(e) => {
@@ -158,13 +276,16 @@ impl Service {
                 tracing::error!("the service file has errors; keeping the running configuration");
             }
         }
-        notify::send(&format!("READY=1\nSTATUS={}", self.status()));
+        self.announce(true);
     }
 
     fn apply(&mut self, file: &ServiceFile) {
         let wanted: BTreeMap<&str, &InstanceSpec> = file.instances.iter().map(|s| (s.name.as_str(), s)).collect();
         // Removals first: they free ports that others may take.
-        let gone: Vec<String> = self.running.keys().filter(|n| !wanted.contains_key(n.as_str())).cloned().collect();
+        let gone: Vec<String> = (self.running.keys().chain(self.waiting.keys()))
+            .filter(|n| !wanted.contains_key(n.as_str()))
+            .cloned()
+            .collect();
         for name in gone {
             self.remove(&name);
             tracing::info!(instance = %name, "removed: no longer in the service file");
@@ -172,31 +293,31 @@ impl Service {
         for spec in &file.instances {
             let Some(old) = self.running.get(&spec.name).map(|r| r.spec.clone()) else { continue };
             if old == *spec {
+                self.stale.remove(&spec.name);
                 continue;
             }
-            if old.needs_reattach(spec) {
-                tracing::warn!(
-                    instance = %spec.name,
-                    "its target, persist or reservation epoch changed: attaching it again (its counts start over)"
-                );
-                self.remove(&spec.name);
-                continue; // started below, with the additions
-            }
-            match update(spec) {
+            let result = if old.needs_reattach(spec) { self.replace(&old, spec) } else { self.update(spec) };
+            match result {
                 Ok(()) => {
-                    tracing::info!(instance = %spec.name, ports = ?spec.ports, "updated live: {}", describe(&spec.config));
-                    if let Some(r) = self.running.get_mut(&spec.name) {
-                        r.spec = spec.clone();
-                    }
+                    self.stale.remove(&spec.name);
                 }
-                Err(e) => tracing::error!(instance = %spec.name, error = %format!("{e:#}"), "updating failed"),
+                Err(e) if self.running.contains_key(&spec.name) => {
+                    let why = format!("{e:#}");
+                    tracing::error!(
+                        instance = %spec.name,
+                        "the new settings cannot be applied: {why}; it keeps enforcing with its old settings \
+                         until the file is fixed (applied as soon as it is saved)"
+                    );
+                    self.stale.insert(spec.name.clone(), Unmet { spec: spec.clone(), why });
+                }
+                Err(e) => tracing::error!(instance = %spec.name, error = %format!("{e:#}"), "not enforcing"),
             }
         }
         for spec in &file.instances {
             if !self.running.contains_key(&spec.name) {
-                match self.start(spec) {
-                    Ok(()) => tracing::info!(instance = %spec.name, "added"),
-                    Err(e) => tracing::error!(error = %format!("{e:#}"), "starting an instance failed"),
+                self.start_or_wait(spec);
+                if self.running.contains_key(&spec.name) {
+                    tracing::info!(instance = %spec.name, "added");
                 }
             }
         }
@@ -205,7 +326,38 @@ impl Service {
             tracing::error!(error = %format!("{e:#}"), "keeping the old metrics address");
         }
         self.reports.set_refusal_log(file.log.refusal_interval, file.log.refusal_lines);
-        tracing::info!("{}", self.status());
+        tracing::info!("{}", self.status().1);
+    }
+
+    /// Live changes: ports and limits, in place.
+    fn update(&mut self, spec: &InstanceSpec) -> Result<()> {
+        update(spec)?;
+        tracing::info!(instance = %spec.name, ports = ?spec.ports, "updated live: {}", describe(&spec.config));
+        if let Some(r) = self.running.get_mut(&spec.name) {
+            r.spec = spec.clone();
+        }
+        Ok(())
+    }
+
+    /// A change that needs attaching again (target, persist, reservation
+    /// epoch): the new settings are checked first, while the old instance
+    /// still enforces; if attaching still fails, the old is put back.
+    fn replace(&mut self, old: &InstanceSpec, spec: &InstanceSpec) -> Result<()> {
+        let (cgroup, netns) = resolve(&spec.target).map_err(|e| missing_target(spec, e))?;
+        plan(spec).options(&cgroup, &netns).check(Some(&spec.name)).map_err(|e| missing_target(spec, e.into()))?;
+        tracing::warn!(
+            instance = %spec.name,
+            "its target, persist or reservation epoch changed: attaching it again (its counts start over)"
+        );
+        self.remove(&spec.name);
+        let Err(e) = self.start(spec) else { return Ok(()) };
+        match self.start(old) {
+            Ok(()) => Err(e),
+            Err(again) => {
+                self.wait_for(spec, e);
+                Err(again.context("putting back the old settings failed too"))
+            }
+        }
     }
 }
 
@@ -222,24 +374,8 @@ fn update(spec: &InstanceSpec) -> Result<()> {
     Ok(())
 }
 
-/// The cgroup and network namespace of a target.
-fn resolve(target: &Target) -> Result<(PathBuf, PathBuf)> {
-    match target {
-        Target::Cgroup(path) => Ok((path.clone(), PathBuf::from(netns::OWN_NETNS))),
-        Target::Pid(pid) => {
-            let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            if let Err(EbpfError::Netns(_, e)) = netns::NetnsId::of(&netns)
-                && e.kind() == std::io::ErrorKind::PermissionDenied
-            {
-                anyhow::bail!(
-                    "cannot open {}: guarding another user's process by pid needs CAP_SYS_PTRACE; \
-                     add it to the unit's capabilities, or give the process's cgroup instead",
-                    netns.display()
-                );
-            }
-            Ok((mounts::cgroup_of_pid(*pid)?, netns))
-        }
-    }
+fn mtime(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// For `main`: the log format the file asks for.

@@ -342,6 +342,9 @@ struct StatusView {
     /// Problems with the guarded ports' listeners (checked when the
     /// instance guards this process's network namespace).
     listener_problems: Vec<String>,
+    /// `false` while the guarded cgroup is gone (its service stopped);
+    /// absent when it cannot be told.
+    enforcing: Option<bool>,
     /// Short hash of the kernel object the instance runs (`connlimit --version`).
     object: String,
 }
@@ -352,8 +355,9 @@ impl StatusView {
         let (config, info, stats) = (instance.config()?, instance.info()?, instance.stats()?);
         let ports = instance.ports()?;
         let here = Path::new(netns::OWN_NETNS);
+        let enforcing = instance.enforcing()?;
         let listener_problems = match netns::NetnsId::of(here) {
-            Ok(id) if (id.dev, id.ino) == (info.netns_dev, info.netns_ino) => {
+            Ok(id) if enforcing != Some(false) && (id.dev, id.ino) == (info.netns_dev, info.netns_ino) => {
                 listeners::check(here, &ports, info.cgroup_ino).unwrap_or_default()
             }
             _ => Vec::new(),
@@ -388,12 +392,20 @@ impl StatusView {
             unconfirmed: stats.unconfirmed,
             endings_lost: stats.endings_lost,
             listener_problems: listener_problems.iter().map(ToString::to_string).collect(),
+            enforcing,
             object: hash_hex(info.object_hash),
         })
     }
 
     fn mode(&self) -> String {
-        let mut mode = if self.dry_run { "dry-run".to_owned() } else { "enforcing".to_owned() };
+        let mut mode = if self.enforcing == Some(false) {
+            // Until the owner attaches to the cgroup made again at the path.
+            "not enforcing: the guarded cgroup is gone".to_owned()
+        } else if self.dry_run {
+            "dry-run".to_owned()
+        } else {
+            "enforcing".to_owned()
+        };
         match (self.owner, self.persistent) {
             ("running", true) => mode.push_str(", persistent"),
             ("running", false) => {}

@@ -1,5 +1,5 @@
-//! `run --unit NAME`: the cgroup and network namespace of a systemd unit,
-//! as `systemctl show` reports them.
+//! `run --unit NAME` and `unit =` in a service file: the cgroup and network
+//! namespace of a systemd unit, as `systemctl show` reports them.
 
 use std::{
     fs, io,
@@ -46,6 +46,22 @@ impl Shown {
 /// The unit's cgroup directory and a network namespace path (that of its
 /// main process, or of another of its processes), for `run --unit`.
 pub(crate) fn resolve(unit: &str) -> Result<(PathBuf, PathBuf)> {
+    locate(unit, &show(unit)?, &mounts::cgroup2_mount()?)
+}
+
+/// Whether systemd runs this machine (sd_booted(3)).
+pub(crate) fn systemd_runs() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Checks that systemd knows `unit` (it need not be running), for
+/// `check-config`.
+pub(crate) fn require_known(unit: &str) -> Result<()> {
+    require_loaded(unit, &show(unit)?)
+}
+
+/// What `systemctl show` says about `unit`.
+fn show(unit: &str) -> Result<Shown> {
     let mut show = Command::new("systemctl");
     show.arg("show");
     for p in PROPERTIES {
@@ -63,16 +79,19 @@ pub(crate) fn resolve(unit: &str) -> Result<(PathBuf, PathBuf)> {
         let why = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no message");
         bail!("`systemctl show {unit}` failed ({}): {why}; give the server's --cgroup or --pid instead", output.status);
     }
-    let shown = Shown::parse(&String::from_utf8_lossy(&output.stdout));
-    locate(unit, &shown, &mounts::cgroup2_mount()?)
+    Ok(Shown::parse(&String::from_utf8_lossy(&output.stdout)))
 }
 
-fn locate(unit: &str, shown: &Shown, mount: &Path) -> Result<(PathBuf, PathBuf)> {
+fn require_loaded(unit: &str, shown: &Shown) -> Result<()> {
     match shown.load_state.as_str() {
-        "loaded" => {}
+        "loaded" => Ok(()),
         "not-found" | "" => bail!("no systemd unit named {unit:?}; `systemctl list-units --type=service` lists them"),
         other => bail!("the systemd unit {unit:?} is {other}, not loaded; `systemctl status {unit}` says why"),
     }
+}
+
+fn locate(unit: &str, shown: &Shown, mount: &Path) -> Result<(PathBuf, PathBuf)> {
+    require_loaded(unit, shown)?;
     let no_processes = || {
         let state = if shown.active_state.is_empty() { "unknown" } else { shown.active_state.as_str() };
         anyhow::anyhow!(
