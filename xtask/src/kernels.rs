@@ -38,6 +38,14 @@ const KERNELS: [GuestKernel; 2] =
 /// programs and drive real sockets.
 const SUITES: &[&str] = &["kernel", "attacks", "limits", "responder", "crash"];
 
+/// Tests left out in guests, each with why; the host run has them all.
+/// `a_flood_of_over_limit_clients_is_bounded` checks the user-space
+/// responder's cap on answers at once, which takes opening 700 connections
+/// before its first answers time out; under TCG the connects are slower
+/// than that, so the cap is never reached (712 answered, 0 reset): the
+/// premise fails, not the kernel.
+const NOT_IN_GUESTS: &[&str] = &["a_flood_of_over_limit_clients_is_bounded"];
+
 const VIRTME_NG_VERSION: &str = "1.42";
 
 /// Set to `1` to skip the guest kernels in `cargo xtask test` (the host run
@@ -179,8 +187,9 @@ fn guest_script(out: &Path, tests: &[PathBuf]) -> String {
     );
     for (suite, exe) in SUITES.iter().zip(tests) {
         script.push_str(&format!(
-            "'{exe}' --test-threads=2 > OUT/{suite}.log 2>&1; echo $? > OUT/{suite}.rc\n",
-            exe = exe.display()
+            "'{exe}' --test-threads=2{skips} > OUT/{suite}.log 2>&1; echo $? > OUT/{suite}.rc\n",
+            exe = exe.display(),
+            skips = NOT_IN_GUESTS.iter().map(|t| format!(" --skip {t}")).collect::<String>()
         ));
     }
     script.replace("OUT", &out.display().to_string()).replace("NOFILE", &nofile_limit().to_string())

@@ -45,7 +45,8 @@ enum Task {
     /// Run the kernel integration suites (kernel, attacks, limits,
     /// responder, crash) on Debian 12's Linux 6.1 and on 6.12 LTS from
     /// bookworm-backports, each booted under QEMU with virtme-ng (as root;
-    /// installs QEMU, virtme-ng and the kernels if missing). About 15 minutes.
+    /// installs QEMU, virtme-ng and the kernels if missing). About 4 minutes a
+    /// kernel.
     Kernels,
     /// Build the release files (`dist`) and test the .deb under a real
     /// systemd: a Debian 12 virtual machine (root file system made by
