@@ -44,7 +44,8 @@ def check(name, ok, detail=""):
 
 
 def sh(*cmd, check_rc=False):
-    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    # Bounded: a start that never gets READY=1 fails this run, not the guest.
+    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     if check_rc and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -198,6 +199,11 @@ def main(deb):
     # The guarded service restarts: systemd removes its cgroup and makes a
     # new one at the same path.
     sh("systemctl", "restart", "nginx", check_rc=True)
+    followed = wait_for(
+        "connlimit to follow nginx's new cgroup",
+        lambda: "not enforcing" not in sh("connlimit", "status").stdout,
+    )
+    check("connlimit follows the restarted nginx's cgroup", followed, sh("connlimit", "status").stdout)
     held, refused, other = connect_n(PORT, 4)
     check(
         "nginx restarted by systemctl is still limited",
@@ -224,6 +230,10 @@ def main(deb):
     out, _ = run.communicate(timeout=WAIT_S)
     check("run --unit stops cleanly on SIGTERM", run.returncode == 0, f"exit {run.returncode}: {out[-2000:]}")
 
+    # What the service logged at level ERROR, for whoever reads the run.
+    errors = [l for l in sh("journalctl", "-u", "connlimit", "--no-pager").stdout.splitlines() if " ERROR " in l]
+    for line in errors:
+        print(f"# connlimit logged: {line}", flush=True)
     sh("systemctl", "stop", "connlimit")
     sh("connlimit", "detach", "web")
     r = sh("dpkg", "-r", "connlimit")

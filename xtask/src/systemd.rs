@@ -57,9 +57,18 @@ pub fn run(root: &Path, dist: &Path) -> Result<()> {
     run_quietly(Command::new("cp").arg("-a").arg(&base).arg(&tree), "copying the root file system")?;
     let deb_name = deb.file_name().context("the .deb has no name")?.to_string_lossy().into_owned();
     stage_test(root, &tree, &deb, &deb_name)?;
+    // The kernel's modules, as its package installs them on a real machine
+    // (sock_diag, which connlimit uses to end and carry connections, is a
+    // module in Debian's kernel).
+    let release = kernel.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).unwrap_or("");
+    let modules = Path::new("/usr/lib/modules").join(release);
+    run_quietly(
+        Command::new("cp").arg("-a").arg(&modules).arg(tree.join("usr/lib/modules")),
+        "copying the kernel's modules",
+    )?;
     let image = work.join("disk.img");
     run_quietly(
-        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&tree).arg(&image).arg("3G"),
+        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "root", "-d"]).arg(&tree).arg(&image).arg("4G"),
         "mkfs.ext4",
     )?;
     fs::remove_dir_all(&tree)?;
@@ -84,6 +93,7 @@ pub fn run(root: &Path, dist: &Path) -> Result<()> {
 fn stage_test(root: &Path, tree: &Path, deb: &Path, deb_name: &str) -> Result<()> {
     let dir = tree.join(GUEST_DIR);
     fs::create_dir_all(&dir)?;
+    fs::create_dir_all(tree.join("usr/lib/modules"))?;
     fs::copy(deb, dir.join(deb_name))?;
     fs::copy(root.join("tests/systemd/guest_test.py"), dir.join("guest_test.py"))?;
     fs::write(tree.join("etc/fstab"), "/dev/vda / ext4 rw,errors=remount-ro 0 1\n")?;

@@ -23,7 +23,11 @@ use std::{
 
 use connlimit_common::maps::InstanceInfo;
 
-use super::{EbpfError, Instance, PinRoot, instance::LINK_PINS, mounts};
+use super::{
+    EbpfError, Instance, PinRoot,
+    instance::{LINK_PINS, SOCK_OPS_PROGRAM_PIN},
+    mounts,
+};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -68,7 +72,7 @@ impl Follow {
         let name = instance.name().to_owned();
         match std::fs::metadata(&self.path) {
             Ok(m) if m.ino() == attached => Look::Same,
-            Ok(m) => match repoint(instance, &self.path, m.ino()) {
+            Ok(_) => match repoint(instance, &self.path) {
                 Ok(()) => {
                     tracing::info!(
                         instance = %name, cgroup = %self.path.display(),
@@ -106,35 +110,54 @@ impl Follow {
     }
 }
 
-/// Attaches the instance's sock_ops program to the cgroup at `path` (id
-/// `ino`), pins the new link beside the old ones, and records the new cgroup.
-fn repoint(instance: &mut Instance, path: &Path, ino: u64) -> Result<(), EbpfError> {
+/// Attaches the instance's sock_ops program to the cgroup at `path`, pins
+/// the new link beside the old ones, and then records the new cgroup: in
+/// that order, so that a crash in between leaves a link the next owner
+/// finds (and only records), never a cgroup on record without a link.
+fn repoint(instance: &mut Instance, path: &Path) -> Result<(), EbpfError> {
     let fail = |what: &str, e: io::Error| EbpfError::system(format!("{what} for {}", path.display()), e);
     mounts::require_cgroup2_dir(path)?;
     let name = instance.name().to_owned();
     let dir = File::open(Instance::dir_of(&name)).map_err(|_| EbpfError::NoSuchInstance(name.clone()))?;
-    let info = instance.info()?;
-    let first = obj_get(dir.as_fd(), SOCK_OPS_PIN).map_err(|e| fail("opening the sock_ops link", e))?;
-    let (prog_id, _) = link_info(first.as_fd()).map_err(|e| fail("reading the sock_ops link", e))?;
-    let prog = prog_by_id(prog_id).map_err(|e| fail("opening the sock_ops program", e))?;
+    // The cgroup opened is the one attached and recorded, whatever stands
+    // at the path by then.
     let cgroup = File::open(path).map_err(|e| fail("opening the cgroup", e))?;
-    // Enforcing from here: not held up by other instances' attaches, which
-    // hold the pin root's lock while their programs load.
-    let link = link_create(prog.as_fd(), cgroup.as_fd()).map_err(|e| fail("attaching the sock_ops program", e))?;
-    // Only the owner writes an owned instance's info.
+    let ino = cgroup.metadata().map_err(|e| fail("reading the cgroup", e))?.ino();
+    if ino == instance.info()?.cgroup_ino {
+        return Ok(());
+    }
+    let pin = format!("{SOCK_OPS_PIN}_{ino}");
+    let already = obj_get(dir.as_fd(), &pin).and_then(|l| link_info(l.as_fd())).is_ok_and(|(_, c)| c == ino);
+    if !already {
+        let prog = match obj_get(dir.as_fd(), SOCK_OPS_PROGRAM_PIN) {
+            Ok(prog) => prog,
+            // Instances attached before the program was pinned: by id, which
+            // takes CAP_SYS_ADMIN.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let first = obj_get(dir.as_fd(), SOCK_OPS_PIN).map_err(|e| fail("opening the sock_ops link", e))?;
+                let (prog_id, _) = link_info(first.as_fd()).map_err(|e| fail("reading the sock_ops link", e))?;
+                prog_by_id(prog_id).map_err(|e| fail("opening the sock_ops program", e))?
+            }
+            Err(e) => return Err(fail("opening the sock_ops program", e)),
+        };
+        // Enforcing from here: not held up by other instances' attaches,
+        // which hold the pin root's lock while their programs load.
+        let link = link_create(prog.as_fd(), cgroup.as_fd()).map_err(|e| fail("attaching the sock_ops program", e))?;
+        let root = PinRoot::write()?;
+        if !root.is_instance(&name) {
+            // Detached meanwhile: dropping `link` detaches it from the new cgroup too.
+            return Err(EbpfError::NoSuchInstance(name));
+        }
+        // bpffs renames no pin, so the first link keeps its name (the links
+        // of dead cgroups hold nothing once the kernel releases them).
+        // Unpinned, the link goes with this function: the old cgroup stays
+        // on record and the next round tries again.
+        obj_pin(link.as_fd(), dir.as_fd(), &pin).map_err(|e| fail("pinning the new link", e))?;
+    }
+    // Only the owner writes an owned instance's info; read it now, after
+    // anything the owner changed meanwhile.
+    let info = instance.info()?;
     instance.set_info(InstanceInfo { cgroup_ino: ino, ..info })?;
-    let root = PinRoot::write()?;
-    if !root.is_instance(&name) {
-        // Detached meanwhile: dropping `link` detaches it from the new cgroup too.
-        return Err(EbpfError::NoSuchInstance(name));
-    }
-    // bpffs renames no pin, so the first link keeps its name (the links of
-    // dead cgroups hold nothing once the kernel releases them).
-    if let Err(e) = obj_pin(link.as_fd(), dir.as_fd(), &format!("{SOCK_OPS_PIN}_{ino}")) {
-        // Unpinned, the link goes with this function: the old cgroup stays on record.
-        instance.set_info(info)?;
-        return Err(fail("pinning the new link", e));
-    }
     prune_released(dir.as_fd());
     Ok(())
 }

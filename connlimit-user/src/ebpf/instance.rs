@@ -24,6 +24,11 @@ use super::{
 
 /// Pin names of the links of a persisted instance.
 pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
+/// Where the sock_ops program itself is pinned: an owner attaches it to a
+/// guarded cgroup made again (`follow`), and opening a pin takes only
+/// access to the file, where opening a program by id takes CAP_SYS_ADMIN,
+/// which the packaged unit does not grant.
+pub(crate) const SOCK_OPS_PROGRAM_PIN: &str = "prog_sock_ops";
 
 /// Handles on one instance's maps.
 pub struct Instance {

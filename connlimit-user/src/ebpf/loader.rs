@@ -97,6 +97,13 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
     let links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
     // Pinned links keep the kernel enforcing if this process crashes.
     let links = pin_links(&staging, links)?;
+    let sock_ops: &mut SockOps = ebpf
+        .program_mut(programs::SOCK_OPS)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| EbpfError::system("loading the eBPF object", "no sock_ops program"))?;
+    sock_ops
+        .pin(staging.pin_path(instance::SOCK_OPS_PROGRAM_PIN))
+        .map_err(|e| EbpfError::system("pinning the sock_ops program", e))?;
     staging.commit()?;
     drop(root);
     tracing::info!(
