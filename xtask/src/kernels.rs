@@ -106,9 +106,15 @@ pub fn ensure_kernel(series: &str) -> Result<PathBuf> {
     if kernel.suite.ends_with("-backports") {
         packages::ensure_suite(kernel.suite)?;
     }
-    // `package/suite` takes that suite's version; installing the 6.12
-    // meta-package later keeps the 6.1 image, its own package.
-    packages::apt(&["install", "-y", "-qq", "--allow-downgrades", &format!("linux-image-amd64/{}", kernel.suite)])?;
+    // A backports kernel comes with `-t` (its dependencies are in that suite
+    // too); the base one as `package/suite`, which takes that suite's
+    // version even when the backports meta-package is installed. Each
+    // image is a package of its own: installing one keeps the other.
+    if kernel.suite.ends_with("-backports") {
+        packages::apt(&["install", "-y", "-qq", "-t", kernel.suite, "linux-image-amd64"])?;
+    } else {
+        packages::apt(&["install", "-y", "-qq", "--allow-downgrades", &format!("linux-image-amd64/{}", kernel.suite)])?;
+    }
     installed_kernel(kernel.series)?
         .with_context(|| format!("linux-image-amd64 from {} installed no Linux {}", kernel.suite, kernel.series))
 }
@@ -120,7 +126,11 @@ fn installed_kernel(series: &str) -> Result<Option<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
         .collect();
-    images.sort();
+    // The newest ABI: 6.1.0-57 after 6.1.0-9.
+    images.sort_by_key(|p| {
+        let name = p.to_string_lossy();
+        name.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).collect::<Vec<_>>()
+    });
     Ok(images.pop())
 }
 
@@ -195,14 +205,15 @@ fn guest_script(out: &Path, tests: &[PathBuf]) -> String {
     script.replace("OUT", &out.display().to_string()).replace("NOFILE", &nofile_limit().to_string())
 }
 
-/// This process's hard limit on open files.
+/// This process's hard limit on open files, at most what a kernel allows
+/// by default (`fs.nr_open`, 2^20): `ulimit -n` cannot go past that.
 fn nofile_limit() -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: a valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return 65_536;
     }
-    limit.rlim_max
+    limit.rlim_max.min(1 << 20)
 }
 
 fn boot_and_test(root: &Path, image: &Path, tests: &[PathBuf]) -> Result<Vec<Outcome>> {

@@ -70,11 +70,24 @@ pub fn ensure_suite(suite: &str) -> Result<()> {
     if !named {
         // The mirror of the deb822 entry that carries the base release.
         let base = suite.split('-').next().unwrap_or(suite);
-        let mirror = sources
+        // A deb822 entry (`URIs:` and `Suites:`) or a one-line `deb URI SUITE ...`.
+        let deb822 = sources
             .split("\n\n")
             .find(|entry| entry.lines().any(|l| l.starts_with("Suites:") && l.split_whitespace().any(|w| w == base)))
             .and_then(|entry| entry.lines().find_map(|l| l.strip_prefix("URIs:")))
-            .map(|uris| uris.split_whitespace().next().unwrap_or_default().to_owned())
+            .and_then(|uris| uris.split_whitespace().next());
+        let one_line = || {
+            sources.lines().map(str::split_whitespace).find_map(|mut words| {
+                // Past any `[options]`, the URI, then the suite.
+                (words.next() == Some("deb"))
+                    .then(|| words.find(|w| w.contains("://")))
+                    .flatten()
+                    .filter(|_| words.next() == Some(base))
+            })
+        };
+        let mirror = deb822
+            .or_else(one_line)
+            .map(str::to_owned)
             .filter(|uri| !uri.is_empty())
             .with_context(|| format!("no apt source for Debian {base} to take the mirror of {suite} from"))?;
         let file = dir.join(format!("{suite}.sources"));
