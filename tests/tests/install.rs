@@ -53,11 +53,13 @@ fn stock_cargo(args: &[&str]) -> Command {
     let home = dir.join("cargo-home");
     fs::create_dir_all(&home).unwrap();
     let registry = home.join("registry");
-    if !registry.exists() {
-        let real_home = std::env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cargo"));
-        std::os::unix::fs::symlink(real_home.join("registry"), &registry).unwrap();
+    let real_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cargo"));
+    // The tests of this file run in parallel: another may have made it first.
+    match std::os::unix::fs::symlink(real_home.join("registry"), &registry) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("linking {}: {e}", registry.display()),
+        _ => {}
     }
     let path =
         std::env::join_paths([toolchain_bin, Path::new("/usr/local/bin"), Path::new("/usr/bin"), Path::new("/bin")])
