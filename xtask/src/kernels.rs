@@ -12,7 +12,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Instant,
 };
 
@@ -224,23 +224,28 @@ fn boot_and_test(root: &Path, image: &Path, tests: &[PathBuf]) -> Result<Vec<Out
     fs::create_dir_all(&out)?;
     let script = out.join("run.sh");
     fs::write(&script, guest_script(&out, tests))?;
-    let status = Command::new("vng")
+    let vng = Command::new("vng")
         .arg("-r")
         .arg(image)
         .args(["--disable-microvm", "--disable-kvm", "--memory", "2G", "--rwdir"])
         .arg(&out)
         .arg("--")
         .arg(format!("sh {}", script.display()))
-        .stdin(std::process::Stdio::null())
-        .status()
+        .stdin(Stdio::null())
+        // Through a pipe, never our own descriptors: QEMU opens the guest's
+        // kernel console at /proc/self/fd/2 as a file chardev, which
+        // truncates a log file that stdout and stderr were redirected to.
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
         .context("running vng")?;
-    if !status.success() {
-        eprintln!("xtask: vng exited with {status}");
+    if !vng.status.success() {
+        eprintln!("xtask: vng exited with {}: {}", vng.status, String::from_utf8_lossy(&vng.stderr).trim());
     }
     match fs::read_to_string(out.join("release")) {
         Ok(release) if release.trim() == release_of(image) => {}
         Ok(release) => bail!("the guest booted {} instead of {}", release.trim(), release_of(image)),
-        Err(_) => bail!("the guest for {} never ran its script (vng: {status})", image.display()),
+        Err(_) => bail!("the guest for {} never ran its script (vng: {})", image.display(), vng.status),
     }
     Ok(SUITES
         .iter()
