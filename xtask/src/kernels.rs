@@ -48,8 +48,9 @@ const NOT_IN_GUESTS: &[&str] = &["a_flood_of_over_limit_clients_is_bounded"];
 
 const VIRTME_NG_VERSION: &str = "1.42";
 
-/// Set to `1` to skip the guest kernels in `cargo xtask test` (the host run
-/// still happens); `cargo xtask kernels` always runs them.
+/// Set to `1` to leave the guest stages (these kernels and the systemd
+/// machine) out of `cargo xtask test` (the host run still happens);
+/// `cargo xtask kernels` and `cargo xtask systemd` always run them.
 pub const SKIP_ENV: &str = "CONNLIMIT_SKIP_GUEST_KERNELS";
 
 /// Boots each of [`KERNELS`] and runs [`SUITES`] in it; fails if any suite
