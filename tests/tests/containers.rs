@@ -500,7 +500,6 @@ fn podman_container_is_guarded_by_its_cgroup_in_a_namespace_of_the_tests() {
 }
 
 #[test]
-#[ignore = "a restarted container has a new network namespace: connlimit follows its cgroup but still refuses in the old namespace"]
 fn podman_restart_keeps_a_container_guarded_by_its_pid() {
     require_kernel!();
     guarded(&Runtime::podman(), Target::Pid, false, true);
@@ -521,7 +520,6 @@ fn docker_container_is_guarded_by_its_pid_and_by_its_cgroup() {
 }
 
 #[test]
-#[ignore = "a restarted container has a new network namespace: connlimit follows its cgroup but still refuses in the old namespace"]
 fn docker_restart_keeps_a_container_guarded_by_its_pid() {
     require_kernel!();
     guarded(&Runtime::docker(), Target::Pid, false, true);

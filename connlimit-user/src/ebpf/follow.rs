@@ -9,6 +9,14 @@
 //! their cgroup: a connection that outlives its cgroup still runs the
 //! cgroup's programs, so its close is seen and its count dropped. Dropping
 //! a link earlier would detach them and leak the count.
+//!
+//! A container started again also has a new network namespace. An instance
+//! that guards a namespace other than its owner's (a container named by
+//! PID) moves with the cgroup's processes: once none of them is left in the
+//! guarded namespace and one is in another (not the owner's own, where a
+//! runtime's helper may pass through), the lookup program is attached
+//! there too (pinned as `link_lookup_<namespace inode>`), and sock_ops
+//! counts that namespace's sockets from then on (see [`move_netns`]).
 
 use std::{
     ffi::CString,
@@ -35,9 +43,14 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_CGROUP_SOCK_OPS: u32 = 3;
+const BPF_SK_LOOKUP: u32 = 36;
 
+/// Where the lookup link of an instance is pinned.
+const LOOKUP_PIN: &str = LINK_PINS[0];
 /// Where the sock_ops link of an instance is pinned.
 const SOCK_OPS_PIN: &str = LINK_PINS[1];
+/// Processes of the guarded cgroup looked at for their namespace each round.
+const NETNS_SAMPLE: usize = 64;
 
 /// What the upkeep of an instance knows about the path it guards.
 #[derive(Debug)]
@@ -47,6 +60,8 @@ pub(crate) struct Follow {
     gone_said: bool,
     /// The last re-attach failure said in the log.
     failure_said: Option<String>,
+    /// The last failure to move to a new network namespace said in the log.
+    netns_failure_said: Option<String>,
 }
 
 /// What a look at the guarded path found.
@@ -62,7 +77,7 @@ pub(crate) enum Look {
 
 impl Follow {
     pub(crate) fn new(path: &Path) -> Self {
-        Self { path: path.to_owned(), gone_said: false, failure_said: None }
+        Self { path: path.to_owned(), gone_said: false, failure_said: None, netns_failure_said: None }
     }
 
     /// Compares the cgroup at the guarded path with the attached one and,
@@ -110,6 +125,117 @@ impl Follow {
     }
 }
 
+impl Follow {
+    /// For an instance guarding a network namespace other than its owner's:
+    /// when the guarded cgroup's processes have all left that namespace for
+    /// another one, moves the instance there and returns the new namespace
+    /// (the owner's upkeep and responder move with it).
+    pub(crate) fn look_netns(&mut self, instance: &mut Instance) -> Option<File> {
+        let info = instance.info().ok()?;
+        let own = std::fs::metadata("/proc/self/ns/net").ok()?;
+        let guarded = (info.netns_dev, info.netns_ino);
+        if guarded == (own.dev(), own.ino()) {
+            return None;
+        }
+        let (netns, ino) = moved_to(&self.path, guarded, (own.dev(), own.ino()))?;
+        let name = instance.name().to_owned();
+        match move_netns(instance, &netns) {
+            Ok(()) => {
+                tracing::info!(
+                    instance = %name, cgroup = %self.path.display(), netns = ino,
+                    "the guarded processes are in a new network namespace (their container started again): \
+                     enforcing there, counts kept"
+                );
+                self.netns_failure_said = None;
+                Some(netns)
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.netns_failure_said.as_ref() != Some(&e) {
+                    tracing::error!(
+                        instance = %name, cgroup = %self.path.display(), error = %e,
+                        "not enforcing: the guarded processes moved to a new network namespace that cannot be \
+                         attached (needs CAP_SYS_ADMIN); tried again every 200 ms"
+                    );
+                    self.netns_failure_said = Some(e);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// The namespace the processes of the cgroup at `path` (and below) moved
+/// to, opened, with its inode: `None` while any of them is still in
+/// `guarded`, or none is in a namespace other than `own`.
+fn moved_to(path: &Path, guarded: (u64, u64), own: (u64, u64)) -> Option<(File, u64)> {
+    let mut found = None;
+    for pid in cgroup_pids(path, NETNS_SAMPLE) {
+        let ns = format!("/proc/{pid}/ns/net");
+        let Ok(m) = std::fs::metadata(&ns) else { continue };
+        let id = (m.dev(), m.ino());
+        if id == guarded {
+            return None;
+        }
+        if id != own && found.is_none() {
+            // Opened now: the file names this namespace whatever the process does next.
+            found = File::open(&ns)
+                .ok()
+                .filter(|f| f.metadata().is_ok_and(|m| (m.dev(), m.ino()) == id))
+                .map(|f| (f, id.1));
+        }
+    }
+    found
+}
+
+/// Up to `max` processes of the cgroup at `path` and the cgroups below it.
+fn cgroup_pids(path: &Path, max: usize) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if pids.len() >= max {
+            pids.truncate(max);
+            break;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+    }
+    pids
+}
+
+/// Moves the instance to the network namespace `netns`: sock_ops counts
+/// that namespace's sockets (its cookie is written first, so a handshake
+/// completing there from now on is counted), then the lookup program is
+/// attached there and the link pinned, then the namespace is recorded.
+/// The links of namespaces the kernel has released are unpinned.
+fn move_netns(instance: &mut Instance, netns: &File) -> Result<(), EbpfError> {
+    let fail = |what: &str, e: io::Error| EbpfError::system(format!("{what} in the new network namespace"), e);
+    let name = instance.name().to_owned();
+    let meta = netns.metadata().map_err(|e| fail("reading the namespace", e))?;
+    let dir = File::open(Instance::dir_of(&name)).map_err(|_| EbpfError::NoSuchInstance(name.clone()))?;
+    let netns_path = PathBuf::from(format!("/proc/self/fd/{}", netns.as_raw_fd()));
+    let cookie = super::netns::netns_cookie(&netns_path);
+    let first = obj_get(dir.as_fd(), LOOKUP_PIN).map_err(|e| fail("opening the lookup link", e))?;
+    let (prog_id, _) = link_info(first.as_fd()).map_err(|e| fail("reading the lookup link", e))?;
+    let prog = prog_by_id(prog_id).map_err(|e| fail("opening the lookup program", e))?;
+    instance.set_netns_cookie(cookie)?;
+    let link =
+        link_create(prog.as_fd(), netns.as_fd(), BPF_SK_LOOKUP).map_err(|e| fail("attaching the lookup program", e))?;
+    let root = PinRoot::write()?;
+    if !root.is_instance(&name) {
+        return Err(EbpfError::NoSuchInstance(name));
+    }
+    obj_pin(link.as_fd(), dir.as_fd(), &format!("{LOOKUP_PIN}_{}", meta.ino()))
+        .map_err(|e| fail("pinning the lookup link", e))?;
+    let info = instance.info()?;
+    instance.set_info(InstanceInfo { netns_dev: meta.dev(), netns_ino: meta.ino(), ..info })?;
+    prune_released(dir.as_fd(), LOOKUP_PIN);
+    Ok(())
+}
+
 /// Attaches the instance's sock_ops program to the cgroup at `path`, pins
 /// the new link beside the old ones, and then records the new cgroup: in
 /// that order, so that a crash in between leaves a link the next owner
@@ -142,7 +268,8 @@ fn repoint(instance: &mut Instance, path: &Path) -> Result<(), EbpfError> {
         };
         // Enforcing from here: not held up by other instances' attaches,
         // which hold the pin root's lock while their programs load.
-        let link = link_create(prog.as_fd(), cgroup.as_fd()).map_err(|e| fail("attaching the sock_ops program", e))?;
+        let link = link_create(prog.as_fd(), cgroup.as_fd(), BPF_CGROUP_SOCK_OPS)
+            .map_err(|e| fail("attaching the sock_ops program", e))?;
         let root = PinRoot::write()?;
         if !root.is_instance(&name) {
             // Detached meanwhile: dropping `link` detaches it from the new cgroup too.
@@ -158,19 +285,20 @@ fn repoint(instance: &mut Instance, path: &Path) -> Result<(), EbpfError> {
     // anything the owner changed meanwhile.
     let info = instance.info()?;
     instance.set_info(InstanceInfo { cgroup_ino: ino, ..info })?;
-    prune_released(dir.as_fd());
+    prune_released(dir.as_fd(), SOCK_OPS_PIN);
     Ok(())
 }
 
-/// Unpins the links made by [`repoint`] whose cgroup the kernel has
-/// released (no socket of it is left), which detaches nothing in use.
-fn prune_released(dir: BorrowedFd<'_>) {
+/// Unpins the links made by [`repoint`] or [`move_netns`] (pinned as
+/// `<first>_<inode>`) whose cgroup or namespace the kernel has released (no
+/// socket of it is left), which detaches nothing in use.
+fn prune_released(dir: BorrowedFd<'_>, first: &str) {
     let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else { return };
-    let prefix = format!("{SOCK_OPS_PIN}_");
+    let prefix = format!("{first}_");
     for entry in entries.flatten() {
         let file = entry.file_name();
         let Some(file) = file.to_str().filter(|f| f.starts_with(&prefix)) else { continue };
-        let released = obj_get(dir, file).and_then(|l| link_info(l.as_fd())).is_ok_and(|(_, cgroup)| cgroup == 0);
+        let released = obj_get(dir, file).and_then(|l| link_info(l.as_fd())).is_ok_and(|(_, target)| target == 0);
         if released && let Ok(c) = CString::new(file) {
             // SAFETY: valid directory fd and NUL-terminated name.
             unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) };
@@ -212,20 +340,28 @@ fn prog_by_id(id: u32) -> io::Result<OwnedFd> {
     bpf(BPF_PROG_GET_FD_BY_ID, &[(0, u64::from(id), 4)]).map(owned)
 }
 
-fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let fields =
-        [(0, prog.as_raw_fd() as u64, 4), (4, cgroup.as_raw_fd() as u64, 4), (8, u64::from(BPF_CGROUP_SOCK_OPS), 4)];
+/// Attaches `prog` to `target` (a cgroup or a network namespace) as `attach_type`.
+fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+    let fields = [(0, prog.as_raw_fd() as u64, 4), (4, target.as_raw_fd() as u64, 4), (8, u64::from(attach_type), 4)];
     bpf(BPF_LINK_CREATE, &fields).map(owned)
 }
 
-/// A cgroup link's program id and cgroup id (0 once the kernel released
-/// the cgroup).
+/// A cgroup or netns link's program id and target: the cgroup id, or the
+/// namespace's inode (0 once the kernel released either).
 fn link_info(link: BorrowedFd<'_>) -> io::Result<(u32, u64)> {
     // struct bpf_link_info: type, id, prog_id (u32 each), then at offset 16
-    // the union whose cgroup member starts with cgroup_id (u64).
+    // the union whose cgroup member starts with cgroup_id (u64) and whose
+    // netns member with netns_ino (u32, then the attach type).
     let mut info = [0u8; 64];
     let fields = [(0, link.as_raw_fd() as u64, 4), (4, info.len() as u64, 4), (8, info.as_mut_ptr() as u64, 8)];
     bpf(BPF_OBJ_GET_INFO_BY_FD, &fields)?;
     let prog_id = u32::from_ne_bytes(info[8..12].try_into().expect("4 bytes"));
-    Ok((prog_id, u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes"))))
+    const BPF_LINK_TYPE_NETNS: u32 = 5;
+    let link_type = u32::from_ne_bytes(info[0..4].try_into().expect("4 bytes"));
+    let target = if link_type == BPF_LINK_TYPE_NETNS {
+        u64::from(u32::from_ne_bytes(info[16..20].try_into().expect("4 bytes")))
+    } else {
+        u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes"))
+    };
+    Ok((prog_id, target))
 }

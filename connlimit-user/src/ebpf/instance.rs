@@ -197,7 +197,8 @@ impl Instance {
             .ok_or_else(|| EbpfError::system("starting the upkeep thread", "this handle's was started already"))?;
         // The owner's other duty: answering refusals with 429 (when asked;
         // its listeners idle otherwise). Without it, refusals are resets.
-        let responder = match self.responder.take().map(|map| super::Responder::start(map, netns, &self.name)) {
+        let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
+        let responder = match self.responder.take().map(|map| super::Responder::start(map, &netns_file, &self.name)) {
             Some(Ok(responder)) => Some(responder),
             Some(Err(e)) => {
                 tracing::warn!(instance = %self.name, error = %e, "no 429 responder: refusals get a reset");
@@ -205,7 +206,7 @@ impl Instance {
             }
             None => None,
         };
-        Ok(super::Upkeep::start(ring, self.duplicate()?, netns, cgroup)?.with_responder(responder))
+        super::Upkeep::start(ring, self.duplicate()?, netns_file, cgroup, responder)
     }
 
     /// Whether the kernel enforces for the instance's guarded cgroup: `false`

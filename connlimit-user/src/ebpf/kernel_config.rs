@@ -151,6 +151,13 @@ impl Instance {
         self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
     }
 
+    /// Changes the network namespace whose sockets sock_ops counts (its
+    /// cookie; 0: every namespace's), when the guarded processes moved.
+    pub(crate) fn set_netns_cookie(&mut self, cookie: u64) -> Result<(), EbpfError> {
+        let kernel = KernelConfig { netns_cookie: cookie, ..self.kernel_config()? };
+        self.config.set(0, kernel, 0).map_err(sys("writing the config map"))
+    }
+
     /// Writes `config`, keeping the other fields of `base` (epoch, namespace,
     /// full-map policy, how to refuse).
     pub(crate) fn write_config(&mut self, config: &Config, base: KernelConfig) -> Result<(), EbpfError> {

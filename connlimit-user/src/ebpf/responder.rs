@@ -15,15 +15,15 @@
 //!   drops them from the sockmap, and refusals fall back to a reset.
 
 use std::{
+    fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd,
-    path::Path,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::Arc,
     thread::JoinHandle,
     time::Duration,
 };
 
-use aya::maps::{MapData, SockMap};
+use aya::maps::{Map, MapData, SockMap};
 use connlimit_common::maps::{FLAG_REFUSE_429, RESPONDER_V4, RESPONDER_V6};
 use tokio::sync::{Semaphore, watch};
 
@@ -92,16 +92,21 @@ impl std::str::FromStr for RefuseWith {
 pub struct Responder {
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
+    /// The sockmap, kept to start again elsewhere (see [`Self::restart`]).
+    sockmap: OwnedFd,
+    instance: String,
 }
 
 impl Responder {
     /// Binds the listeners in the network namespace `netns`, puts them in
     /// `sockmap` and starts answering.
-    pub(crate) fn start(mut sockmap: SockMap<MapData>, netns: &Path, instance: &str) -> Result<Self, EbpfError> {
-        let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
+    pub(crate) fn start(mut sockmap: SockMap<MapData>, netns: &File, instance: &str) -> Result<Self, EbpfError> {
+        let fail = |e: std::io::Error| EbpfError::system("starting the 429 responder", e);
+        let netns_file = netns.try_clone().map_err(fail)?;
+        let kept = sockmap.fd().as_fd().try_clone_to_owned().map_err(fail)?;
         let (stop, stopped) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
-        let instance = instance.to_owned();
+        let (instance, instance_name) = (instance.to_owned(), instance.to_owned());
         let thread = std::thread::Builder::new()
             .name("connlimit-responder".into())
             .spawn(move || {
@@ -137,10 +142,27 @@ impl Responder {
             })
             .map_err(|e| EbpfError::system("starting the 429 responder", e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread), sockmap: kept, instance: instance_name }),
             Ok(Err(e)) => Err(EbpfError::system("starting the 429 responder in the guarded namespace", e)),
             Err(_) => Err(EbpfError::system("starting the 429 responder", std::io::Error::other("it stopped"))),
         }
+    }
+}
+
+impl Responder {
+    /// Stops answering here and starts in the network namespace `netns`
+    /// (the guarded processes moved there).
+    pub(crate) fn restart(self, netns: &File) -> Result<Self, EbpfError> {
+        let fail = |e: String| EbpfError::system("starting the 429 responder again", e);
+        let data = MapData::from_fd(self.sockmap.try_clone().map_err(|e| fail(e.to_string()))?)
+            .map_err(|e| fail(e.to_string()))?;
+        let sockmap: SockMap<MapData> = Map::from_map_data(data)
+            .map_err(|e| fail(e.to_string()))?
+            .try_into()
+            .map_err(|e: aya::maps::MapError| fail(e.to_string()))?;
+        let instance = self.instance.clone();
+        drop(self);
+        Self::start(sockmap, netns, &instance)
     }
 }
 

@@ -21,7 +21,10 @@
 //!   changes.
 //! - **Following the guarded cgroup** when it is removed and made again
 //!   (see [`follow`](super::follow)): looked at each round, so at most
-//!   [`POLL`] after the new directory appears.
+//!   [`POLL`] after the new directory appears; and, for an instance
+//!   guarding a namespace other than its owner's, following the cgroup's
+//!   processes into a new network namespace (a container started again),
+//!   with this thread and the 429 responder.
 
 use std::{
     collections::HashMap,
@@ -55,22 +58,25 @@ const RECONCILE: Duration = Duration::from_secs(1);
 pub struct Upkeep {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    /// The 429 responder, run by the same owner (see [`super::Responder`]).
-    responder: Option<super::Responder>,
+    /// Whether this owner runs a 429 responder (see [`super::Responder`]),
+    /// which this thread owns.
+    responding: bool,
 }
 
 impl Upkeep {
     /// Starts the upkeep of `instance` (a handle of its own on the maps),
-    /// ending what `ring` reports, in the network namespace `netns`.
-    /// Follows the cgroup at `cgroup` if it is made again.
+    /// ending what `ring` reports, in the network namespace `netns_file`,
+    /// and owning `responder`. Follows the cgroup at `cgroup` if it is made
+    /// again.
     pub(crate) fn start(
         ring: RingBuf<MapData>,
         instance: Instance,
-        netns: &Path,
+        netns_file: std::fs::File,
         cgroup: &Path,
+        responder: Option<super::Responder>,
     ) -> Result<Self, EbpfError> {
         let follow = Follow::new(cgroup);
-        let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
+        let responding = responder.is_some();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -85,7 +91,7 @@ impl Upkeep {
                         return;
                     }
                 };
-                let mut work = Work { instance, diag, ring, carrying: Carrying::default(), follow };
+                let mut work = Work { instance, diag, ring, carrying: Carrying::default(), follow, responder };
                 work.reconcile();
                 let _ = ready_tx.send(Ok(()));
                 while !stopping.load(Ordering::Relaxed) {
@@ -95,13 +101,16 @@ impl Upkeep {
                         // program was attached to it are carried.
                         work.carrying = Carrying::default();
                     }
+                    if let Some(netns) = work.follow.look_netns(&mut work.instance) {
+                        work.move_to(&netns);
+                    }
                     work.reconcile_if_due();
                     wait_readable(&work.ring, POLL);
                 }
             })
             .map_err(|e| EbpfError::system("starting the upkeep thread", e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread), responder: None }),
+            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread), responding }),
             Ok(Err(e)) => Err(EbpfError::system("opening a socket-diagnostics socket in the guarded namespace", e)),
             Err(_) => Err(EbpfError::system("starting the upkeep thread", "it stopped")),
         }
@@ -109,14 +118,9 @@ impl Upkeep {
 }
 
 impl Upkeep {
-    pub(crate) fn with_responder(mut self, responder: Option<super::Responder>) -> Self {
-        self.responder = responder;
-        self
-    }
-
     /// Whether this owner answers refusals with 429 when asked to.
     pub fn has_responder(&self) -> bool {
-        self.responder.is_some()
+        self.responding
     }
 }
 
@@ -147,9 +151,32 @@ struct Work {
     ring: RingBuf<MapData>,
     carrying: Carrying,
     follow: Follow,
+    responder: Option<super::Responder>,
 }
 
 impl Work {
+    /// Moves this thread, its socket-diagnostics socket and the 429
+    /// responder into the network namespace `netns`, where the instance
+    /// now enforces, and counts again what is open there.
+    fn move_to(&mut self, netns: &std::fs::File) {
+        let name = self.instance.name().to_owned();
+        match sock_diag::enter_netns(netns).and_then(|()| sock_diag::SockDiag::open()) {
+            Ok(diag) => self.diag = diag,
+            Err(e) => tracing::error!(
+                instance = %name, error = %e,
+                "cannot follow into the new network namespace (setns needs CAP_SYS_ADMIN): \
+                 over-limit connections completed there are not ended"
+            ),
+        }
+        if let Some(responder) = self.responder.take() {
+            match responder.restart(netns) {
+                Ok(responder) => self.responder = Some(responder),
+                Err(e) => tracing::warn!(instance = %name, error = %e, "no 429 responder: refusals get a reset"),
+            }
+        }
+        self.carrying = Carrying::default();
+    }
+
     fn end_what_is_asked(&mut self) {
         let name = self.instance.name().to_owned();
         while let Some(item) = self.ring.next() {
