@@ -380,7 +380,7 @@ fn exactly_the_limit(netns: &Netns, root: &Path, name: &str, container: &Contain
         (row["open"].as_u64().unwrap(), row["refused"].as_u64().unwrap())
     };
     // Connections of earlier checks may still be closing.
-    assert!(eventually(Duration::from_secs(10), || counts().0 == 0), "no connection open: {:?}", counts());
+    assert!(eventually(BOUND, || counts().0 == 0), "no connection open: {:?}", counts());
     let refused_before = counts().1;
     let me = client_v4(1);
     let accepted = container.accepted();
@@ -391,13 +391,13 @@ fn exactly_the_limit(netns: &Netns, root: &Path, name: &str, container: &Contain
     // Another client has its own allowance.
     let other = hello(netns, client_v4(2)).expect("another client is served");
     assert!(
-        eventually(Duration::from_secs(5), || container.accepted() == accepted + LIMIT + 1),
+        eventually(BOUND, || container.accepted() == accepted + LIMIT + 1),
         "the server accepted the admitted connections and not the refused one: {}",
         container.logs()
     );
     assert_eq!(counts(), (LIMIT as u64 + 1, refused_before + 1));
     drop((held, other));
-    assert!(eventually(Duration::from_secs(10), || counts().0 == 0), "counts back to zero: {:?}", counts());
+    assert!(eventually(BOUND, || counts().0 == 0), "counts back to zero: {:?}", counts());
     assert!(limited(netns, me), "the freed slots serve again, up to the limit");
 }
 
@@ -484,7 +484,7 @@ fn guarded(runtime: &Runtime, target: Target, own_netns: bool, restart: bool) {
     assert!(log.contains("detached"), "{log}");
     assert!(status_row(&netns, &root.path, &name).is_none());
     drop(container);
-    assert!(eventually(Duration::from_secs(5), || !cgroup.exists()), "the runtime removed the container's cgroup");
+    assert!(eventually(BOUND, || !cgroup.exists()), "the runtime removed the container's cgroup");
 }
 
 #[test]

@@ -14,8 +14,8 @@ use std::{
 
 use connlimit::ebpf::Instance;
 use harness::{
-    Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_command, require_kernel,
-    unique,
+    BOUND, Background, Netns, Server, TestCgroup, client_v4, connlimit_bin, eventually, require_command,
+    require_kernel, unique,
 };
 use serde_json::Value;
 
@@ -120,7 +120,7 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     }
     // The refusal log names the client, the count, the port and the holdings.
     let line = "client 127.1.0.49 refused 2 times on port 8090 in the last 1 s, holds 1 of 1";
-    assert!(serve.wait_for(line, Duration::from_secs(5)), "{}", serve.log());
+    assert!(serve.wait_for(line, BOUND), "{}", serve.log());
 
     // Raise A's limit and add B: live, without dropping A's connection.
     std::fs::write(&file, format!("{header}{}{}", instance(&a, 8090, 2), instance(&b, 8091, 1))).unwrap();
@@ -155,7 +155,7 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     assert!(notify.next().contains("RELOADING=1"));
     assert!(notify.next().contains("READY=1"));
     // (The log comes through a pipe: it may trail the notification.)
-    assert!(serve.wait_for("keeping the running configuration", Duration::from_secs(5)), "{}", serve.log());
+    assert!(serve.wait_for("keeping the running configuration", BOUND), "{}", serve.log());
     assert!(
         serve.log().contains(&format!(
             "connlimit.toml:{}: `max_conns_per_client_ip` must be a whole number",
@@ -208,7 +208,7 @@ fn persisted_instances_survive_a_crash_and_are_adopted_by_the_next_serve() {
         cmd.args(["serve", "--config"]).arg(&file).stdin(Stdio::null());
         netns.enter_on_exec(&mut cmd);
         let serve = Background::spawn(&mut cmd).unwrap();
-        assert!(serve.wait_for("enforcing;", Duration::from_secs(10)), "{}", serve.log());
+        assert!(serve.wait_for("enforcing;", BOUND), "{}", serve.log());
         serve
     };
     let server = SocketAddr::from(([127, 0, 0, 1], 8095));
@@ -233,7 +233,7 @@ fn persisted_instances_survive_a_crash_and_are_adopted_by_the_next_serve() {
     // Taking it out of the file detaches it for good, persisted or not.
     std::fs::write(&file, instance(&q, 8096, false)).unwrap();
     unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
-    assert!(eventually(Duration::from_secs(10), || !running(&p) && running(&q)), "{}", serve.log());
+    assert!(eventually(BOUND, || !running(&p) && running(&q)), "{}", serve.log());
     let _free = netns.hello_from(me, server).unwrap();
     let (status, log) = serve.stop();
     assert!(status.success(), "{log}");
@@ -332,7 +332,7 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
         .stdin(Stdio::null());
     netns.enter_on_exec(&mut cmd);
     let run = Background::spawn(&mut cmd).unwrap();
-    assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
+    assert!(run.wait_for("enforcing;", BOUND), "{}", run.log());
 
     // One held, three refused.
     let server = SocketAddr::from(([127, 0, 0, 1], 8092));
@@ -376,7 +376,7 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
     );
 
     // The refusal log, as JSON for log shippers.
-    assert!(run.wait_for("refused 3 times", Duration::from_secs(5)), "{}", run.log());
+    assert!(run.wait_for("refused 3 times", BOUND), "{}", run.log());
     let event: Value = run
         .log()
         .lines()
@@ -440,7 +440,7 @@ fn top_sort_refused_shows_the_most_recently_refused_first() {
         .stdin(Stdio::null());
     netns.enter_on_exec(&mut cmd);
     let run = Background::spawn(&mut cmd).unwrap();
-    assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
+    assert!(run.wait_for("enforcing;", BOUND), "{}", run.log());
     let server = SocketAddr::from(([127, 0, 0, 1], 8093));
     // The old offender: refused many times, but before `top` starts.
     let (old, recent) = (client_v4(0x51), client_v4(0x52));
@@ -548,7 +548,7 @@ fn least_privilege_the_units_capabilities_are_enough_and_each_is_needed() {
     // With exactly the unit's capabilities: attaches and enforces.
     let name = unique("svc-caps");
     let run = start(&caps, &name);
-    assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
+    assert!(run.wait_for("enforcing;", BOUND), "{}", run.log());
     let status = std::fs::read_to_string(format!("/proc/{}/status", run.pid())).unwrap();
     assert!(status.contains(&format!("Uid:\t{uid}")), "not running as {uid}: {status}");
     let server = SocketAddr::from(([127, 0, 0, 1], 8094));
@@ -813,7 +813,7 @@ fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload(
     drop(held);
 }
 
-const WAIT_LOG: Duration = Duration::from_secs(5);
+const WAIT_LOG: Duration = BOUND;
 
 /// Where `TestCgroup::create(name)` makes its directory.
 fn harness_cgroup_path(name: &str) -> PathBuf {
