@@ -49,6 +49,9 @@ pub mod names {
     pub const LAST_SYN: &str = "LAST_SYN";
     /// Each counted connection's state, in its socket's storage.
     pub const SOCKETS: &str = "SOCKETS";
+    /// connlimit's own sockets (the 429 responder's listeners and what they
+    /// accept), which sock_ops never judges.
+    pub const OWN_SOCKETS: &str = "OWN_SOCKETS";
     /// Connections of a key that the kernel does not count under it (open
     /// before the instance attached, or counted under a key of an earlier
     /// grouping), kept up to date by the owning process.
@@ -62,9 +65,23 @@ pub mod names {
     /// What this instance guards, for other processes to read.
     pub const INSTANCE: &str = "INSTANCE";
     /// Every map, in the order user space pins them.
-    pub const ALL: [&str; 15] = [
-        CONFIG, PORTS, NETWORKS, CLIENTS, PENDING, HANDSHAKES, LAST_SYN, SOCKETS, CARRIED, CARRYING, ENDINGS, STATS,
-        INSTANCE, TOTAL, RESPONDER,
+    pub const ALL: [&str; 16] = [
+        CONFIG,
+        PORTS,
+        NETWORKS,
+        CLIENTS,
+        PENDING,
+        HANDSHAKES,
+        LAST_SYN,
+        SOCKETS,
+        CARRIED,
+        CARRYING,
+        ENDINGS,
+        STATS,
+        INSTANCE,
+        TOTAL,
+        RESPONDER,
+        OWN_SOCKETS,
     ];
 }
 
@@ -416,7 +433,7 @@ impl Stat {
 /// whenever a pinned map changes shape, so a connlimit never opens or
 /// adopts an instance another version pinned. 0 means a connlimit from
 /// before versioning.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// [`InstanceInfo::flags`]: a graceful exit of the owner leaves the instance
 /// enforcing (`--persist`) instead of detaching it.

@@ -25,9 +25,10 @@ mod atomic;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_sk_lookup, bpf_sock_ops, sk_action,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
+        bpf_sk_lookup, bpf_sock_ops, sk_action,
     },
     btf_maps::SkStorage,
     helpers::{
@@ -108,6 +109,12 @@ static LAST_SYN: PerCpuArray<LastSyn> = PerCpuArray::with_max_entries(1, 0);
 // per connection.
 #[btf_map]
 static SOCKETS: SkStorage<SocketState> = SkStorage::new();
+// connlimit's own sockets: the 429 responder's listeners, marked by the
+// owning process, and (`BPF_F_CLONE`) every connection they accept, which
+// carries the guarded port and, when connlimit runs inside the guarded
+// cgroup, runs this program: it is never judged.
+#[btf_map]
+static OWN_SOCKETS: ClonedSkStorage<u32> = ClonedSkStorage::new();
 // Written by user space only (a single writer: no lost updates).
 #[map]
 static CARRIED: HashMap<ClientKey, u32> = HashMap::with_max_entries(capacity::CARRIED, BPF_F_NO_PREALLOC);
@@ -258,7 +265,7 @@ fn refuse(ctx: &SkLookupContext, config: &KernelConfig, pending: *mut PendingSta
     }
     if config.flags & FLAG_REFUSE_429 != 0 {
         // The responder's listener takes the connection and answers 429.
-        // It is outside the guarded cgroup, so nothing counts it.
+        // Its sockets are marked in `OWN_SOCKETS`, so nothing counts it.
         let index = if read_ctx(&lookup.family) == AF_INET { RESPONDER_V4 } else { RESPONDER_V6 };
         if RESPONDER.redirect_sk_lookup(ctx, index, 0).is_ok() {
             count(Stat::Responded);
@@ -509,6 +516,9 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(config) = CONFIG.get(0) else {
         return;
     };
+    if config.flags & FLAG_REFUSE_429 != 0 && is_own(ctx) {
+        return; // a refused client's connection to the 429 responder
+    }
     // SAFETY: a helper taking the program's own context.
     if config.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != config.netns_cookie {
         return; // a socket of the cgroup in another network namespace
@@ -819,6 +829,19 @@ fn socket_state(ctx: &SockOpsContext, flags: u32) -> *mut SocketState {
     .cast()
 }
 
+/// Whether the socket sock_ops is called for is connlimit's own (see
+/// `OWN_SOCKETS`).
+fn is_own(ctx: &SockOpsContext) -> bool {
+    // SAFETY: the kernel hands the program a valid context.
+    let sk = read_ctx(unsafe { &(*ctx.ops).__bindgen_anon_2.sk });
+    // SAFETY: a helper taking the context's socket and our storage map.
+    !sk.is_null()
+        && !unsafe {
+            bpf_sk_storage_get((&raw const OWN_SOCKETS).cast_mut().cast(), sk.cast(), core::ptr::null_mut(), 0)
+        }
+        .is_null()
+}
+
 fn socket_cookie(ctx: &SockOpsContext) -> u64 {
     // SAFETY: a helper taking the program's own context.
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
@@ -873,6 +896,28 @@ fn count(stat: Stat) {
 fn now_ns() -> u64 {
     // SAFETY: a helper with no arguments.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// A socket storage map whose values a listener's accepted sockets inherit
+/// (`BPF_F_CLONE`, which aya's `SkStorage` does not set): the BTF map
+/// definition the loader reads, as aya lays it out.
+#[repr(C)]
+struct ClonedSkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: placeholder pointers the loader reads as BTF, never dereferenced.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    const fn new() -> Self {
+        use core::ptr::null;
+        Self { r#type: null(), key: null(), value: null(), max_entries: null(), map_flags: null() }
+    }
 }
 
 #[cfg(not(target_arch = "bpf"))]

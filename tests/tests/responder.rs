@@ -5,6 +5,7 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{IpAddr, SocketAddr},
+    process::{Command, Stdio},
     thread,
 };
 
@@ -13,7 +14,10 @@ use connlimit::{
     ebpf::{Instance, MAX_RESPONDING, RefuseWith},
     http::TOO_MANY_CONNECTIONS_RESPONSE,
 };
-use harness::{BOUND, Netns, client_v4, eventually, require_kernel};
+use harness::{
+    BOUND, Background, Netns, Server, TestCgroup, TestPinRoot, client_v4, connlimit_bin, eventually, require_kernel,
+    status_row, unique,
+};
 
 mod common;
 use common::{PORT, Setup, assert_accepted, assert_refused, loopback_like};
@@ -59,6 +63,43 @@ fn over_limit_clients_read_the_exact_429_and_the_server_sees_nothing() {
     s.limiter.set_refuse_with(RefuseWith::Http429).unwrap();
     assert_eq!(request(&s.netns, me).unwrap(), TOO_MANY_CONNECTIONS_RESPONSE);
     assert_eq!(s.limiter.refuse_with().unwrap(), RefuseWith::Http429);
+}
+
+/// connlimit inside the cgroup it guards, as a DaemonSet guarding
+/// `kubepods.slice` is: the connections its responder accepts carry the
+/// guarded port and run the guarded cgroup's sock_ops program, yet are its
+/// own, never counted or ended: each of 10 over-limit requests reads its
+/// 429 (before, 2 of 10 did), and the client still holds 1 of 1.
+#[test]
+fn connlimit_inside_its_guarded_cgroup_answers_every_refusal() {
+    require_kernel!();
+    let name = unique("inside");
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&name).unwrap();
+    let inside = TestCgroup::create(&format!("{name}/connlimit")).unwrap();
+    let listen = [SocketAddr::from(([0, 0, 0, 0], PORT))];
+    let server = Server::hold(env!("CARGO_BIN_EXE_hold-server"), &netns, &cgroup, &listen).unwrap();
+    let root = TestPinRoot::new("responder-inside");
+    let mut cmd = Command::new(connlimit_bin());
+    cmd.args(["run", "--name", &name, "--port", &PORT.to_string(), "-m", "1", "--refuse-with", "http-429"])
+        .args(["--pid", &server.pid().to_string()])
+        .env(connlimit::ebpf::PIN_ROOT_ENV, &root.path)
+        .stdin(Stdio::null());
+    inside.add_on_exec(&mut cmd);
+    let run = Background::spawn(&mut cmd).unwrap();
+    assert!(run.wait_for("enforcing;", BOUND), "{}", run.log());
+
+    let me = client_v4(1);
+    let _held = netns.hello_from(me, SocketAddr::from(([127, 0, 0, 1], PORT))).unwrap();
+    let answered =
+        (0..10).filter(|_| request(&netns, me).ok().as_deref() == Some(TOO_MANY_CONNECTIONS_RESPONSE)).count();
+    assert_eq!(answered, 10, "{}", run.log());
+    assert_accepted(&server, 1);
+    let row = status_row(&netns, &root.path, &name).expect("instance listed");
+    assert_eq!((row["open"].as_u64(), row["refused"].as_u64()), (Some(1), Some(10)), "{row}");
+    assert!(!run.log().contains("ended a connection"), "the responder's connections are never ended: {}", run.log());
+    let (status, log) = run.stop();
+    assert!(status.success(), "{log}");
 }
 
 /// The total limit refuses with 429 too.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, SockMap},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::links::{FdLink, PinnedLink},
 };
 use connlimit_common::maps::{
@@ -52,7 +52,7 @@ pub struct Instance {
     /// Taken by the one upkeep thread of this handle.
     pub(super) endings: Option<RingBuf<MapData>>,
     /// Taken by the 429 responder the endings worker runs.
-    pub(super) responder: Option<SockMap<MapData>>,
+    pub(super) responder: Option<super::responder::ResponderMaps>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -146,7 +146,21 @@ impl Instance {
             stats: typed!(names::STATS),
             info: typed!(names::INSTANCE),
             endings: Some(typed!(names::ENDINGS)),
-            responder: Some(typed!(names::RESPONDER)),
+            responder: Some(super::responder::ResponderMaps {
+                listeners: match take(names::RESPONDER)? {
+                    Map::SockMap(data) => data,
+                    _ => return Err(EbpfError::system(format!("map {}", names::RESPONDER), "not a sockmap")),
+                },
+                own: match take(names::OWN_SOCKETS)? {
+                    Map::SkStorage(data) => data,
+                    _ => {
+                        return Err(EbpfError::system(
+                            format!("map {}", names::OWN_SOCKETS),
+                            "not a socket storage map",
+                        ));
+                    }
+                },
+            }),
         })
     }
 
@@ -198,7 +212,7 @@ impl Instance {
         // The owner's other duty: answering refusals with 429 (when asked;
         // its listeners idle otherwise). Without it, refusals are resets.
         let netns_file = std::fs::File::open(netns).map_err(|e| EbpfError::Netns(netns.to_owned(), e))?;
-        let responder = match self.responder.take().map(|map| super::Responder::start(map, &netns_file, &self.name)) {
+        let responder = match self.responder.take().map(|maps| super::Responder::start(maps, &netns_file, &self.name)) {
             Some(Ok(responder)) => Some(responder),
             Some(Err(e)) => {
                 tracing::warn!(instance = %self.name, error = %e, "no 429 responder: refusals get a reset");

@@ -46,6 +46,7 @@
 //!   touching the kernel.
 
 pub mod attachments;
+mod bpf_sys;
 pub mod capabilities;
 pub mod cgroup;
 pub mod clock;

@@ -6,8 +6,10 @@
 //! deadline, and closes. The server process never sees the connection.
 //!
 //! - Its listeners are bound to loopback on ephemeral ports in the guarded
-//!   network namespace, by the process owning the instance, which is not in
-//!   the guarded cgroup: their connections are never counted.
+//!   network namespace, by the process owning the instance, and marked in
+//!   `OWN_SOCKETS`, whose mark the connections they accept inherit: those
+//!   are never counted or ended, even when connlimit runs inside the guarded
+//!   cgroup (as a DaemonSet guarding `kubepods.slice` does).
 //! - Bounded: past [`MAX_RESPONDING`] connections at once, more are reset
 //!   at once, and the accept queues hold at most [`BACKLOG`] each, so a
 //!   flood of over-limit clients cannot exhaust this process.
@@ -17,13 +19,13 @@
 use std::{
     fs::File,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd},
     sync::Arc,
     thread::JoinHandle,
     time::Duration,
 };
 
-use aya::maps::{Map, MapData, SockMap};
+use aya::maps::MapData;
 use connlimit_common::maps::{FLAG_REFUSE_429, RESPONDER_V4, RESPONDER_V6};
 use tokio::sync::{Semaphore, watch};
 
@@ -86,24 +88,51 @@ impl std::str::FromStr for RefuseWith {
     }
 }
 
+/// The maps the responder works with.
+#[derive(Debug)]
+pub(crate) struct ResponderMaps {
+    /// Its listeners, where the lookup program sends refusals (a sockmap).
+    pub(crate) listeners: MapData,
+    /// connlimit's own sockets (a socket storage map).
+    pub(crate) own: MapData,
+}
+
+impl ResponderMaps {
+    fn duplicate(&self) -> Result<Self, EbpfError> {
+        let fail = |e: String| EbpfError::system("starting the 429 responder again", e);
+        let dup = |data: &MapData| {
+            let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| fail(e.to_string()))?;
+            MapData::from_fd(fd).map_err(|e| fail(e.to_string()))
+        };
+        Ok(Self { listeners: dup(&self.listeners)?, own: dup(&self.own)? })
+    }
+
+    /// Puts `listener` at `index` of the listeners and marks it as
+    /// connlimit's own (before the lookup program can send it anything).
+    fn set(&mut self, index: u32, listener: &std::net::TcpListener) -> std::io::Result<()> {
+        let fd = listener.as_raw_fd();
+        super::bpf_sys::map_update(self.own.fd().as_fd(), &fd, &1u32)?;
+        super::bpf_sys::map_update(self.listeners.fd().as_fd(), &index, &fd)
+    }
+}
+
 /// The running responder; dropping it closes its listeners (the kernel
 /// then refuses with a reset).
 #[derive(Debug)]
 pub struct Responder {
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
-    /// The sockmap, kept to start again elsewhere (see [`Self::restart`]).
-    sockmap: OwnedFd,
+    /// Its maps, kept to start again elsewhere (see [`Self::restart`]).
+    maps: ResponderMaps,
     instance: String,
 }
 
 impl Responder {
     /// Binds the listeners in the network namespace `netns`, puts them in
     /// `sockmap` and starts answering.
-    pub(crate) fn start(mut sockmap: SockMap<MapData>, netns: &File, instance: &str) -> Result<Self, EbpfError> {
-        let fail = |e: std::io::Error| EbpfError::system("starting the 429 responder", e);
-        let netns_file = netns.try_clone().map_err(fail)?;
-        let kept = sockmap.fd().as_fd().try_clone_to_owned().map_err(fail)?;
+    pub(crate) fn start(mut maps: ResponderMaps, netns: &File, instance: &str) -> Result<Self, EbpfError> {
+        let netns_file = netns.try_clone().map_err(|e| EbpfError::system("starting the 429 responder", e))?;
+        let kept = maps.duplicate()?;
         let (stop, stopped) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
         let (instance, instance_name) = (instance.to_owned(), instance.to_owned());
@@ -114,11 +143,11 @@ impl Responder {
                     super::sock_diag::enter_netns(&netns_file)?;
                     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                     let v4 = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
-                    set(&mut sockmap, RESPONDER_V4, &v4)?;
+                    maps.set(RESPONDER_V4, &v4)?;
                     // A host without IPv6 gets resets for IPv6 refusals.
                     let v6 = match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))) {
                         Ok(v6) => {
-                            set(&mut sockmap, RESPONDER_V6, &v6)?;
+                            maps.set(RESPONDER_V6, &v6)?;
                             Some(v6)
                         }
                         Err(e) => {
@@ -142,7 +171,7 @@ impl Responder {
             })
             .map_err(|e| EbpfError::system("starting the 429 responder", e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread), sockmap: kept, instance: instance_name }),
+            Ok(Ok(())) => Ok(Self { stop, thread: Some(thread), maps: kept, instance: instance_name }),
             Ok(Err(e)) => Err(EbpfError::system("starting the 429 responder in the guarded namespace", e)),
             Err(_) => Err(EbpfError::system("starting the 429 responder", std::io::Error::other("it stopped"))),
         }
@@ -153,16 +182,9 @@ impl Responder {
     /// Stops answering here and starts in the network namespace `netns`
     /// (the guarded processes moved there).
     pub(crate) fn restart(self, netns: &File) -> Result<Self, EbpfError> {
-        let fail = |e: String| EbpfError::system("starting the 429 responder again", e);
-        let data = MapData::from_fd(self.sockmap.try_clone().map_err(|e| fail(e.to_string()))?)
-            .map_err(|e| fail(e.to_string()))?;
-        let sockmap: SockMap<MapData> = Map::from_map_data(data)
-            .map_err(|e| fail(e.to_string()))?
-            .try_into()
-            .map_err(|e: aya::maps::MapError| fail(e.to_string()))?;
-        let instance = self.instance.clone();
+        let (maps, instance) = (self.maps.duplicate()?, self.instance.clone());
         drop(self);
-        Self::start(sockmap, netns, &instance)
+        Self::start(maps, netns, &instance)
     }
 }
 
@@ -184,10 +206,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     }
     listener.set_nonblocking(true)?;
     Ok(listener)
-}
-
-fn set(sockmap: &mut SockMap<MapData>, index: u32, listener: &std::net::TcpListener) -> std::io::Result<()> {
-    sockmap.set(index, listener, 0).map_err(std::io::Error::other)
 }
 
 /// Answers on both listeners until told to stop.
