@@ -48,7 +48,7 @@ use connlimit_common::{
         FlowKey, Handshake, InstanceInfo, KernelConfig, LastSyn, PORT_COUNT, PORT_WORDS, PendingState, RESPONDER_V4,
         RESPONDER_V6, SLOT_CLIENT, SLOT_TOTAL, SocketState, Stat, TotalState, capacity, port_bit,
     },
-    pending::{Pending, epoch_of, is_live},
+    pending::{Epochs, Pending, is_live},
 };
 
 const AF_INET: u32 = 2;
@@ -145,14 +145,14 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     }
     let flow = lookup_flow(lookup);
     let now_ns = now_ns();
-    let epoch = epoch_of(now_ns, config.epoch_ns);
-    release_unconfirmed_syn(epoch);
+    let epochs = Epochs::at(now_ns, config.epoch_ns);
+    release_unconfirmed_syn(&epochs);
     let (client, limit) = client_key(config, &flow.client);
     if client.is_exempt() || (limit == 0 && config.max_conns_total == 0) {
         return sk_action::SK_PASS;
     }
     let pending = pending_state(&client);
-    if is_admitted_handshake(config, &flow, pending, epoch) {
+    if is_admitted_handshake(config, &flow, pending, &epochs) {
         return sk_action::SK_PASS;
     }
     match admit(config, &flow, &client, pending, limit, now_ns) {
@@ -168,14 +168,15 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
 /// Only while its client (`pending`), or the instance under a total limit,
 /// has live reservations can there be one, so new SYNs, a flood's
 /// included, are spared the look-up almost always.
-fn is_admitted_handshake(config: &KernelConfig, flow: &FlowKey, pending: *mut PendingState, epoch: u64) -> bool {
+fn is_admitted_handshake(config: &KernelConfig, flow: &FlowKey, pending: *mut PendingState, epochs: &Epochs) -> bool {
     // SAFETY: a non-null `pending` points into a live map entry.
-    let client_reserved = !pending.is_null() && Pending(unsafe { (*pending).reservations }).reserved(epoch) != 0;
+    let client_reserved =
+        !pending.is_null() && Pending(unsafe { (*pending).reservations }).reserved(epochs.client) != 0;
     let total_reserved = config.max_conns_total != 0
         // SAFETY: `TOTAL`'s entry is live; an aligned 64-bit load is atomic on BPF.
-        && TOTAL.get_ptr(0).is_some_and(|t| Pending(unsafe { (&raw const (*t).reservations).read_volatile() }).reserved(epoch) != 0);
+        && TOTAL.get_ptr(0).is_some_and(|t| Pending(unsafe { (&raw const (*t).reservations).read_volatile() }).reserved(epochs.total) != 0);
     // SAFETY: entries are plain data.
-    (client_reserved || total_reserved) && unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| is_live(h.epoch, epoch))
+    (client_reserved || total_reserved) && unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| live_slots(h, epochs) != 0)
 }
 
 /// What [`admit`] decided. (Plain numbers: a returned tuple or enum with
@@ -201,7 +202,8 @@ fn admit(
         // No handshake state: admit, and judge the connection when it completes.
         return ADMITTED;
     }
-    let epoch = epoch_of(now_ns, config.epoch_ns);
+    let epochs = Epochs::at(now_ns, config.epoch_ns);
+    let epoch = epochs.client;
     // SAFETY: `pending` points into a live map entry.
     let generation = unsafe { (*pending).generation };
     let mut handshake = Handshake { client: *client, generation, epoch: 0, total_epoch: 0, slots: 0, _pad: 0 };
@@ -210,7 +212,7 @@ fn admit(
         let mut booked = unsafe { connlimit_reserve(pending, client, epoch, limit) };
         // At the limit: free another CPU's SYN that no listener took, if
         // there is one, and try once more.
-        if booked == NOT_BOOKED && release_stale_syn(epoch, now_ns) {
+        if booked == NOT_BOOKED && release_stale_syn(&epochs, now_ns) {
             // SAFETY: as above.
             booked = unsafe { connlimit_reserve(pending, client, epoch, limit) };
         }
@@ -221,16 +223,13 @@ fn admit(
         handshake.epoch = booked;
     }
     if config.max_conns_total != 0 {
-        let booked = connlimit_reserve_total(epoch, config.max_conns_total);
+        let booked = connlimit_reserve_total(epochs.total, config.max_conns_total);
         if booked == NOT_BOOKED {
-            release_handshake(&handshake, pending, epoch);
+            release_handshake(&handshake, pending, &epochs);
             return OVER_TOTAL;
         }
         handshake.slots |= SLOT_TOTAL;
         handshake.total_epoch = booked;
-        if limit == 0 {
-            handshake.epoch = booked;
-        }
     }
     // NOEXIST: a copy of the same SYN on another CPU holds it already.
     if HANDSHAKES.insert(flow, handshake, BPF_NOEXIST as u64).is_ok() {
@@ -239,7 +238,7 @@ fn admit(
             unsafe { last.write(LastSyn { flow: *flow, unconfirmed: 1, at_ns: now_ns }) };
         }
     } else {
-        release_handshake(&handshake, pending, epoch);
+        release_handshake(&handshake, pending, &epochs);
     }
     ADMITTED
 }
@@ -342,15 +341,15 @@ pub extern "C" fn connlimit_reserve_total(epoch: u64, limit: u32) -> u64 {
 
 /// Gives back the slots a handshake holds (`pending`: its client's
 /// handshake state, or null).
-fn release_handshake(h: &Handshake, pending: *mut PendingState, epoch: u64) {
+fn release_handshake(h: &Handshake, pending: *mut PendingState, epochs: &Epochs) {
     if h.slots & SLOT_CLIENT != 0 && is_booked_in(h, pending) {
         // SAFETY: `pending` points into a live map entry.
         compare_and_swap::<CAS_ATTEMPTS, _>(unsafe { &raw mut (*pending).reservations }, |w| {
-            Some((Pending(w).release(epoch, h.epoch).0, ()))
+            Some((Pending(w).release(epochs.client, h.epoch).0, ()))
         });
     }
     if h.slots & SLOT_TOTAL != 0 {
-        connlimit_release_total(epoch, h.total_epoch);
+        connlimit_release_total(epochs.total, h.total_epoch);
     }
 }
 
@@ -377,11 +376,23 @@ pub extern "C" fn connlimit_release_total(epoch: u64, booked: u64) -> u64 {
     0
 }
 
-/// Whether the slots of `handshake` still stand: booked in the last two
-/// epochs, and a client slot in the client's current handshake state
-/// `pending`.
-fn is_held(handshake: &Handshake, pending: *mut PendingState, epoch: u64) -> bool {
-    is_live(handshake.epoch, epoch) && (handshake.slots & SLOT_CLIENT == 0 || is_booked_in(handshake, pending))
+/// Those of the slots of `handshake` booked in the last two epochs of
+/// their kind.
+fn live_slots(handshake: &Handshake, epochs: &Epochs) -> u32 {
+    let client = if is_live(handshake.epoch, epochs.client) { SLOT_CLIENT } else { 0 };
+    let total = if is_live(handshake.total_epoch, epochs.total) { SLOT_TOTAL } else { 0 };
+    handshake.slots & (client | total)
+}
+
+/// The slots of `handshake` that still stand, or `None` when none does:
+/// those booked in the last two epochs of their kind, a client slot only in
+/// the client's current handshake state `pending`.
+fn held_slots(handshake: &Handshake, pending: *mut PendingState, epochs: &Epochs) -> Option<Handshake> {
+    let mut slots = live_slots(handshake, epochs);
+    if !is_booked_in(handshake, pending) {
+        slots &= !SLOT_CLIENT;
+    }
+    (slots != 0).then_some(Handshake { slots, ..*handshake })
 }
 
 /// Whether a connection of `client` (limited to `limit`) is judged at all:
@@ -399,9 +410,9 @@ fn claim_handshake(flow: &FlowKey) -> Option<Handshake> {
 }
 
 /// Releases the reservation of a handshake no listener took.
-fn release_unclaimed(flow: &FlowKey, epoch: u64) {
+fn release_unclaimed(flow: &FlowKey, epochs: &Epochs) {
     if let Some(h) = claim_handshake(flow) {
-        release_handshake(&h, PENDING.get_ptr_mut(h.client).unwrap_or(core::ptr::null_mut()), epoch);
+        release_handshake(&h, PENDING.get_ptr_mut(h.client).unwrap_or(core::ptr::null_mut()), epochs);
         count(Stat::Unconfirmed);
     }
 }
@@ -409,7 +420,7 @@ fn release_unclaimed(flow: &FlowKey, epoch: u64) {
 /// The previous SYN this CPU admitted was not taken by a listener of the
 /// guarded cgroup (or sock_ops would have confirmed it before this lookup):
 /// it holds no slot.
-fn release_unconfirmed_syn(epoch: u64) {
+fn release_unconfirmed_syn(epochs: &Epochs) {
     let Some(last) = LAST_SYN.get_ptr_mut(0) else {
         return;
     };
@@ -417,14 +428,14 @@ fn release_unconfirmed_syn(epoch: u64) {
     let last = unsafe { &mut *last };
     if last.unconfirmed != 0 {
         last.unconfirmed = 0;
-        release_unclaimed(&last.flow, epoch);
+        release_unclaimed(&last.flow, epochs);
     }
 }
 
 /// At the limit: releases one SYN another CPU admitted that no listener
 /// took (each CPU's is normally released by its own next lookup); whether
 /// there was one.
-fn release_stale_syn(epoch: u64, now_ns: u64) -> bool {
+fn release_stale_syn(epochs: &Epochs, now_ns: u64) -> bool {
     let map = (&raw const LAST_SYN).cast_mut().cast();
     let key = 0u32;
     // The scan only finds; the release, with its compare-and-swap loop, runs
@@ -447,7 +458,7 @@ fn release_stale_syn(epoch: u64, now_ns: u64) -> bool {
     }
     match stale {
         Some(flow) => {
-            release_unclaimed(&flow, epoch);
+            release_unclaimed(&flow, epochs);
             true
         }
         None => false,
@@ -524,7 +535,7 @@ fn on_established(ctx: &SockOpsContext) {
         return; // a socket of the cgroup in another network namespace
     }
     let flow = socket_flow(ctx);
-    let epoch = epoch_of(now_ns(), config.epoch_ns);
+    let epochs = Epochs::at(now_ns(), config.epoch_ns);
     let claimed = claim_handshake(&flow);
     let (key, limit) = client_key(config, &flow.client);
     // The key the handshake was booked under (normally the same) and its
@@ -533,19 +544,20 @@ fn on_established(ctx: &SockOpsContext) {
     let books_client = claimed.is_some_and(|h| h.slots & SLOT_CLIENT != 0);
     let mut pending =
         if books_client || is_judged(config, &client, limit) { pending_state(&client) } else { core::ptr::null_mut() };
-    let held = claimed.filter(|h| is_held(h, pending, epoch));
+    let held = claimed.and_then(|h| held_slots(&h, pending, &epochs));
     if let Some(late) = claimed
         && held.is_none()
     {
         // A reservation that expired (the client held back its final ACK)
         // or whose handshake state was evicted no longer holds a slot: give
-        // back what of it still stands, and judge the handshake now, under
-        // its current key, as a SYN would be.
-        release_handshake(&late, pending, epoch);
-        if !client.same_as(&key) {
-            client = key;
-            pending = if is_judged(config, &key, limit) { pending_state(&key) } else { core::ptr::null_mut() };
-        }
+        // back what of it still stands.
+        release_handshake(&late, pending, &epochs);
+    }
+    if held.is_none_or(|h| h.slots & SLOT_CLIENT == 0) && !client.same_as(&key) {
+        // Without a client slot, the handshake is judged now, under its
+        // current key, as a SYN would be.
+        client = key;
+        pending = if is_judged(config, &key, limit) { pending_state(&key) } else { core::ptr::null_mut() };
     }
     // The slots this connection takes: those its handshake holds, and for
     // each limit it holds none under, one taken now exactly as a SYN would
@@ -554,7 +566,7 @@ fn on_established(ctx: &SockOpsContext) {
     let (mut over, mut over_total) = (false, false);
     if slots.slots & SLOT_CLIENT == 0 && limit != 0 && !pending.is_null() {
         // SAFETY: `pending` is non-null and points into a live map entry.
-        match unsafe { connlimit_reserve(pending, &client, epoch, limit) } {
+        match unsafe { connlimit_reserve(pending, &client, epochs.client, limit) } {
             NOT_BOOKED => over = true,
             booked => {
                 slots.slots |= SLOT_CLIENT;
@@ -565,7 +577,7 @@ fn on_established(ctx: &SockOpsContext) {
         }
     }
     if slots.slots & SLOT_TOTAL == 0 && config.max_conns_total != 0 && !client.is_exempt() {
-        match connlimit_reserve_total(epoch, config.max_conns_total) {
+        match connlimit_reserve_total(epochs.total, config.max_conns_total) {
             NOT_BOOKED => over_total = true,
             booked => {
                 slots.slots |= SLOT_TOTAL;
@@ -579,7 +591,7 @@ fn on_established(ctx: &SockOpsContext) {
     }
     // Counted before released: a concurrent admission sees the slot taken
     // throughout (see `connlimit_reserve`).
-    release_handshake(&slots, pending, epoch);
+    release_handshake(&slots, pending, &epochs);
     match counted {
         Ok(()) if !over && !over_total => count(Stat::Accepted),
         Ok(()) => {

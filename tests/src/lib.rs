@@ -299,30 +299,71 @@ pub fn raw_segment(
     server: std::net::SocketAddrV4,
     flags: u8,
 ) {
+    netns.run(move || send_segment(source, source_port, server, flags).expect("send segment"));
+}
+
+/// Sends SYNs spoofed from each of `sources` in turn (source port 40000 +
+/// its index modulo 20000) to `server`, `per_second` of them in 10 ms
+/// batches, until `stop` is set or the sources run out; returns how many
+/// were sent. Blocks: run it on a thread of its own.
+pub fn spoofed_syn_flood(
+    netns: &Netns,
+    sources: Vec<std::net::Ipv4Addr>,
+    per_second: u32,
+    server: std::net::SocketAddrV4,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
     netns.run(move || {
-        let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).expect("raw socket");
-        let mut tcp = [0u8; 20];
-        tcp[0..2].copy_from_slice(&source_port.to_be_bytes());
-        tcp[2..4].copy_from_slice(&server.port().to_be_bytes());
-        tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // sequence
-        if flags & TCP_ACK != 0 {
-            tcp[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes()); // acknowledgment
+        let batch = (per_second / 100).max(1) as usize;
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        for (tick, chunk) in sources.chunks(batch).enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            for (i, &source) in chunk.iter().enumerate() {
+                let port = 40_000 + ((tick * batch + i) % 20_000) as u16;
+                sent += usize::from(send_segment(source, port, server, TCP_SYN).is_ok());
+            }
+            // Pacing, not waiting for an outcome: the next batch's turn.
+            if let Some(rest) = (Duration::from_millis(10) * (tick as u32 + 1)).checked_sub(start.elapsed()) {
+                thread::sleep(rest);
+            }
         }
-        tcp[12] = 5 << 4; // header length: 5 words
-        tcp[13] = flags;
-        tcp[14..16].copy_from_slice(&65535u16.to_be_bytes()); // window
-        let mut pseudo = Vec::with_capacity(32);
-        pseudo.extend_from_slice(&source.octets());
-        pseudo.extend_from_slice(&server.ip().octets());
-        pseudo.extend_from_slice(&[0, 6, 0, 20]);
-        pseudo.extend_from_slice(&tcp);
-        let checksum = internet_checksum(&pseudo);
-        tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
-        // With IPPROTO_TCP raw sockets the kernel writes the IP header, using
-        // the bound address as the source.
-        raw.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(source), 0))).expect("bind raw");
-        raw.send_to(&tcp, &SockAddr::from(SocketAddr::V4(server))).expect("send segment");
-    });
+        sent
+    })
+}
+
+/// [`raw_segment`]'s work, in the calling thread's namespace.
+fn send_segment(
+    source: std::net::Ipv4Addr,
+    source_port: u16,
+    server: std::net::SocketAddrV4,
+    flags: u8,
+) -> io::Result<()> {
+    let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP))?;
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&source_port.to_be_bytes());
+    tcp[2..4].copy_from_slice(&server.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes()); // sequence
+    if flags & TCP_ACK != 0 {
+        tcp[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes()); // acknowledgment
+    }
+    tcp[12] = 5 << 4; // header length: 5 words
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes()); // window
+    let mut pseudo = Vec::with_capacity(32);
+    pseudo.extend_from_slice(&source.octets());
+    pseudo.extend_from_slice(&server.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&tcp);
+    let checksum = internet_checksum(&pseudo);
+    tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+    // With IPPROTO_TCP raw sockets the kernel writes the IP header, using
+    // the bound address as the source.
+    raw.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(source), 0)))?;
+    raw.send_to(&tcp, &SockAddr::from(SocketAddr::V4(server)))?;
+    Ok(())
 }
 
 /// Established server-side connections on `port` from `client`, as the
