@@ -60,6 +60,11 @@ pub mod names {
     pub const CARRYING: &str = "CARRYING";
     /// Connections the kernel asks user space to end.
     pub const ENDINGS: &str = "ENDINGS";
+    /// Flows a socket-diagnostics query is about to look up (see the
+    /// `connlimit_diag` program).
+    pub const DIAG_LOOKUPS: &str = "DIAG_LOOKUPS";
+    /// When `DIAG_LOOKUPS` was last written, so lookups skip it otherwise.
+    pub const DIAG_LAST: &str = "DIAG_LAST";
     /// Global counters.
     pub const STATS: &str = "STATS";
     /// What this instance guards, for other processes to read.
@@ -91,6 +96,16 @@ pub mod programs {
     pub const LOOKUP: &str = "connlimit_lookup";
     /// The `sock_ops` program that counts established connections.
     pub const SOCK_OPS: &str = "connlimit_sock_ops";
+    /// The kprobe that marks the flows socket-diagnostics queries look up.
+    pub const DIAG: &str = "connlimit_diag";
+    /// The same as fentry, for kernels without kprobes.
+    pub const DIAG_FENTRY: &str = "connlimit_diag_fentry";
+    /// The kernel function [`DIAG`] and [`DIAG_FENTRY`] hook: every socket-diagnostics query
+    /// for one socket (and `SOCK_DESTROY`) passes through it, with the
+    /// request as its fifth argument, on Linux 6.1 to 6.18 at least.
+    pub const DIAG_FUNCTION: &str = "inet_diag_cmd_exact";
+    /// [`DIAG_FUNCTION`]'s argument (from 0) that is the request.
+    pub const DIAG_REQUEST_ARG: usize = 4;
 }
 
 /// Default sizes of the maps, in entries. User space may resize the ones it
@@ -439,6 +454,10 @@ pub const LAYOUT_VERSION: u32 = 5;
 /// enforcing (`--persist`) instead of detaching it.
 pub const INFO_PERSIST: u32 = 1;
 
+/// [`InstanceInfo::flags`]: the `connlimit_diag` probe is attached, so the
+/// lookups socket-diagnostics queries make are told from packets.
+pub const INFO_DIAG_PROBE: u32 = 1 << 1;
+
 /// What an instance guards and who owns it, written by the loader (and by
 /// a process that adopts the instance) into `INSTANCE`, so another process
 /// (the CLI) can describe it.
@@ -464,7 +483,7 @@ pub struct InstanceInfo {
     pub owner_start_ticks: u64,
     /// [`LAYOUT_VERSION`] of the connlimit that pinned the instance.
     pub layout_version: u32,
-    /// [`INFO_PERSIST`].
+    /// [`INFO_PERSIST`], [`INFO_DIAG_PROBE`].
     pub flags: u32,
     /// The first 8 bytes of the SHA-256 of the kernel object the instance
     /// runs (what `connlimit --version` shows); zero if not recorded.

@@ -33,11 +33,11 @@ use aya_ebpf::{
     btf_maps::SkStorage,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem,
-        bpf_sk_storage_get,
+        bpf_probe_read_kernel, bpf_sk_storage_get,
     },
-    macros::{btf_map, map, sk_lookup, sock_ops},
+    macros::{btf_map, fentry, kprobe, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockMap, lpm_trie::Key},
-    programs::{SkLookupContext, SockOpsContext},
+    programs::{FEntryContext, ProbeContext, SkLookupContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use connlimit_common::{
@@ -52,6 +52,7 @@ use connlimit_common::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 /// `args[0]` of `BPF_SOCK_OPS_HDR_OPT_LEN_CB` for a SYN-ACK carrying a SYN
@@ -74,6 +75,11 @@ const STALE_SYN_NS: u64 = 1_000_000;
 /// CPUs whose unconfirmed SYNs a refusal looks at; on bigger machines the
 /// rest expire with their epoch.
 const MAX_CPUS: u32 = 64;
+/// How long a flow marked by a socket-diagnostics query waits for its
+/// lookup: the query runs it at once, in the same system call, but the
+/// task may be preempted in between. A packet of that exact flow meanwhile
+/// passes unreserved and is judged when its handshake completes.
+const DIAG_WINDOW_NS: u64 = 1_000_000_000;
 
 #[map]
 static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
@@ -127,6 +133,15 @@ static CARRYING: Array<u32> = Array::with_max_entries(1, 0);
 static ENDINGS: RingBuf = RingBuf::with_byte_size(capacity::ENDINGS_BYTES, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
+// Flows a socket-diagnostics query is looking up, and when; written by
+// `connlimit_diag`, each taken by the lookup it announces. LRU: a query
+// that found an established socket runs no lookup, and its entry ages out.
+#[map]
+static DIAG_LOOKUPS: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(1024, 0);
+// When `DIAG_LOOKUPS` was last written: lookups look there only for
+// `DIAG_WINDOW_NS` after, so the SYN path pays one array read otherwise.
+#[map]
+static DIAG_LAST: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static INSTANCE: Array<InstanceInfo> = Array::with_max_entries(1, 0);
 
@@ -145,6 +160,12 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     }
     let flow = lookup_flow(lookup);
     let now_ns = now_ns();
+    if is_diagnostic(&flow, now_ns) {
+        // No packet: a local process asked about this flow. It reserves,
+        // refuses and counts nothing, and hears what it would hear below
+        // the limit, whatever the client's state.
+        return sk_action::SK_PASS;
+    }
     let epochs = Epochs::at(now_ns, config.epoch_ns);
     release_unconfirmed_syn(&epochs);
     let (client, limit) = client_key(config, &flow.client);
@@ -158,6 +179,84 @@ pub fn connlimit_lookup(ctx: SkLookupContext) -> u32 {
     match admit(config, &flow, &client, pending, limit, now_ns) {
         ADMITTED => sk_action::SK_PASS,
         over => refuse(&ctx, config, pending, over == OVER_TOTAL),
+    }
+}
+
+/// Whether this lookup is the kernel answering a socket-diagnostics query
+/// about `flow` (`ss -K`, any local user's `NETLINK_SOCK_DIAG` request for
+/// one socket), marked a moment ago by `connlimit_diag`; takes the mark.
+fn is_diagnostic(flow: &FlowKey, now_ns: u64) -> bool {
+    let recent = |at: u64| now_ns.saturating_sub(at) <= DIAG_WINDOW_NS;
+    if !DIAG_LAST.get(0).is_some_and(|&at| recent(at)) {
+        return false;
+    }
+    // SAFETY: entries are plain data.
+    match unsafe { DIAG_LOOKUPS.get(flow) } {
+        Some(&at) if recent(at) => DIAG_LOOKUPS.remove(flow).is_ok(),
+        _ => false,
+    }
+}
+
+/// `struct inet_diag_req_v2` (uapi `linux/inet_diag.h`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DiagRequest {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    // struct inet_diag_sockid: ports and addresses in network order.
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+/// A socket-diagnostics query for one socket is starting
+/// (`inet_diag_cmd_exact`). If no established socket matches, the kernel
+/// runs the lookup programs for its flow (the query's source is the local
+/// end, its destination the client), from the querying process, with no
+/// packet: mark the flow so that `connlimit_lookup` knows. Two ways in,
+/// whichever the kernel offers: a kprobe (`CONFIG_KPROBES`, the function in
+/// a module as on Debian) or fentry (the function in the kernel image's
+/// BTF).
+#[kprobe]
+pub fn connlimit_diag(ctx: ProbeContext) -> u32 {
+    if let Some(req) = ctx.arg::<*const DiagRequest>(connlimit_common::maps::programs::DIAG_REQUEST_ARG) {
+        mark_diagnostic(req);
+    }
+    0
+}
+
+/// [`connlimit_diag`] as fentry.
+#[fentry(function = "inet_diag_cmd_exact")]
+pub fn connlimit_diag_fentry(ctx: FEntryContext) -> u32 {
+    mark_diagnostic(ctx.arg::<*const DiagRequest>(connlimit_common::maps::programs::DIAG_REQUEST_ARG));
+    0
+}
+
+/// Marks the flow the request `req` (kernel memory) asks about.
+#[inline(always)]
+fn mark_diagnostic(req: *const DiagRequest) {
+    // SAFETY: a helper copying kernel memory, which fails cleanly.
+    let Ok(req) = (unsafe { bpf_probe_read_kernel(req) }) else {
+        return;
+    };
+    let family = u32::from(req.family);
+    if u32::from(req.protocol) != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+        return;
+    }
+    let (client, local) =
+        if family == AF_INET { (v4_mapped(req.dst[0]), v4_mapped(req.src[0])) } else { (req.dst, req.src) };
+    let flow = FlowKey { client, local, client_port: u16::from_be(req.dport), local_port: u16::from_be(req.sport) };
+    let now = now_ns();
+    let _ = DIAG_LOOKUPS.insert(flow, now, 0);
+    if let Some(last) = DIAG_LAST.get_ptr_mut(0) {
+        // SAFETY: the array's one entry; a plain aligned store.
+        unsafe { last.write_volatile(now) };
     }
 }
 

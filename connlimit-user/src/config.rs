@@ -49,8 +49,11 @@ pub struct Config {
 
 /// The default IPv4 grouping: each address is a client (as go-connlimit).
 pub const DEFAULT_IPV4_PREFIX_LEN: u8 = 32;
-/// The default IPv6 grouping: each address is a client (as go-connlimit).
-pub const DEFAULT_IPV6_PREFIX_LEN: u8 = 128;
+/// The default IPv6 grouping: each /64 is a client. One host usually owns a
+/// whole /64 and can bind any of its addresses without privilege
+/// (`IPV6_FREEBIND`), so counting per address (go-connlimit's /128) would
+/// let it hold the limit once per address, and fill the client map.
+pub const DEFAULT_IPV6_PREFIX_LEN: u8 = 64;
 
 impl Default for Config {
     fn default() -> Self {
@@ -203,10 +206,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_is_unlimited_per_address() {
+    fn default_is_unlimited_per_ipv4_address_and_ipv6_slash_64() {
         let c = Config::default();
         assert!(!c.is_limited());
-        assert_eq!((c.ipv4_prefix_len, c.ipv6_prefix_len), (32, 128));
+        assert_eq!((c.ipv4_prefix_len, c.ipv6_prefix_len), (32, 64));
         c.validate().unwrap();
     }
 

@@ -5,7 +5,7 @@
 
 use std::{
     io::Write,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     process::Command,
     thread,
     time::Duration,
@@ -140,6 +140,33 @@ fn spoofed_syns_cannot_spend_the_total_limit() {
     });
     assert!(sent >= 10_000, "the flood sent {sent} SYNs");
     assert!(served >= 38, "{served} of 40 honest connects served under {RATE} spoofed SYNs a second");
+    assert_all_released(&s);
+}
+
+/// With the default grouping (IPv6 by /64), one host that owns a /64 is one
+/// client: 200 of its addresses (a local route for the /64 in the test's
+/// namespace and `ip_nonlocal_bind`, as `IPV6_FREEBIND` lets a host on a
+/// real /64 bind any of them) hold 2 connections at limit 2, where per-address counting let it
+/// hold 200; a host of another /64 keeps its own allowance.
+#[test]
+fn one_ipv6_host_with_a_slash_64_is_one_client_by_default() {
+    require_kernel!();
+    let s = Setup::with(|o| o.config(Config::new(2)), &[SocketAddr::from(([0u16; 8], PORT))]);
+    // Binding an address of a local route, as `IPV6_FREEBIND` would.
+    s.netns.run(|| std::fs::write("/proc/sys/net/ipv6/ip_nonlocal_bind", "1").expect("ip_nonlocal_bind"));
+    for prefix in ["2001:db8:1::/64", "2001:db8:2::/64"] {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-6", "route", "add", "local", prefix, "dev", "lo"]);
+        s.netns.enter_on_exec(&mut cmd);
+        assert!(cmd.status().expect("ip (iproute2)").success(), "ip route add local {prefix}");
+    }
+    let server = SocketAddr::from((Ipv6Addr::LOCALHOST, PORT));
+    let host = |i: u16| IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, i));
+    let held: Vec<_> = (1..=200).filter_map(|i| s.netns.hello_from(host(i), server).ok()).collect();
+    assert_eq!(held.len(), 2, "connections held by one /64 at limit 2");
+    assert_eq!(s.open(host(0xffff)), 2);
+    let other = s.netns.hello_from("2001:db8:2::1".parse().unwrap(), server).expect("another /64 is another client");
+    drop((held, other));
     assert_all_released(&s);
 }
 
@@ -473,4 +500,118 @@ fn syncookies_received(netstat: &str) -> u64 {
         .zip(values.split_whitespace())
         .find(|(n, _)| *n == "SyncookiesRecv")
         .map_or(0, |(_, v)| v.parse().unwrap_or(0))
+}
+
+/// What a socket-diagnostics query for one socket answers: the reply's
+/// message type and, for an error, its code.
+type DiagAnswer = (u16, i32);
+
+/// Sends `NETLINK_SOCK_DIAG` queries for the TCP flows from `client`
+/// (ports `ports`) to 127.0.0.1:`PORT`, as the unprivileged user `nobody`,
+/// from a thread in `netns`; returns the answers.
+fn diag_queries_as_nobody(netns: &Netns, client: Ipv4Addr, ports: std::ops::Range<u16>) -> Vec<DiagAnswer> {
+    netns.run(move || {
+        // Only this thread drops root (a raw setresuid; glibc's would
+        // change every thread), and with it every capability.
+        // SAFETY: plain syscalls.
+        assert_eq!(unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) }, 0, "setresuid");
+        let fd =
+            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG) };
+        assert!(fd >= 0, "a netlink socket as nobody: {}", std::io::Error::last_os_error());
+        let answers = ports
+            .map(|port| {
+                let mut req = [0u8; 72];
+                req[0..4].copy_from_slice(&72u32.to_ne_bytes());
+                req[4..6].copy_from_slice(&20u16.to_ne_bytes()); // SOCK_DIAG_BY_FAMILY
+                req[6..8].copy_from_slice(&1u16.to_ne_bytes()); // NLM_F_REQUEST
+                req[16] = libc::AF_INET as u8;
+                req[17] = libc::IPPROTO_TCP as u8;
+                req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
+                req[24..26].copy_from_slice(&PORT.to_be_bytes()); // source: the server's end
+                req[26..28].copy_from_slice(&port.to_be_bytes()); // destination: the client's
+                req[28..32].copy_from_slice(&Ipv4Addr::LOCALHOST.octets());
+                req[44..48].copy_from_slice(&client.octets());
+                req[64..72].copy_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+                // SAFETY: a buffer of the stated length; the kernel address is zeroed.
+                let sent = unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) };
+                assert_eq!(sent, req.len() as isize, "send: {}", std::io::Error::last_os_error());
+                let mut reply = [0u8; 1024];
+                // SAFETY: as above.
+                let n = unsafe { libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0) };
+                assert!(n >= 20, "recv: {}", std::io::Error::last_os_error());
+                let kind = u16::from_ne_bytes([reply[4], reply[5]]);
+                let error = if kind == 2 { i32::from_ne_bytes(reply[16..20].try_into().unwrap()) } else { 0 };
+                (kind, error)
+            })
+            .collect();
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+        answers
+    })
+}
+
+/// A local user who is not root asks the kernel about flows to the guarded
+/// port (`NETLINK_SOCK_DIAG`, one socket at a time): each query that finds
+/// no connection runs the lookup program, with no packet. Those lookups
+/// take no slot, refuse nothing, count nothing, and answer alike whether
+/// the client is at its limit or holds nothing. Figures held to: 2,000
+/// queries about a client at its limit add 0 refusals; its answers equal
+/// those about an idle client; an honest client at limit 1 connects 100 of
+/// 100 times while 4 threads query its address (8 to 13 of 20 failed
+/// before the queries were told from packets).
+#[test]
+fn socket_diagnostics_queries_take_no_slot_and_reveal_nothing() {
+    require_kernel!();
+    let s = Setup::new(Config::new(1));
+    if !s.limiter.tells_diagnostics_apart() {
+        // The README's threat model: this kernel offers neither kprobes nor
+        // fentry on `inet_diag_cmd_exact`; `status` says so. The guest
+        // kernels of `cargo xtask kernels` (Debian's) run the rest.
+        let row = s.limiter.name().to_owned();
+        eprintln!("{row}: this kernel cannot tell socket-diagnostics lookups from packets; checked in guests");
+        return;
+    }
+    let at_limit = v4(client_v4(1));
+    let _held = s.hello(IpAddr::V4(at_limit)).unwrap();
+    s.wait_open(IpAddr::V4(at_limit), 1);
+    let before = s.limiter.stats().unwrap();
+
+    let full = diag_queries_as_nobody(&s.netns, at_limit, 30_000..32_000);
+    let idle = diag_queries_as_nobody(&s.netns, v4(client_v4(2)), 30_000..32_000);
+    assert!(
+        full == idle,
+        "the answers tell a client at its limit from one holding nothing: {:?} and {:?}",
+        full[0],
+        idle[0]
+    );
+    assert_eq!(s.limiter.stats().unwrap(), before, "queries changed the counters");
+    assert_eq!(s.open(IpAddr::V4(at_limit)), 1);
+    assert!(s.limiter.clients().unwrap().iter().all(|c| c.refused == 0), "{:?}", s.limiter.clients().unwrap());
+
+    // An honest client at limit 1, connecting and closing, while its
+    // address is queried from 4 threads.
+    let honest = client_v4(3);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let served = thread::scope(|scope| {
+        for t in 0..4u16 {
+            let (netns, stop) = (&s.netns, &stop);
+            scope.spawn(move || {
+                let mut port = 20_000 + t * 5_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    diag_queries_as_nobody(netns, v4(honest), port..port + 200);
+                    port = if port > 20_000 + t * 5_000 + 4_000 { 20_000 + t * 5_000 } else { port + 200 };
+                }
+            });
+        }
+        let served = (0..100)
+            .filter(|_| {
+                let ok = s.hello(honest).is_ok();
+                s.wait_open(honest, 0);
+                ok
+            })
+            .count();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        served
+    });
+    assert_eq!(served, 100, "honest connects served while its address was queried");
 }

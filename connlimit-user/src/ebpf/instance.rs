@@ -24,6 +24,8 @@ use super::{
 
 /// Pin names of the links of a persisted instance.
 pub(crate) const LINK_PINS: [&str; 2] = ["link_lookup", "link_sock_ops"];
+/// Pin name of the link of the `connlimit_diag` kprobe, when attached.
+pub(crate) const DIAG_LINK_PIN: &str = "link_diag";
 /// Where the sock_ops program itself is pinned: an owner attaches it to a
 /// guarded cgroup made again (`follow`), and opening a pin takes only
 /// access to the file, where opening a program by id takes CAP_SYS_ADMIN,
@@ -272,6 +274,7 @@ impl Instance {
 pub(crate) fn linked_programs(dir: &OwnedFd) -> Vec<u32> {
     LINK_PINS
         .iter()
+        .chain([&DIAG_LINK_PIN])
         .filter_map(|pin| PinnedLink::from_pin(fd_path(dir.as_fd(), pin)).ok())
         .filter_map(|link| FdLink::from(link).info().ok().map(|info| info.program_id()))
         .collect()

@@ -209,6 +209,15 @@ impl EbpfLimiter {
         self.instance().enforcing().ok().flatten() != Some(false)
     }
 
+    /// Whether the lookups that local socket-diagnostics queries make (no
+    /// packet) are told from packets, so that they take no slot, refuse
+    /// nothing and reveal nothing: the kernel lets connlimit hook
+    /// `inet_diag_cmd_exact` (kprobes, or fentry when it is in the kernel
+    /// image). See the README's threat model.
+    pub fn tells_diagnostics_apart(&self) -> bool {
+        self.instance().info().is_ok_and(|i| i.flags & connlimit_common::maps::INFO_DIAG_PROBE != 0)
+    }
+
     /// Established connections counted under the client key of `peer`.
     pub fn num_open(&self, peer: &impl PeerAddr) -> Result<u32, EbpfError> {
         let ip: IpAddr = peer.peer_ip().map_err(|e| EbpfError::system("reading the peer address", e))?;

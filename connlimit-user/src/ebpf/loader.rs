@@ -7,9 +7,11 @@ use std::{fs::File, time::SystemTime};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, SkLookup, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, FEntry, KProbe, SkLookup, SockOps, links::FdLink},
 };
-use connlimit_common::maps::{INFO_PERSIST, InstanceInfo, KernelConfig, LAYOUT_VERSION, names, programs};
+use connlimit_common::maps::{
+    INFO_DIAG_PROBE, INFO_PERSIST, InstanceInfo, KernelConfig, LAYOUT_VERSION, names, programs,
+};
 
 use super::{
     AttachOptions, EbpfError, Instance, PinRoot, Upkeep, attachments, capabilities, guard, instance,
@@ -97,6 +99,17 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
     let links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
     // Pinned links keep the kernel enforcing if this process crashes.
     let links = pin_links(&staging, links)?;
+    match attach_diag_probe(&mut ebpf, &staging) {
+        Ok(()) => {
+            let info = instance.info()?;
+            instance.set_info(InstanceInfo { flags: info.flags | INFO_DIAG_PROBE, ..info })?;
+        }
+        Err(e) => tracing::warn!(
+            instance = %name, error = %e,
+            "socket-diagnostics lookups are not told from packets: a local user's NETLINK_SOCK_DIAG query can \
+             take a client's slot for a moment and see whether it is at its limit (needs kprobes and CAP_PERFMON)"
+        ),
+    }
     let sock_ops: &mut SockOps = ebpf
         .program_mut(programs::SOCK_OPS)
         .and_then(|p| p.try_into().ok())
@@ -163,6 +176,50 @@ fn pin_links(staging: &pin_root::Staging<'_>, [lookup, sock_ops]: [FdLink; 2]) -
             .map_err(|e| EbpfError::system(format!("pinning link {file}"), e))
     };
     Ok([pin(lookup, instance::LINK_PINS[0])?, pin(sock_ops, instance::LINK_PINS[1])?])
+}
+
+/// Attaches the `connlimit_diag` kprobe to the kernel function every
+/// socket-diagnostics query for one socket passes through, and pins its
+/// link: the lookups such a query makes (no packet, a local process's
+/// 4-tuple) then reserve, refuse and count nothing. The socket-diagnostics
+/// modules are loaded by then (the upkeep has made its first query).
+fn attach_diag_probe(ebpf: &mut Ebpf, staging: &pin_root::Staging<'_>) -> Result<(), EbpfError> {
+    let fail = |e: String| EbpfError::system(format!("hooking {}", programs::DIAG_FUNCTION), e);
+    let link = match kprobe_link(ebpf) {
+        Ok(link) => link,
+        // No kprobes (`CONFIG_KPROBES` off): fentry, where the function is
+        // in the kernel image's BTF (not in a module).
+        Err(kprobe) => fentry_link(ebpf).map_err(|fentry| fail(format!("kprobe: {kprobe}; fentry: {fentry}")))?,
+    };
+    link.pin(staging.pin_path(instance::DIAG_LINK_PIN)).map_err(|e| fail(e.to_string()))?;
+    Ok(())
+}
+
+fn kprobe_link(ebpf: &mut Ebpf) -> Result<FdLink, String> {
+    let probe: &mut KProbe = ebpf
+        .program_mut(programs::DIAG)
+        .ok_or_else(|| format!("no program {}", programs::DIAG))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    probe.load().map_err(|e| e.to_string())?;
+    let id = probe.attach(programs::DIAG_FUNCTION, 0).map_err(|e| e.to_string())?;
+    probe
+        .take_link(id)
+        .map_err(|e| e.to_string())?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| e.to_string())
+}
+
+fn fentry_link(ebpf: &mut Ebpf) -> Result<FdLink, String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+    let probe: &mut FEntry = ebpf
+        .program_mut(programs::DIAG_FENTRY)
+        .ok_or_else(|| format!("no program {}", programs::DIAG_FENTRY))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    probe.load(programs::DIAG_FUNCTION, &btf).map_err(|e| e.to_string())?;
+    let id = probe.attach().map_err(|e| e.to_string())?;
+    Ok(probe.take_link(id).map_err(|e| e.to_string())?.into())
 }
 
 /// Loads and attaches both programs; returns their links (lookup, sock_ops)

@@ -174,7 +174,7 @@ impl Instance {
         instance.set_info(InstanceInfo {
             pid: me.pid,
             owner_start_ticks: me.start_ticks,
-            flags: if options.persist { INFO_PERSIST } else { 0 },
+            flags: (info.flags & !INFO_PERSIST) | if options.persist { INFO_PERSIST } else { 0 },
             ..info
         })?;
         Ok(instance)

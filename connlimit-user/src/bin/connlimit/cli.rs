@@ -177,7 +177,7 @@ pub struct LimitArgs {
     /// Count IPv4 clients per /LEN network (32 = per address)
     #[arg(long, default_value_t = connlimit::DEFAULT_IPV4_PREFIX_LEN, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=32))]
     pub ipv4_prefix_len: u8,
-    /// Count IPv6 clients per /LEN network (64 stops one host dodging the limit with many addresses)
+    /// Count IPv6 clients per /LEN network (64, the default, makes a host one client however many addresses it uses; 128 = per address)
     #[arg(long, default_value_t = connlimit::DEFAULT_IPV6_PREFIX_LEN, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=128))]
     pub ipv6_prefix_len: u8,
     /// Never limit clients in this prefix, e.g. health checkers (repeat for several)

@@ -347,6 +347,9 @@ struct StatusView {
     enforcing: Option<bool>,
     /// Short hash of the kernel object the instance runs (`connlimit --version`).
     object: String,
+    /// Whether the lookups of local socket-diagnostics queries are told
+    /// from packets (the `connlimit_diag` hook is attached).
+    diag_probe: bool,
 }
 
 impl StatusView {
@@ -394,6 +397,7 @@ impl StatusView {
             listener_problems: listener_problems.iter().map(ToString::to_string).collect(),
             enforcing,
             object: hash_hex(info.object_hash),
+            diag_probe: info.flags & connlimit_common::maps::INFO_DIAG_PROBE != 0,
         })
     }
 
@@ -448,6 +452,9 @@ impl StatusView {
         }
         if self.endings_lost > 0 {
             let _ = write!(mode, ", {} endings lost (ring buffer full)", self.endings_lost);
+        }
+        if !self.diag_probe {
+            mode.push_str(", socket-diagnostics lookups not told from packets (no kprobe or fentry here)");
         }
         for problem in &self.listener_problems {
             let _ = write!(mode, "; {problem}");
