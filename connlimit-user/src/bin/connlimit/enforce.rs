@@ -218,6 +218,8 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     let mut command = std::process::Command::new(program);
     command.args(rest);
     cgroup.add_on_exec(&mut command);
+    // The server gets the descriptor limit connlimit was started with.
+    connlimit::ebpf::fds::restore_on_exec(&mut command);
     // Its own process group: a Ctrl-C at the terminal reaches connlimit
     // only, which passes it on once (a server may take a second SIGINT as
     // "quit now").
