@@ -7,8 +7,10 @@
 //! Linux hands out the lowest free descriptor, so a connection accepted as
 //! descriptor `n` means `n` others are open: an endpoint keeps a connection
 //! only while `n + reserve < limit` ([`may_keep`]), and otherwise closes it
-//! at once and pauses accepting ([`AcceptPause`]). Connections therefore
-//! never hold the top [`reserve`] descriptors, whatever else is open.
+//! at once (`/metrics` may keep it in place of an idle one it closes).
+//! Connections therefore do not hold the top [`reserve`] descriptors,
+//! whatever else is open. An accept that fails for want of descriptors or
+//! memory pauses the loop ([`AcceptPause`]), so it never spins.
 
 use std::{
     io,
@@ -120,10 +122,9 @@ pub fn open_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?.count().saturating_sub(1))
 }
 
-/// How long an accept loop pauses: after a failed accept (out of
-/// descriptors or memory: from 100 ms, doubling to 1 s while it lasts;
-/// anything else: 10 ms), or after closing a connection to keep the
-/// [`reserve`] (100 ms). Never zero, so a loop never spins.
+/// How long an accept loop pauses after a failed accept: out of
+/// descriptors or memory, from 100 ms, doubling to 1 s while it lasts;
+/// anything else, 10 ms. Never zero, so a loop never spins.
 #[derive(Debug, Default)]
 pub struct AcceptPause {
     /// Consecutive pauses for want of resources.
@@ -152,11 +153,6 @@ impl AcceptPause {
         }
     }
 
-    /// The pause after closing a connection to keep the reserve.
-    pub fn after_reserve(&mut self) -> Duration {
-        self.starving()
-    }
-
     fn starving(&mut self) -> Duration {
         let pause = Self::FIRST.saturating_mul(1 << self.starved.min(4)).min(Self::MAX);
         self.starved = self.starved.saturating_add(1);
@@ -176,7 +172,7 @@ mod tests {
         assert_eq!(pauses[0], AcceptPause::FIRST);
         assert!(pauses.windows(2).all(|w| w[0] <= w[1]) && pauses[5] == AcceptPause::MAX, "{pauses:?}");
         pause.ok();
-        assert_eq!(pause.after_reserve(), AcceptPause::FIRST);
+        assert_eq!(pause.after_error(&emfile).0, AcceptPause::FIRST);
         let aborted = io::Error::from_raw_os_error(libc::ECONNABORTED);
         assert_eq!(pause.after_error(&aborted), (AcceptPause::OTHER, false));
     }

@@ -13,8 +13,8 @@
 //!   flood of over-limit clients cannot exhaust this process; a connection
 //!   that would use one of the descriptors kept in reserve
 //!   ([`fds::reserve`](super::fds::reserve), shared with `/metrics` and
-//!   every other responder of the process) is reset too, and accepting
-//!   pauses; a failed accept pauses too (never a spin).
+//!   every other responder of the process) is reset at once too; a failed
+//!   accept pauses (never a spin).
 //! - When the owner is gone (a crash), its listeners close, the kernel
 //!   drops them from the sockmap, and refusals fall back to a reset.
 
@@ -203,11 +203,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, responding: Arc<Semaphor
             }
         };
         // Descriptors near the limit are left to the upkeep and the other
-        // endpoints: reset this one and pause.
+        // endpoints: reset this one at once.
         if !super::fds::may_keep(conn.as_raw_fd()) {
             reset(&conn);
-            drop(conn);
-            tokio::time::sleep(pause.after_reserve()).await;
             continue;
         }
         pause.ok();

@@ -11,9 +11,14 @@
 //! is closed to make room (one being answered never is), past the second
 //! the new one is closed at once. A request must arrive within
 //! [`REQUEST_TIMEOUT`] and fit in [`MAX_REQUEST_BYTES`]; the response must
-//! be taken within [`WRITE_TIMEOUT`]. A connection that would use a
-//! descriptor of the process's reserve ([`fds::reserve`]) is closed and
-//! accepting pauses; a failed accept pauses too (never a spin). Scrapes
+//! be taken within [`WRITE_TIMEOUT`]. Connections closed to make room
+//! count until their descriptor is released, so the endpoint never holds
+//! more than [`MAX_HELD`]. A connection that would use a descriptor of the
+//! process's reserve ([`fds::reserve`]) is kept only in place of one that
+//! waits for its request, and is otherwise closed at once; from then until
+//! none has come in the reserve for [`REQUEST_TIMEOUT`], the endpoint
+//! holds no more connections than it held then. A failed accept pauses
+//! (never a spin). Scrapes
 //! arriving together share one walk of the maps: at most one runs at a
 //! time, and each scrape gets one that started after it arrived.
 
@@ -43,8 +48,11 @@ use tokio::{
     task::{AbortHandle, JoinHandle},
 };
 
-/// Connections `/metrics` holds at once.
+/// Connections `/metrics` serves at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Descriptors `/metrics` holds at most: [`MAX_CONNECTIONS`] and those
+/// closed to make room that the runtime has not released yet.
+pub const MAX_HELD: usize = MAX_CONNECTIONS + MAX_CONNECTIONS / 4;
 /// Connections `/metrics` holds at once from one client address.
 pub const MAX_PER_CLIENT: usize = 8;
 /// How long a client has, from its connection, to send its request.
@@ -232,7 +240,17 @@ struct Connection {
     /// Its request has arrived: it is being answered, and is not closed to
     /// make room.
     answering: bool,
+    /// Closed to make room: its task is aborted, and its descriptor is
+    /// released when the runtime drops the task (then its entry goes).
+    closing: bool,
     task: Option<AbortHandle>,
+}
+
+impl Connections {
+    /// Entries being closed to make room.
+    fn closing(&self) -> usize {
+        self.0.values().filter(|c| c.closing).count()
+    }
 }
 
 type Shared = Arc<Mutex<Connections>>;
@@ -284,6 +302,9 @@ async fn accept_loop(listener: TcpListener, renders: Arc<Renders>) {
     let connections = Shared::default();
     let mut pause = fds::AcceptPause::default();
     let mut turned = Turned::default();
+    // Set while connections come in the descriptor reserve: the most the
+    // endpoint holds meanwhile, and when one last came there.
+    let mut tight: Option<(usize, Instant)> = None;
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -296,41 +317,61 @@ async fn accept_loop(listener: TcpListener, renders: Arc<Renders>) {
                 continue;
             }
         };
-        if !fds::may_keep(conn.as_raw_fd()) {
-            // Near the process's limit: leave the rest to the responder and
-            // the upkeep, and accept again later.
-            turned.reserve += 1;
-            turned.warn_now_and_then();
-            drop(conn);
-            tokio::time::sleep(pause.after_reserve()).await;
-            continue;
-        }
+        // Near the process's limit, a connection is kept only in place of
+        // one that waits for its request: the rest is left to the
+        // responder and the upkeep.
         pause.ok();
+        let in_reserve = !fds::may_keep(conn.as_raw_fd());
         let client = connlimit::addr::canonical(peer.ip());
-        let mut table = lock_connections(&connections);
-        if table.0.values().filter(|c| c.client == client).count() >= MAX_PER_CLIENT {
-            turned.per_client += 1;
-            refuse(conn);
-        } else if table.0.len() >= MAX_CONNECTIONS
-            && !evict_oldest_waiting(&mut table).inspect(|_| turned.evicted += 1).is_some()
         {
-            turned.full += 1;
-            refuse(conn);
-        } else {
-            let id = table.1;
-            table.1 += 1;
-            let entry = Entry(connections.clone(), id);
-            let renders = renders.clone();
-            let shared = connections.clone();
-            // Spawned while the table is locked: its entry holds its abort
-            // handle before anything can look for it.
-            let task = tokio::spawn(async move {
-                let _entry = entry;
-                answer(conn, id, &shared, &renders).await;
-            });
-            table.0.insert(id, Connection { client, answering: false, task: Some(task.abort_handle()) });
+            let mut table = lock_connections(&connections);
+            let closing = table.closing();
+            let live = table.0.len() - closing;
+            // Near the process's limit the endpoint holds no more than it
+            // did when it got there (a low descriptor freed later does not
+            // mean there is room), until no connection has come in the
+            // reserve for a request timeout.
+            let now = Instant::now();
+            if in_reserve {
+                let cap = tight.map_or(live, |(cap, _)| cap.min(live));
+                tight = Some((cap, now));
+            } else if tight.is_some_and(|(_, since)| now.duration_since(since) > REQUEST_TIMEOUT) {
+                tight = None;
+            }
+            let cap = tight.map_or(MAX_CONNECTIONS, |(cap, _)| cap.min(MAX_CONNECTIONS));
+            if table.0.values().filter(|c| c.client == client && !c.closing).count() >= MAX_PER_CLIENT {
+                turned.per_client += 1;
+                refuse(conn);
+            } else if table.0.len() >= MAX_HELD
+                || (live >= cap
+                    // When tight, a connection takes the place of one
+                    // waiting for its request only once the last one
+                    // closed for room is gone: the count stays put.
+                    && ((tight.is_some() && closing > 0)
+                        || evict_oldest_waiting(&mut table).inspect(|_| turned.evicted += 1).is_none()))
+            {
+                if tight.is_some() {
+                    turned.reserve += 1;
+                } else {
+                    turned.full += 1;
+                }
+                refuse(conn);
+            } else {
+                let id = table.1;
+                table.1 += 1;
+                let entry = Entry(connections.clone(), id);
+                let renders = renders.clone();
+                let shared = connections.clone();
+                // Spawned while the table is locked: its entry holds its
+                // abort handle before anything can look for it.
+                let task = tokio::spawn(async move {
+                    let _entry = entry;
+                    answer(conn, id, &shared, &renders).await;
+                });
+                let task = Some(task.abort_handle());
+                table.0.insert(id, Connection { client, answering: false, closing: false, task });
+            }
         }
-        drop(table);
         turned.warn_now_and_then();
     }
 }
@@ -338,8 +379,9 @@ async fn accept_loop(listener: TcpListener, renders: Arc<Renders>) {
 /// Closes the connection that has waited longest for its request, if one
 /// is waiting.
 fn evict_oldest_waiting(table: &mut Connections) -> Option<()> {
-    let id = *table.0.iter().find(|(_, c)| !c.answering)?.0;
-    if let Some(task) = table.0.remove(&id).and_then(|c| c.task) {
+    let oldest = table.0.values_mut().find(|c| !c.answering && !c.closing)?;
+    oldest.closing = true;
+    if let Some(task) = &oldest.task {
         task.abort();
     }
     Some(())
