@@ -52,7 +52,7 @@ fn get() -> io::Result<libc::rlimit> {
 /// old soft limit back ([`restore_on_exec`]).
 pub fn raise_limit() -> io::Result<Raised> {
     let limit = get()?;
-    let before = limit.rlim_cur as u64;
+    let before = limit.rlim_cur;
     let mut want = limit.rlim_max;
     // SAFETY: reads the struct we pass.
     let set = |soft: libc::rlim_t| unsafe {
@@ -71,7 +71,7 @@ pub fn raise_limit() -> io::Result<Raised> {
     }
     let now = get()?;
     let _ = ORIGINAL_SOFT.compare_exchange(0, before, Ordering::Relaxed, Ordering::Relaxed);
-    Ok(Raised { before, soft: now.rlim_cur as u64, hard: now.rlim_max as u64 })
+    Ok(Raised { before, soft: now.rlim_cur, hard: now.rlim_max })
 }
 
 /// Makes the program `command` starts run with the soft limit this process
@@ -87,8 +87,8 @@ pub fn restore_on_exec(command: &mut Command) {
     unsafe {
         command.pre_exec(move || {
             let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && (original as libc::rlim_t) < limit.rlim_cur {
-                limit.rlim_cur = original as libc::rlim_t;
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && original < limit.rlim_cur {
+                limit.rlim_cur = original;
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -100,7 +100,7 @@ pub fn restore_on_exec(command: &mut Command) {
 
 /// The soft limit now.
 pub fn limit() -> u64 {
-    get().map(|l| l.rlim_cur as u64).unwrap_or(1024)
+    get().map(|l| l.rlim_cur).unwrap_or(1024)
 }
 
 /// Descriptors the network endpoints leave to the rest of the process

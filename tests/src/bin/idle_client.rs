@@ -70,7 +70,8 @@ fn main() {
                 let mut buf = [0u8; 512];
                 let mut conn: &TcpStream = c;
                 match conn.read(&mut buf) {
-                    Ok(_) => true, // end of file (or a 503 before it)
+                    // End of file, or the 503 connlimit writes before it.
+                    Ok(n) => n == 0 || buf[..n].starts_with(b"HTTP/1.1 503"),
                     Err(e) => e.kind() != ErrorKind::WouldBlock,
                 }
             })

@@ -398,17 +398,20 @@ fn refuse(conn: TcpStream) {
     let _ = conn.try_write(response.as_bytes());
 }
 
+/// The text of /metrics, or why there is none.
+type Rendered = Arc<Result<String, String>>;
+
 /// Walks of the maps, shared by the scrapes that arrive together.
 struct Renders {
     instances: Instances,
     unattached: Unattached,
     /// The latest walk: when it started, and what it gave.
-    latest: tokio::sync::Mutex<Option<(Instant, Arc<Result<String, String>>)>>,
+    latest: tokio::sync::Mutex<Option<(Instant, Rendered)>>,
 }
 
 impl Renders {
     /// The text of /metrics from a walk that started after `arrived`.
-    async fn get(&self, arrived: Instant) -> Arc<Result<String, String>> {
+    async fn get(&self, arrived: Instant) -> Rendered {
         let mut latest = self.latest.lock().await;
         if let Some((started, text)) = latest.as_ref()
             && *started >= arrived
