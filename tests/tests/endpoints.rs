@@ -21,6 +21,8 @@
 //! - an idle connection is closed (the client reads end of file) between
 //!   4.5 s and 5 s + [`SLACK_TIME`] after connecting, a request over 8 KiB
 //!   is answered 431;
+//! - `exec` started with a soft limit of 1,024 and a hard one of 4,096
+//!   runs with 4,096 and starts its server with 1,024;
 //! - the README's metrics table names exactly the metrics served;
 //! - 48 concurrent scrapes of an instance whose client map holds 50,000
 //!   keys all succeed, and take less than 4 times as long as one scrape
@@ -472,4 +474,30 @@ fn concurrent_scrapes_of_large_maps_share_walks() {
     eprintln!("{KEYS} client keys: one scrape {one:?}, {SCRAPES} concurrent scrapes {all:?}, {ok} answered 200");
     assert_eq!(ok, SCRAPES, "{:?}", answers.iter().filter(|a| a.is_err()).collect::<Vec<_>>());
     assert!(all < one * 4 + Duration::from_secs(1), "{SCRAPES} scrapes took {all:?}, one {one:?}");
+}
+
+/// `exec` raises its own descriptor limit to the hard one and starts its
+/// server with the limit it was given.
+#[test]
+fn exec_raises_its_own_descriptor_limit_and_not_its_servers() {
+    require_kernel!();
+    let netns = Netns::new().unwrap();
+    let name = unique("ep-exec");
+    let mut cmd = connlimit_in(&netns, &["exec", "--name", &name, "-p", "8095", "-m", "1", "--", "sh", "-c"]);
+    cmd.arg("echo server soft $(ulimit -Sn) hard $(ulimit -Hn)");
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 1024, rlim_max: 4096 };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (status, log) = Background::spawn(&mut cmd).unwrap().wait();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("server soft 1024 hard 4096"), "{log}");
+    let line = log.lines().find(|l| l.contains("file descriptor limit set")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("soft=4096") && line.contains("was=1024"), "{line}");
 }
