@@ -441,6 +441,103 @@ pub enum Stat {
 impl Stat {
     /// Number of counters in `STATS`.
     pub const COUNT: u32 = 11;
+
+    /// Every statistic, in `STATS` order: what `status`, `top`, their JSON
+    /// and `/metrics` iterate, so none is shown in one and missing from
+    /// another.
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::Accepted,
+        Stat::Refused,
+        Stat::DryRunRefused,
+        Stat::Untracked,
+        Stat::Steered,
+        Stat::Ended,
+        Stat::Unconfirmed,
+        Stat::EndingsLost,
+        Stat::TotalRefused,
+        Stat::Responded,
+        Stat::ResponderMissing,
+    ];
+
+    /// What the statistic is called and means, defined once for every
+    /// place that shows it.
+    pub const fn info(self) -> StatInfo {
+        let (name, metric, help) = match self {
+            Stat::Accepted => ("accepted", "connlimit_accepted", "Connections admitted and counted"),
+            Stat::Refused => (
+                "refused",
+                "connlimit_refused",
+                "Connections refused because their client (or the instance) was at its limit",
+            ),
+            Stat::DryRunRefused => (
+                "dry_run_refused",
+                "connlimit_dry_run_refused",
+                "Connections over the limit that dry-run mode let through",
+            ),
+            Stat::Untracked => {
+                ("untracked", "connlimit_untracked", "Connections admitted uncounted because a kernel map was full")
+            }
+            Stat::Steered => (
+                "steered",
+                "connlimit_steered",
+                "Refusals overridden by another sk_lookup program steering the connection",
+            ),
+            Stat::Ended => (
+                "ended",
+                "connlimit_ended",
+                "Connections ended right after their handshake (over the limit with no live reservation, or not countable with when-full closed)",
+            ),
+            Stat::Unconfirmed => (
+                "unconfirmed",
+                "connlimit_unconfirmed",
+                "Reservations released because no listener of the guarded cgroup took their packet",
+            ),
+            Stat::EndingsLost => (
+                "endings_lost",
+                "connlimit_endings_lost",
+                "Connections to end that user space was not told of because the ENDINGS ring buffer was full",
+            ),
+            Stat::TotalRefused => (
+                "total_refused",
+                "connlimit_total_limit_refused",
+                "Connections refused because the instance was at its total limit (also in refused, ended or dry_run_refused)",
+            ),
+            Stat::Responded => (
+                "responded",
+                "connlimit_responded",
+                "Refused connections answered with HTTP 429 by the responder (also in refused)",
+            ),
+            Stat::ResponderMissing => (
+                "responder_missing",
+                "connlimit_responder_missing",
+                "Refusals reset because no process held the 429 responder",
+            ),
+        };
+        StatInfo { stat: self, name, metric, help, kind: StatKind::Counter }
+    }
+}
+
+/// How a statistic behaves over time (its Prometheus type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatKind {
+    /// Only goes up, from 0 when the instance is attached; the Prometheus
+    /// family is served with the `_total` suffix.
+    Counter,
+}
+
+/// A statistic's names and meaning (see [`Stat::info`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatInfo {
+    /// Which statistic.
+    pub stat: Stat,
+    /// Its field in `status --json`, `top --json` and the library's `Stats`.
+    pub name: &'static str,
+    /// Its Prometheus family, without the `_total` a counter is served with.
+    pub metric: &'static str,
+    /// One line saying what it counts (the metric's HELP).
+    pub help: &'static str,
+    /// Counter or gauge.
+    pub kind: StatKind,
 }
 
 /// The layout of an instance's pinned state (map value layouts and the
@@ -543,6 +640,21 @@ mod tests {
             let (word, bit) = port_bit(port);
             assert!(word < PORT_WORDS && bit.count_ones() == 1);
             assert!(seen.insert((word, bit)));
+        }
+    }
+
+    #[test]
+    fn every_statistic_is_listed_once_in_order_with_distinct_names() {
+        for (i, stat) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*stat as usize, i);
+            let info = stat.info();
+            assert_eq!(info.stat, *stat);
+            assert!(info.metric.starts_with("connlimit_") && !info.metric.ends_with("_total"), "{info:?}");
+            assert!(!info.help.is_empty() && !info.help.contains('\n'));
+            for other in &Stat::ALL[i + 1..] {
+                assert_ne!(info.name, other.info().name);
+                assert_ne!(info.metric, other.info().metric);
+            }
         }
     }
 

@@ -71,6 +71,7 @@ pub use config::{
     Config, ConfigError, DEFAULT_IPV4_PREFIX_LEN, DEFAULT_IPV6_PREFIX_LEN, MAX_CONNS_PER_CLIENT_IP, MAX_CONNS_TOTAL,
     MAX_EXEMPT,
 };
+pub use connlimit_common::maps::{Stat, StatInfo, StatKind};
 #[cfg(all(feature = "ebpf", target_os = "linux"))]
 pub use ebpf::EbpfLimiter;
 pub use error::Error;

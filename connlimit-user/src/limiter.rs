@@ -12,6 +12,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use connlimit_common::maps::Stat;
 
 use crate::{Config, ConfigError, Error, PeerAddr};
 
@@ -107,6 +108,48 @@ pub struct Stats {
     /// Kernel limiter only: refusals that were to get a 429 but got a reset
     /// because no process held the responder.
     pub responder_missing: u64,
+}
+
+impl Stats {
+    /// The figure of statistic `stat` (the table of every statistic, with
+    /// names and meanings, is [`Stat::ALL`] and [`Stat::info`]).
+    pub fn get(&self, stat: Stat) -> u64 {
+        match stat {
+            Stat::Accepted => self.accepted,
+            Stat::Refused => self.refused,
+            Stat::DryRunRefused => self.dry_run_refused,
+            Stat::Untracked => self.untracked,
+            Stat::Steered => self.steered,
+            Stat::Ended => self.ended,
+            Stat::Unconfirmed => self.unconfirmed,
+            Stat::EndingsLost => self.endings_lost,
+            Stat::TotalRefused => self.total_refused,
+            Stat::Responded => self.responded,
+            Stat::ResponderMissing => self.responder_missing,
+        }
+    }
+
+    /// Sets the figure of statistic `stat`.
+    pub fn set(&mut self, stat: Stat, value: u64) {
+        *match stat {
+            Stat::Accepted => &mut self.accepted,
+            Stat::Refused => &mut self.refused,
+            Stat::DryRunRefused => &mut self.dry_run_refused,
+            Stat::Untracked => &mut self.untracked,
+            Stat::Steered => &mut self.steered,
+            Stat::Ended => &mut self.ended,
+            Stat::Unconfirmed => &mut self.unconfirmed,
+            Stat::EndingsLost => &mut self.endings_lost,
+            Stat::TotalRefused => &mut self.total_refused,
+            Stat::Responded => &mut self.responded,
+            Stat::ResponderMissing => &mut self.responder_missing,
+        } = value;
+    }
+
+    /// Every statistic with its field name, in [`Stat::ALL`]'s order.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Stat::ALL.into_iter().map(|stat| (stat.info().name, self.get(stat)))
+    }
 }
 
 impl Limiter {

@@ -133,9 +133,9 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     assert!(running(&b), "{}", serve.log());
     let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
     for name in [&a, &b] {
-        assert!(text.contains(&format!("connlimit_accepted_total{{instance=\"{name}\"}}")), "{text}");
+        assert!(text.contains(&format!("connlimit_accepted_total{{connlimit_instance=\"{name}\"}}")), "{text}");
     }
-    assert!(text.contains(&format!("connlimit_max_conns_per_client{{instance=\"{a}\"}} 2\n")), "{text}");
+    assert!(text.contains(&format!("connlimit_max_conns_per_client{{connlimit_instance=\"{a}\"}} 2\n")), "{text}");
     let second = netns.hello_from(me, port_a).unwrap();
     assert_eq!(netns.hello_from(me, port_a).unwrap_err().kind(), ErrorKind::ConnectionRefused);
     let _b1 = netns.hello_from(me, port_b).unwrap();
@@ -175,7 +175,7 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
     assert!(!running(&b), "{}", serve.log());
     let _b2 = netns.hello_from(me, port_b).unwrap();
     let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
-    assert!(!text.contains(&format!("instance=\"{b}\"")), "{text}");
+    assert!(!text.contains(&format!("connlimit_instance=\"{b}\"")), "{text}");
 
     // SIGTERM: STOPPING=1, everything detached, exit 0.
     let (status, log) = serve.stop();
@@ -344,7 +344,7 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
 
     let (status, text) = http_get(&netns, metrics, "/metrics").unwrap();
     assert!(status.contains("200"), "{status}");
-    let label = format!("{{instance=\"{name}\"}}");
+    let label = format!("{{connlimit_instance=\"{name}\"}}");
     for (metric, value) in [
         ("connlimit_refused_total", "3"),
         ("connlimit_accepted_total", "1"),
@@ -357,7 +357,10 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
         let sample = format!("{metric}{label} {value}\n");
         assert!(text.contains(&sample), "no {sample:?} in:\n{text}");
     }
-    assert!(text.contains(&format!("connlimit_map_fill_ratio{{instance=\"{name}\",map=\"clients\"}} ")), "{text}");
+    assert!(
+        text.contains(&format!("connlimit_map_fill_ratio{{connlimit_instance=\"{name}\",map=\"clients\"}} ")),
+        "{text}"
+    );
     assert!(!text.contains("127.1."), "no client address may be a label:\n{text}");
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
@@ -394,10 +397,10 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
     std::fs::write(
         &config,
         format!(
-            // honor_labels: connlimit's `instance` label (the connlimit
-            // instance) wins over the target's (host:port).
+            // No honor_labels: connlimit's label (`connlimit_instance`)
+            // leaves Prometheus's `instance` (the target) alone.
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: connlimit\n    \
-             honor_labels: true\n    static_configs:\n      - targets: ['{metrics}']\n"
+             static_configs:\n      - targets: ['{metrics}']\n"
         ),
     )
     .unwrap();
@@ -408,7 +411,10 @@ fn prometheus_scrapes_the_refusals_and_promtool_accepts_the_metrics() {
         .stdin(Stdio::null());
     netns.enter_on_exec(&mut cmd);
     let prometheus = Background::spawn(&mut cmd).unwrap();
-    let query = format!("/api/v1/query?query=connlimit_refused_total%7Binstance%3D%22{name}%22%7D");
+    // Both labels are kept: the connlimit instance's and the target's.
+    let query = format!(
+        "/api/v1/query?query=connlimit_refused_total%7Bconnlimit_instance%3D%22{name}%22%2Cinstance%3D%22{metrics}%22%7D"
+    );
     let mut last = String::new();
     let scraped = eventually(Duration::from_secs(60), || {
         let Ok((_, body)) = http_get(&netns, prometheus_addr, &query) else { return false };
@@ -695,7 +701,15 @@ fn the_daemonset_mounts_bpffs_and_cgroup2_with_capabilities_not_privileged() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(toml.contains(&format!(":{port}\"")), "metrics_listen on the annotated port {port}");
+    // /metrics is bound to the node's internal IP from the downward API,
+    // on the annotated port, never to every address.
+    let listen = args.iter().position(|a| *a == "--metrics-listen").map(|i| args[i + 1]).expect("--metrics-listen");
+    assert_eq!(listen, format!("$(NODE_IP):{port}"));
+    let env = c["env"].as_sequence().expect("env");
+    let node_ip = env.iter().find(|e| e["name"] == "NODE_IP").expect("NODE_IP in env");
+    assert_eq!(node_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP");
+    assert!(!toml.contains("metrics_listen = \"0.0.0.0") && !toml.contains("[::]"), "{toml}");
+    assert!(!text.contains("0.0.0.0:"), "nothing listens on every address");
 }
 
 /// Waits for the next notification holding `want`, skipping others (a
@@ -750,8 +764,8 @@ fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload(
     assert_eq!(netns.hello_from(me, good_addr).unwrap_err().kind(), ErrorKind::ConnectionRefused);
     assert!(serve.log().contains("start the service it belongs to"), "{}", serve.log());
     let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
-    assert!(text.contains(&format!("connlimit_enforcing{{instance=\"{a}\"}} 1\n")), "{text}");
-    assert!(text.contains(&format!("connlimit_enforcing{{instance=\"{b}\"}} 0\n")), "{text}");
+    assert!(text.contains(&format!("connlimit_enforcing{{connlimit_instance=\"{a}\"}} 1\n")), "{text}");
+    assert!(text.contains(&format!("connlimit_enforcing{{connlimit_instance=\"{b}\"}} 0\n")), "{text}");
 
     // The missing target appears (a unit that starts after connlimit): it
     // is attached by itself, and now READY=1.
@@ -799,7 +813,7 @@ fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload(
     assert!(gone.contains(&format!("not enforcing: {b} (the guarded cgroup is gone")), "{gone:?}");
     assert!(!gone.contains("READY=1"), "{gone:?}");
     let (_, text) = http_get(&netns, metrics, "/metrics").unwrap();
-    assert!(text.contains(&format!("connlimit_enforcing{{instance=\"{b}\"}} 0\n")), "{text}");
+    assert!(text.contains(&format!("connlimit_enforcing{{connlimit_instance=\"{b}\"}} 0\n")), "{text}");
     let late_cgroup = TestCgroup::create(&late_name).unwrap();
     let appeared = Instant::now();
     let ready = next_with(&notify, "READY=1");

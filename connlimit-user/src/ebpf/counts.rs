@@ -130,19 +130,11 @@ impl Instance {
             let per_cpu = self.stats.get(&(stat as u32), 0).map_err(sys("reading the stats map"))?;
             Ok(per_cpu.iter().sum())
         };
-        Ok(Stats {
-            accepted: total(Stat::Accepted)?,
-            refused: total(Stat::Refused)?,
-            dry_run_refused: total(Stat::DryRunRefused)?,
-            untracked: total(Stat::Untracked)?,
-            steered: total(Stat::Steered)?,
-            ended: total(Stat::Ended)?,
-            unconfirmed: total(Stat::Unconfirmed)?,
-            endings_lost: total(Stat::EndingsLost)?,
-            total_refused: total(Stat::TotalRefused)?,
-            responded: total(Stat::Responded)?,
-            responder_missing: total(Stat::ResponderMissing)?,
-        })
+        let mut stats = Stats::default();
+        for stat in Stat::ALL {
+            stats.set(stat, total(stat)?);
+        }
+        Ok(stats)
     }
 
     /// Established connections the instance counts now, across all clients

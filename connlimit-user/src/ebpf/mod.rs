@@ -52,6 +52,7 @@ pub mod cgroup;
 pub mod clock;
 mod counts;
 mod error;
+pub mod fds;
 mod follow;
 mod guard;
 mod instance;

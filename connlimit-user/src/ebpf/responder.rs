@@ -12,7 +12,11 @@
 //!   cgroup (as a DaemonSet guarding `kubepods.slice` does).
 //! - Bounded: past [`MAX_RESPONDING`] connections at once, more are reset
 //!   at once, and the accept queues hold at most [`BACKLOG`] each, so a
-//!   flood of over-limit clients cannot exhaust this process.
+//!   flood of over-limit clients cannot exhaust this process; a connection
+//!   that would use one of the descriptors kept in reserve
+//!   ([`fds::reserve`](super::fds::reserve), shared with `/metrics` and
+//!   every other responder of the process) is reset at once too; a failed
+//!   accept pauses (never a spin).
 //! - When the owner is gone (a crash), its listeners close, the kernel
 //!   drops them from the sockmap, and refusals fall back to a reset.
 
@@ -223,12 +227,28 @@ async fn serve(v4: std::net::TcpListener, v6: Option<std::net::TcpListener>, mut
 }
 
 async fn accept_loop(listener: tokio::net::TcpListener, responding: Arc<Semaphore>) {
+    let mut pause = super::fds::AcceptPause::default();
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            // Out of file descriptors or memory: let the backlog absorb it.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            // Out of descriptors or memory: let the backlog absorb it,
+            // accepting again after a pause (never a spin).
+            Err(e) => {
+                let (wait, starved) = pause.after_error(&e);
+                if starved {
+                    tracing::debug!(error = %e, "429 responder: cannot accept; pausing");
+                }
+                tokio::time::sleep(wait).await;
+                continue;
+            }
         };
+        // Descriptors near the limit are left to the upkeep and the other
+        // endpoints: reset this one at once.
+        if !super::fds::may_keep(conn.as_raw_fd()) {
+            reset(&conn);
+            continue;
+        }
+        pause.ok();
         match responding.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
@@ -237,14 +257,17 @@ async fn accept_loop(listener: tokio::net::TcpListener, responding: Arc<Semaphor
                 });
             }
             // Too many at once: reset this one now.
-            Err(_) => {
-                // A zero linger resets on drop without blocking (tokio's
-                // warning is about a non-zero linger).
-                #[allow(deprecated)]
-                let _ = conn.set_linger(Some(Duration::ZERO));
-            }
+            Err(_) => reset(&conn),
         }
     }
+}
+
+/// Makes dropping `conn` reset it.
+fn reset(conn: &tokio::net::TcpStream) {
+    // A zero linger resets on drop without blocking (tokio's warning is
+    // about a non-zero linger).
+    #[allow(deprecated)]
+    let _ = conn.set_linger(Some(Duration::ZERO));
 }
 
 #[cfg(test)]

@@ -267,7 +267,8 @@ fn port(s: &str) -> Result<u16, String> {
 /// What a long-running `run`, `exec` or `serve` reports besides enforcing.
 #[derive(Args, Debug, Clone)]
 pub struct ReportArgs {
-    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100 (no authentication: use
+    /// loopback or an internal address; at most 64 connections, 8 per client)
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds between refusal log lines (one per refused client); 0 = off
@@ -283,7 +284,8 @@ pub struct ServeArgs {
     /// The service file (TOML) listing the instances to run
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: PathBuf,
-    /// Serve Prometheus metrics at http://ADDR/metrics (overrides metrics_listen in the file)
+    /// Serve Prometheus metrics at http://ADDR/metrics (overrides metrics_listen in the file; use
+    /// loopback or an internal address)
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 }

@@ -193,6 +193,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut reports = Reports::start(&runtime, &args.report)?;
     let enforcement = Enforcement::start(&args.limits.plan(args.persist), &cgroup, &netns)?;
     reports.watch(&args.limits.name.name);
+    crate::log_fd_limit();
     tracing::info!("enforcing; stop with Ctrl-C, SIGTERM or SIGHUP");
     notify::send("READY=1");
     let signal = runtime.block_on(signals.next());
@@ -213,11 +214,14 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
     let enforcement = Enforcement::start(&limits.plan(false), cgroup.path(), Path::new(netns::OWN_NETNS))?;
     reports.watch(&limits.name.name);
+    crate::log_fd_limit();
 
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut command = std::process::Command::new(program);
     command.args(rest);
     cgroup.add_on_exec(&mut command);
+    // The server gets the descriptor limit connlimit was started with.
+    connlimit::ebpf::fds::restore_on_exec(&mut command);
     // Its own process group: a Ctrl-C at the terminal reaches connlimit
     // only, which passes it on once (a server may take a second SIGINT as
     // "quit now").

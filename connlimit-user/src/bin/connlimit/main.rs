@@ -45,6 +45,9 @@ fn main() -> ExitCode {
         // One JSON object per line, the event's fields at the top level.
         LogFormat::Json => logger.json().flatten_event(true).with_current_span(false).init(),
     }
+    if matches!(cli.command, Command::Run(_) | Command::Exec(_) | Command::Serve(_)) {
+        raise_fd_limit();
+    }
     let result = match cli.command {
         Command::Run(args) => enforce::run(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => enforce::exec(args),
@@ -70,4 +73,33 @@ fn main() -> ExitCode {
 fn end_quietly_on_a_closed_pipe() {
     // SAFETY: restoring a signal's default action, before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
+/// What raising the descriptor limit gave, logged once enforcing starts
+/// (an error before then stays the one line of output).
+static FD_LIMIT: std::sync::OnceLock<std::io::Result<connlimit::ebpf::fds::Raised>> = std::sync::OnceLock::new();
+
+/// Raises the descriptor limit of a process that enforces (it holds the
+/// instances' maps and links, the 429 responder's connections and the
+/// metrics endpoint's) to the hard limit. The network endpoints keep a
+/// reserve of it free (`connlimit::ebpf::fds`).
+fn raise_fd_limit() {
+    let _ = FD_LIMIT.set(connlimit::ebpf::fds::raise_limit());
+}
+
+/// Says what [`raise_fd_limit`] got, once.
+pub(crate) fn log_fd_limit() {
+    use connlimit::ebpf::fds;
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| match FD_LIMIT.get() {
+        Some(Ok(r)) => tracing::info!(
+            soft = r.soft,
+            hard = r.hard,
+            was = r.before,
+            reserve = fds::reserve(r.soft),
+            "file descriptor limit set; the network endpoints leave the reserve free"
+        ),
+        Some(Err(e)) => tracing::warn!(error = %e, limit = fds::limit(), "cannot raise the file descriptor limit"),
+        None => {}
+    });
 }

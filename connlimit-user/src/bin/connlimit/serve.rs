@@ -61,6 +61,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             args.config.display()
         );
     }
+    crate::log_fd_limit();
     tracing::info!(
         instances = service.running.len(),
         file = %args.config.display(),

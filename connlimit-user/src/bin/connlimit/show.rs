@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Result;
 use connlimit::{
-    Config,
+    Config, Stat, Stats,
     ebpf::{ClientCount, Instance, Ownership, PinRoot, RefuseWith, hash_hex, listeners, netns},
 };
 use serde::Serialize;
@@ -178,9 +178,25 @@ struct TopTotals {
     /// `--sort refused`) with refusals on record.
     clients: usize,
     open: u32,
-    accepted: u64,
-    refused: u64,
-    dry_run_refused: u64,
+    /// Every statistic since attach (`Stat::ALL`), under its field name.
+    #[serde(flatten)]
+    stats: StatFields,
+}
+
+/// Every statistic, serialized as one field each, named and ordered by the
+/// table in `connlimit-common` (`Stat::ALL`), so `status --json`, `top
+/// --json` and `/metrics` show the same set.
+struct StatFields(Stats);
+
+impl Serialize for StatFields {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(Stat::ALL.len()))?;
+        for (name, value) in self.0.named() {
+            map.serialize_entry(name, &value)?;
+        }
+        map.end()
+    }
 }
 
 impl TopView {
@@ -231,9 +247,7 @@ impl TopView {
             totals: TopTotals {
                 clients: clients.len(),
                 open: clients.iter().map(|c| c.open).sum(),
-                accepted: stats.accepted,
-                refused: stats.refused,
-                dry_run_refused: stats.dry_run_refused,
+                stats: StatFields(stats),
             },
             ports: ports.to_owned(),
             config,
@@ -264,9 +278,13 @@ impl TopView {
             "{} clients, {} open · since attach: {} accepted, {} refused{}",
             t.clients,
             t.open,
-            t.accepted,
-            t.refused,
-            if self.config.dry_run { format!(", {} dry-run refusals", t.dry_run_refused) } else { String::new() }
+            t.stats.0.accepted,
+            t.stats.0.refused,
+            if self.config.dry_run {
+                format!(", {} dry-run refusals", t.stats.0.dry_run_refused)
+            } else {
+                String::new()
+            }
         )?;
         Ok(out)
     }
@@ -316,14 +334,8 @@ struct StatusView {
     max_conns_total: u32,
     /// Established connections across all clients.
     total_open: u64,
-    /// Refusals because the total limit was reached.
-    total_refused: u64,
     /// `reset` or `http-429`.
     refuse_with: String,
-    /// Refusals answered with HTTP 429.
-    responded: u64,
-    /// Refusals that were to get a 429 but got a reset (no responder).
-    responder_missing: u64,
     dry_run: bool,
     persistent: bool,
     /// "running", "exited" (orphaned) or "none".
@@ -331,14 +343,9 @@ struct StatusView {
     pid: u32,
     started_unix_secs: u64,
     open: u32,
-    accepted: u64,
-    refused: u64,
-    dry_run_refused: u64,
-    steered: u64,
-    untracked: u64,
-    ended: u64,
-    unconfirmed: u64,
-    endings_lost: u64,
+    /// Every statistic (`Stat::ALL`), under its field name.
+    #[serde(flatten)]
+    stats: StatFields,
     /// Problems with the guarded ports' listeners (checked when the
     /// instance guards this process's network namespace).
     listener_problems: Vec<String>,
@@ -376,24 +383,14 @@ impl StatusView {
             max_conns_per_client_ip: config.max_conns_per_client_ip,
             max_conns_total: config.max_conns_total,
             total_open: instance.total_open()?,
-            total_refused: stats.total_refused,
             refuse_with: instance.refuse_with()?.to_string(),
-            responded: stats.responded,
-            responder_missing: stats.responder_missing,
             dry_run: config.dry_run,
             persistent: instance.is_persistent(),
             owner,
             pid: info.pid,
             started_unix_secs: info.started_unix_secs,
             open: instance.clients()?.iter().map(|c| c.open).sum(),
-            accepted: stats.accepted,
-            refused: stats.refused,
-            dry_run_refused: stats.dry_run_refused,
-            steered: stats.steered,
-            untracked: stats.untracked,
-            ended: stats.ended,
-            unconfirmed: stats.unconfirmed,
-            endings_lost: stats.endings_lost,
+            stats: StatFields(stats),
             listener_problems: listener_problems.iter().map(ToString::to_string).collect(),
             enforcing,
             object: hash_hex(info.object_hash),
@@ -425,33 +422,33 @@ impl StatusView {
         }
         if self.max_conns_total > 0 {
             let _ = write!(mode, ", total {}/{} open", self.total_open, self.max_conns_total);
-            if self.total_refused > 0 {
-                let _ = write!(mode, " ({} refused at the total)", self.total_refused);
+            if self.stats.0.total_refused > 0 {
+                let _ = write!(mode, " ({} refused at the total)", self.stats.0.total_refused);
             }
         }
         if self.refuse_with == RefuseWith::Http429.to_string() {
             if self.owner == "running" {
-                let _ = write!(mode, ", refusing with HTTP 429 ({} answered)", self.responded);
+                let _ = write!(mode, ", refusing with HTTP 429 ({} answered)", self.stats.0.responded);
             } else {
                 // Its listeners died with their owner: the kernel resets.
                 mode.push_str(", 429 responder down: refusing with a reset");
             }
-            if self.responder_missing > 0 {
-                let _ = write!(mode, ", {} refusals reset for want of a responder", self.responder_missing);
+            if self.stats.0.responder_missing > 0 {
+                let _ = write!(mode, ", {} refusals reset for want of a responder", self.stats.0.responder_missing);
             }
         }
         // Signs of trouble, each explained in the README.
-        if self.steered > 0 {
-            let _ = write!(mode, ", {} refusals overridden by another sk_lookup program", self.steered);
+        if self.stats.0.steered > 0 {
+            let _ = write!(mode, ", {} refusals overridden by another sk_lookup program", self.stats.0.steered);
         }
-        if self.untracked > 0 {
-            let _ = write!(mode, ", {} connections untracked (maps full)", self.untracked);
+        if self.stats.0.untracked > 0 {
+            let _ = write!(mode, ", {} connections untracked (maps full)", self.stats.0.untracked);
         }
-        if self.ended > 0 {
-            let _ = write!(mode, ", {} connections ended after their handshake", self.ended);
+        if self.stats.0.ended > 0 {
+            let _ = write!(mode, ", {} connections ended after their handshake", self.stats.0.ended);
         }
-        if self.endings_lost > 0 {
-            let _ = write!(mode, ", {} endings lost (ring buffer full)", self.endings_lost);
+        if self.stats.0.endings_lost > 0 {
+            let _ = write!(mode, ", {} endings lost (ring buffer full)", self.stats.0.endings_lost);
         }
         if !self.diag_probe {
             mode.push_str(", socket-diagnostics lookups not told from packets (no kprobe or fentry here)");
@@ -494,8 +491,8 @@ pub fn status(json: bool) -> Result<()> {
             ports,
             r.max_conns_per_client_ip,
             r.open,
-            r.accepted,
-            r.refused,
+            r.stats.0.accepted,
+            r.stats.0.refused,
             if r.pid == 0 { "-".to_owned() } else { r.pid.to_string() },
             utc(r.started_unix_secs),
             r.object,
@@ -525,7 +522,9 @@ mod tests {
     use connlimit::Config;
     use serde_json::{Value, json};
 
-    use super::{ClientRow, ConfigView, TopTotals, TopView};
+    use connlimit::{Stat, Stats};
+
+    use super::{ClientRow, ConfigView, StatFields, TopTotals, TopView};
 
     /// The names of an object's fields, sorted.
     fn keys(value: &Value) -> Vec<&str> {
@@ -589,19 +588,86 @@ mod tests {
             instance: "api".into(),
             max_conns_per_client_ip: 2,
             clients: vec![row(None), row(Some(None)), row(Some(Some(1.5)))],
-            totals: TopTotals { clients: 4, open: 6, accepted: 6, refused: 3, dry_run_refused: 0 },
+            totals: TopTotals {
+                clients: 4,
+                open: 6,
+                stats: StatFields(Stats { accepted: 6, refused: 3, ..Stats::default() }),
+            },
             ports: "8080".into(),
             config: Config::new(2),
             by_refused: false,
         };
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(keys(&json), ["clients", "instance", "max_conns_per_client_ip", "totals"]);
-        assert_eq!(keys(&json["totals"]), ["accepted", "clients", "dry_run_refused", "open", "refused"]);
+        // Every statistic of the table, plus the clients listed and open.
+        let mut totals: Vec<&str> = Stat::ALL.iter().map(|s| s.info().name).chain(["clients", "open"]).collect();
+        totals.sort_unstable();
+        assert_eq!(keys(&json["totals"]), totals);
+        for old in ["accepted", "dry_run_refused", "refused"] {
+            assert!(totals.contains(&old), "{old} kept");
+        }
+        assert_eq!((&json["totals"]["accepted"], &json["totals"]["refused"]), (&json!(6), &json!(3)));
         let clients = json["clients"].as_array().unwrap();
         assert_eq!(keys(&clients[0]), ["accepted", "client", "open", "refused", "reserved"]);
         assert_eq!(clients[1]["last_refused_secs_ago"], Value::Null);
         assert_eq!(clients[2]["last_refused_secs_ago"], 1.5);
         assert!(view.table().unwrap().contains("… 1 more (--rows)"));
+    }
+
+    #[test]
+    fn status_json_keeps_its_fields_and_has_every_statistic() {
+        let view = super::StatusView {
+            name: "api".into(),
+            ports: vec![8080],
+            max_conns_per_client_ip: 10,
+            max_conns_total: 0,
+            total_open: 1,
+            refuse_with: "reset".into(),
+            dry_run: false,
+            persistent: false,
+            owner: "running",
+            pid: 1,
+            started_unix_secs: 0,
+            open: 1,
+            stats: StatFields(Stats { ended: 4, endings_lost: 5, ..Stats::default() }),
+            listener_problems: Vec::new(),
+            enforcing: Some(true),
+            object: "0011223344556677".into(),
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        let mut want = vec![
+            "accepted",
+            "dry_run",
+            "dry_run_refused",
+            "enforcing",
+            "ended",
+            "endings_lost",
+            "listener_problems",
+            "max_conns_per_client_ip",
+            "max_conns_total",
+            "name",
+            "object",
+            "open",
+            "owner",
+            "persistent",
+            "pid",
+            "ports",
+            "refuse_with",
+            "refused",
+            "responded",
+            "responder_missing",
+            "started_unix_secs",
+            "steered",
+            "total_open",
+            "total_refused",
+            "unconfirmed",
+            "untracked",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys(&json), want);
+        assert!(Stat::ALL.iter().all(|s| json.get(s.info().name).is_some()));
+        assert_eq!((&json["ended"], &json["endings_lost"]), (&json!(4), &json!(5)));
+        assert!(view.mode().contains("4 connections ended after their handshake"), "{}", view.mode());
     }
 
     #[test]
