@@ -80,10 +80,43 @@ fn operator_walkthrough_exec_set_top_status_detach() {
     assert_eq!((row["open"].as_u64(), row["refused"].as_u64()), (Some(2), Some(1)));
     assert_eq!(top["max_conns_per_client_ip"], 2);
 
-    // Raise the limit live.
+    // Raise the limit live; `set` says what changed, old -> new, and only that.
     let out =
         connlimit(&netns, &["set", "--name", &name, "--max-conns-per-client-ip", "3", "--exempt", "127.1.5.0/24"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{name}: max conns per client IP: 2 -> 3\n{name}: exempt: none -> 127.1.5.0/24\n")
+    );
+    // Dry run is a switch for `set` as for `run`, with --no-dry-run to
+    // leave it; `--dry-run true|false` still works.
+    let set = |args: &[&str]| {
+        let out = connlimit(&netns, &[&["set", "--name", &name], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(set(&["--dry-run"]), format!("{name}: dry run: off -> on\n"));
+    assert_eq!(
+        set(&["--dry-run", "true"]),
+        format!("{name}: nothing changed (every field given already had that value)\n")
+    );
+    assert_eq!(set(&["--no-dry-run"]), format!("{name}: dry run: on -> off\n"));
+    assert_eq!(
+        set(&["--dry-run", "false"]),
+        format!("{name}: nothing changed (every field given already had that value)\n")
+    );
+    // Ports are shown in what changed, as in `config`.
+    assert_eq!(set(&["--port", "8080", "--port", "8090"]), format!("{name}: ports: 8080 -> 8080, 8090\n"));
+    assert_eq!(set(&["--port", "8080"]), format!("{name}: ports: 8080, 8090 -> 8080\n"));
+    // A network limit of 0 is an exempt prefix: --exempt replaces it, and says so.
+    assert_eq!(
+        set(&["--network-limit", "127.1.6.0/24=0"]),
+        format!("{name}: exempt: 127.1.5.0/24 -> 127.1.5.0/24, 127.1.6.0/24\n")
+    );
+    assert_eq!(
+        set(&["--exempt", "127.1.5.0/24"]),
+        format!("{name}: exempt: 127.1.5.0/24, 127.1.6.0/24 -> 127.1.5.0/24\n")
+    );
     let _c = netns.hello_from(me, server).unwrap();
     let config = ok_json(&netns, &["config", "--name", &name, "--json"]);
     assert_eq!(config["max_conns_per_client_ip"], 3);
@@ -120,9 +153,12 @@ fn operator_walkthrough_exec_set_top_status_detach() {
     assert!(!running("second"));
     assert_eq!(ok_json(&netns, &["config", "--name", &name, "--json"])["max_conns_per_client_ip"], 3);
 
-    // Detaching ends the exec (it passes SIGTERM to its server).
-    let out = connlimit(&netns, &["detach", &name]);
+    // Detaching ends the exec (it passes SIGTERM to its server), and says so.
+    let out = connlimit(&netns, &["detach", "--name", &name]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with(&format!("{name}: detached; its owner, `connlimit exec`")), "{said}");
+    assert!(said.contains("which stops too") && said.contains("-m 0"), "{said}");
     let (status, log) = exec.wait();
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "exec exits with its server's status: {log}");
     assert!(log.contains("detached"), "{log}");

@@ -257,8 +257,9 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     assert_eq!(fs::read_to_string(sysusers).unwrap(), sysusers_in_tarball);
     let exec_lines: Vec<&str> = unit_text.lines().filter(|l| l.starts_with("ExecStart")).collect();
     assert!(
-        exec_lines
-            .contains(&"ExecStartPre=/usr/bin/connlimit check-config --syntax-only /etc/connlimit/connlimit.toml"),
+        exec_lines.contains(
+            &"ExecStartPre=/usr/bin/connlimit check-config --syntax-only --config /etc/connlimit/connlimit.toml"
+        ),
         "{exec_lines:?}"
     );
     assert!(
@@ -267,7 +268,7 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     );
     assert!(unit_text.lines().any(|l| l == "User=connlimit"));
     // As the unit checks it: its targets are the machine it is installed on.
-    run(Command::new("/usr/bin/connlimit").args(["check-config", "--syntax-only"]).arg(conffile));
+    run(Command::new("/usr/bin/connlimit").args(["check-config", "--syntax-only", "--config"]).arg(conffile));
     // Hardening and advice agree: a pid target in another network
     // namespace needs setns, which RestrictNamespaces must let through.
     let restrict = unit_text.lines().find(|l| l.starts_with("RestrictNamespaces=")).expect("no RestrictNamespaces=");

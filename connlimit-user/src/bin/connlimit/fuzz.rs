@@ -72,7 +72,7 @@ fn check(cli: Cli) {
             let _ = Instance::validate_name(&args.name.name);
         }
         Command::Detach(args) => {
-            let _ = Instance::validate_name(&args.name);
+            let _ = Instance::validate_name(args.positional_name.as_deref().unwrap_or(&args.name.name));
         }
         Command::Status(_) | Command::Serve(_) | Command::CheckConfig(_) => {}
     }

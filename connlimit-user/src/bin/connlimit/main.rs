@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args).map(|()| ExitCode::SUCCESS),
         Command::CheckConfig(args) => check_config::check_config(args),
         Command::Set(args) => manage::set(args).map(|()| ExitCode::SUCCESS),
-        Command::Detach(args) => manage::detach(&args.name, args.force).map(|()| ExitCode::SUCCESS),
+        Command::Detach(args) => manage::detach(args).map(|()| ExitCode::SUCCESS),
         Command::Config(args) => show::config(&args.name.name, args.json.json).map(|()| ExitCode::SUCCESS),
         Command::Top(args) => show::top(args).map(|()| ExitCode::SUCCESS),
         Command::Status(args) => show::status(args.json).map(|()| ExitCode::SUCCESS),
