@@ -208,3 +208,67 @@ fn run_persist_then_adopt_then_detach() {
     assert!(eventually(BOUND, || attached_programs(&netns.path(), AttachPoint::SkLookup).unwrap().is_empty()));
     let _free = netns.hello_from(me, server).unwrap();
 }
+
+/// A server that cannot start is found before anything is attached, and a
+/// PID that names no process is said to be one.
+#[test]
+fn exec_of_a_missing_program_and_run_of_a_missing_pid_attach_nothing() {
+    require_kernel!();
+    let netns = Netns::new().unwrap();
+    let name = unique("missing");
+    let cgroups_before = connlimit_cgroups(&name);
+    for (program, message) in [
+        ("/nonexistent/server", "cannot run /nonexistent/server: no such file"),
+        ("/proc/version", "cannot run /proc/version: it is not an executable file"),
+        ("no-such-server-anywhere", "cannot run no-such-server-anywhere: no such command on PATH"),
+    ] {
+        fails(&netns, &["exec", "--name", &name, "-p", "8082", "-m", "1", "--", program], 1, message);
+        assert!(!running(&name), "{program}: an instance was left pinned");
+        assert!(attached_programs(&netns.path(), AttachPoint::SkLookup).unwrap().is_empty(), "{program}");
+        assert_eq!(connlimit_cgroups(&name), cgroups_before, "{program}: a cgroup was left");
+    }
+    // A PID that was a process a moment ago and is none now.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id().to_string();
+    gone.wait().unwrap();
+    fails(&netns, &["run", "--name", &name, "-p", "8082", "-m", "1", "--pid", &pid], 1, &format!("no process {pid}; "));
+    assert!(!running(&name));
+}
+
+/// The cgroups `exec` made for instance `name` (`connlimit-NAME-PID`).
+fn connlimit_cgroups(name: &str) -> Vec<String> {
+    let root = connlimit::ebpf::mounts::cgroup2_mount().unwrap();
+    let prefix = format!("connlimit-{name}-");
+    let mut found: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    found.sort();
+    found
+}
+
+/// A second connlimit instance in a namespace is no "other sk_lookup
+/// program" to warn about: connlimit's programs never steer connections.
+#[test]
+fn a_second_instance_in_a_namespace_is_not_taken_for_a_foreign_program() {
+    require_kernel!();
+    let netns = Netns::new().unwrap();
+    let cgroup = TestCgroup::create(&unique("walk-two")).unwrap();
+    let cgroup_path = cgroup.path().to_str().unwrap().to_owned();
+    let start = |name: &str, port: &str| {
+        let mut cmd =
+            connlimit_in(&netns, &["run", "--name", name, "--port", port, "-m", "1", "--cgroup", &cgroup_path]);
+        let child = Background::spawn(&mut cmd).unwrap();
+        assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
+        child
+    };
+    let first = start(&unique("two-a"), "8083");
+    let second = start(&unique("two-b"), "8084");
+    assert_eq!(attached_programs(&netns.path(), AttachPoint::SkLookup).unwrap().len(), 2);
+    for child in [second, first] {
+        let (status, log) = child.stop();
+        assert!(status.success(), "{log}");
+        assert!(!log.contains("other sk_lookup programs"), "{log}");
+    }
+}

@@ -94,7 +94,11 @@ pub enum Command {
         PID in --pid-file, else the last process connlimit reaped: it adopts the orphans a daemon \
         leaves), 0 if none was seen; 128 + signal number for a process killed by a signal. If \
         connlimit is killed, the server keeps running under the limit (the instance is left \
-        orphaned; `connlimit detach` removes it).")]
+        orphaned; `connlimit detach` removes it).\n\n\
+        COMMAND is checked (a file that exists and is executable, or a command on PATH) before \
+        anything is attached. `connlimit detach --name NAME` stops an exec'ed server too (the \
+        SIGTERM is passed on to it); `connlimit set --name NAME -m 0` lifts the limit and stops \
+        nothing.")]
     Exec(ExecArgs),
     /// Run every instance a service file lists, as a long-lived service
     #[command(after_help = "Examples:\n  \
