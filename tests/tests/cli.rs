@@ -272,3 +272,54 @@ fn a_second_instance_in_a_namespace_is_not_taken_for_a_foreign_program() {
         assert!(!log.contains("other sk_lookup programs"), "{log}");
     }
 }
+
+/// Under `--log-format json` (or `[log] format = "json"`) every line is a
+/// JSON object: lists are arrays, a fatal error is a JSON line too; and a
+/// reload applies a changed `[log] format`.
+#[test]
+fn json_logs_have_arrays_and_json_fatal_errors_and_a_reload_switches_the_format() {
+    require_kernel!();
+    // A fatal error, as JSON (no kernel needed for this part).
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id().to_string();
+    gone.wait().unwrap();
+    let netns = Netns::new().unwrap();
+    let out = connlimit(&netns, &["--log-format", "json", "run", "-p", "8085", "-m", "1", "--pid", &pid]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let line: Value = serde_json::from_str(stderr.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr}"));
+    assert_eq!((&line["level"], &line["fatal"]), (&Value::from("ERROR"), &Value::from(true)), "{line}");
+    assert!(line["message"].as_str().unwrap().starts_with(&format!("connlimit: error: no process {pid}")), "{line}");
+
+    // serve starts with text, then the file says json and SIGHUP applies it.
+    let cgroup = TestCgroup::create(&unique("walk-json")).unwrap();
+    let dir = std::env::temp_dir().join(unique("walk-json"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("connlimit.toml");
+    let instance = |name: &str, port: u16| {
+        format!(
+            "[[instance]]\nname = \"{name}\"\nports = [{port}]\ncgroup = \"{}\"\nmax_conns_per_client_ip = 1\n\n",
+            cgroup.path().display()
+        )
+    };
+    let (a, b) = (unique("json-a"), unique("json-b"));
+    std::fs::write(&file, format!("[log]\nformat = \"text\"\n\n{}", instance(&a, 8085))).unwrap();
+    let mut cmd = connlimit_in(&netns, &["serve", "--config", file.to_str().unwrap()]);
+    let serve = Background::spawn(&mut cmd).unwrap();
+    assert!(serve.wait_for("enforcing;", Duration::from_secs(10)), "{}", serve.log());
+    assert!(serve.log().contains(" INFO connlimit attached"), "text first: {}", serve.log());
+    std::fs::write(&file, format!("[log]\nformat = \"json\"\n\n{}{}", instance(&a, 8085), instance(&b, 8086))).unwrap();
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
+    assert!(serve.wait_for("enforcing 2 instances", Duration::from_secs(10)), "{}", serve.log());
+    let json: Vec<Value> = serve.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    let attached = json
+        .iter()
+        .find(|v| v["message"] == "connlimit attached" && v["instance"] == b.as_str())
+        .unwrap_or_else(|| panic!("no JSON attach line for {b}: {}", serve.log()));
+    assert_eq!(attached["ports"], serde_json::json!([8086]), "{attached}");
+    assert!(json.iter().any(|v| v["format"] == "json"), "the change is logged: {}", serve.log());
+    let (status, log) = serve.stop();
+    assert!(status.success(), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -36,7 +36,7 @@ pub struct ServiceFile {
 /// The `[log]` table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogSettings {
-    /// `text` or `json`; read at start only (a reload cannot change it).
+    /// `text` or `json`; a reload applies a change (unless `--log-format` chose one).
     pub format: Option<LogFormat>,
     /// How often refusals are summed up and logged; zero turns it off.
     pub refusal_interval: Duration,

@@ -10,6 +10,7 @@ mod enforce;
 mod follow;
 #[cfg(test)]
 mod fuzz;
+mod logging;
 mod manage;
 mod metrics;
 mod notify;
@@ -25,7 +26,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -36,15 +36,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::log_format(&args.config).unwrap_or(LogFormat::Text),
         _ => LogFormat::Text,
     });
-    let logger = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("CONNLIMIT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    match format {
-        LogFormat::Text => logger.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        // One JSON object per line, the event's fields at the top level.
-        LogFormat::Json => logger.json().flatten_event(true).with_current_span(false).init(),
-    }
+    logging::init(format, cli.log_format.is_some());
     let result = match cli.command {
         Command::Run(args) => enforce::run(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => enforce::exec(args),
@@ -57,7 +49,8 @@ fn main() -> ExitCode {
         Command::Status(args) => show::status(args.json).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("connlimit: error: {e:#}");
+        // As JSON under --log-format json, like every other line.
+        logging::fatal(&e);
         ExitCode::FAILURE
     })
 }
