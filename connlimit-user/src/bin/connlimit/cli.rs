@@ -144,11 +144,39 @@ pub enum Command {
     /// Show clients with open connections, most first
     #[command(
         visible_alias = "list",
-        after_help = "Examples:\n  connlimit top\n  connlimit top --rows 10 --watch\n  connlimit list --json"
+        after_help = "Examples:\n  connlimit top\n  connlimit top --rows 10 --watch\n  connlimit list --json\n\n\
+        Columns (per client key: an address, or a /LEN network with prefix grouping):\n  \
+        OPEN          established connections counted now\n  \
+        RESERVED      handshakes admitted and not yet established\n  \
+        REFUSED       connections refused over the limit, including those ended right after their \
+        handshake and dry-run's would-be refusals; kept while the key has handshake state (an LRU \
+        map: a key quiet for long may be forgotten)\n  \
+        ACCEPTED      connections established since the key last held none: it starts again at 0 \
+        once the key's last connection closes (REFUSED does not)\n  \
+        LAST REFUSED  (--sort refused) when this command last saw the key's REFUSED go up; `-` if it \
+        has not seen a refusal since it started (the kernel keeps no time)\n\n\
+        The footer's totals (--json: `totals`) are the instance's, since attach: `refused` counts \
+        connections refused at their SYN, and dry-run's would-be refusals are apart (`dry-run \
+        refusals`, `dry_run_refused`), so they need not add up to the clients' REFUSED."
     )]
     Top(TopArgs),
     /// List running instances: what they guard, since when, totals
-    #[command(after_help = "Examples:\n  connlimit status\n  connlimit status --json")]
+    #[command(after_help = "Examples:\n  connlimit status\n  connlimit status --json\n\n\
+        Columns, totals since attach: OPEN established connections now; ACCEPTED connections \
+        admitted; REFUSED connections refused (dry-run's would-be refusals are `dry_run_refused` \
+        in --json); PID the owning process (- for none); OBJECT the kernel object's hash \
+        (`connlimit --version`); MODE enforcing, dry-run or not enforcing, the owner's state and \
+        signs of trouble.\n\n\
+        --json adds: total_open and total_refused (open connections across all clients, and \
+        refusals because the total limit --max-conns-total was reached, also counted in refused \
+        or dry_run_refused); responded and responder_missing (refusals answered with HTTP 429, \
+        and those reset for want of a responder); steered (refusals another sk_lookup program \
+        overrode); untracked (admitted uncounted: a map was full); ended (connections ended \
+        right after their handshake: judged over the limit then, or a full map with --when-full \
+        closed); unconfirmed (handshake reservations released because no listener of the guarded \
+        cgroup took the packet: nothing listening yet, stray packets, or a listener outside the \
+        cgroup; harmless unless it grows with real traffic); endings_lost (connections to end \
+        that connlimit was not told of: its ring buffer was full).")]
     Status(JsonArg),
     /// Stop enforcing: detach an instance and remove its pins
     #[command(after_help = "Examples:\n  connlimit detach\n  connlimit detach --name api\n\n\
