@@ -187,6 +187,17 @@ pub enum Command {
         (counting goes on). An orphaned or persisted instance is removed directly, as is any \
         instance with --force. `connlimit detach NAME` works too.")]
     Detach(DetachArgs),
+    /// Write shell completions (bash, zsh, fish) and man pages for this CLI into a folder
+    /// (for packagers; `cargo xtask dist` puts them in the release files)
+    #[command(hide = true)]
+    GenerateAssets(GenerateAssetsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateAssetsArgs {
+    /// The folder to write `completions/` and `man/` into (made if missing)
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
 }
 
 /// Which instance a command talks to.

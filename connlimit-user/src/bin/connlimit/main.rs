@@ -3,6 +3,7 @@
 //! Exit status: 0 on success, 1 on a runtime error, 2 on a usage error;
 //! `exec` exits with its server's status.
 
+mod assets;
 mod check_config;
 mod cli;
 mod config_file;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         Command::Config(args) => show::config(&args.name.name, args.json.json).map(|()| ExitCode::SUCCESS),
         Command::Top(args) => show::top(args).map(|()| ExitCode::SUCCESS),
         Command::Status(args) => show::status(args.json).map(|()| ExitCode::SUCCESS),
+        Command::GenerateAssets(args) => assets::generate(&args.out_dir).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         // As JSON under --log-format json, like every other line.
