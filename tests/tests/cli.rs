@@ -323,3 +323,66 @@ fn json_logs_have_arrays_and_json_fatal_errors_and_a_reload_switches_the_format(
     assert!(status.success(), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A foreign sk_lookup program (one that is not connlimit's) is still
+/// warned about, by name: here a two-instruction program of the test's own,
+/// loaded and linked with raw bpf(2) calls, standing where tubular would.
+#[test]
+fn a_foreign_sk_lookup_program_is_still_warned_about() {
+    require_kernel!();
+    let netns = Netns::new().unwrap();
+    let foreign = ForeignLookup::attach(&netns.path(), "steerer_test");
+    let cgroup = TestCgroup::create(&unique("walk-foreign")).unwrap();
+    let cgroup_path = cgroup.path().to_str().unwrap().to_owned();
+    let name = unique("foreign");
+    let mut cmd =
+        connlimit_in(&netns, &["run", "--name", &name, "--port", "8087", "-m", "1", "--cgroup", &cgroup_path]);
+    let child = Background::spawn(&mut cmd).unwrap();
+    assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
+    let (status, log) = child.stop();
+    assert!(status.success(), "{log}");
+    let warning = log.lines().find(|l| l.contains("other sk_lookup programs")).unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("steerer_test"), "{warning}");
+    drop(foreign);
+}
+
+/// An sk_lookup program returning SK_PASS, linked to a namespace until dropped.
+struct ForeignLookup {
+    _prog: std::os::fd::OwnedFd,
+    _link: std::os::fd::OwnedFd,
+}
+
+impl ForeignLookup {
+    fn attach(netns: &std::path::Path, name: &str) -> Self {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        const BPF_LINK_CREATE: libc::c_long = 28;
+        const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
+        const BPF_SK_LOOKUP: u32 = 36;
+        // r0 = 1 (SK_PASS); exit.
+        let insns: [u64; 2] = [0xb7 | (1u64 << 32), 0x95];
+        let license = c"GPL";
+        let mut load = [0u8; 128];
+        load[0..4].copy_from_slice(&BPF_PROG_TYPE_SK_LOOKUP.to_ne_bytes());
+        load[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        load[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        load[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        load[48..48 + name.len()].copy_from_slice(name.as_bytes());
+        load[68..72].copy_from_slice(&BPF_SK_LOOKUP.to_ne_bytes());
+        // SAFETY: a bpf_attr the size we pass, pointing at live buffers.
+        let prog = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, load.as_ptr(), load.len() as u32) };
+        assert!(prog >= 0, "loading the foreign program: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor the kernel just gave us.
+        let prog = unsafe { OwnedFd::from_raw_fd(prog as i32) };
+        let ns = std::fs::File::open(netns).unwrap();
+        let mut link = [0u8; 64];
+        link[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+        link[4..8].copy_from_slice(&(ns.as_raw_fd() as u32).to_ne_bytes());
+        link[8..12].copy_from_slice(&BPF_SK_LOOKUP.to_ne_bytes());
+        // SAFETY: as above.
+        let link_fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, link.as_ptr(), link.len() as u32) };
+        assert!(link_fd >= 0, "linking the foreign program: {}", std::io::Error::last_os_error());
+        // SAFETY: as above.
+        Self { _prog: prog, _link: unsafe { OwnedFd::from_raw_fd(link_fd as i32) } }
+    }
+}
