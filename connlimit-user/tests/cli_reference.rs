@@ -29,6 +29,31 @@ fn reference() -> String {
     doc
 }
 
+/// The subcommands `connlimit --help` lists (its "Commands:" section), but
+/// `help` itself.
+fn listed_subcommands() -> Vec<String> {
+    let top = help(&[]);
+    let commands = top.split("Commands:\n").nth(1).expect("a Commands: section in --help");
+    commands
+        .lines()
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The reference is the full reference: every subcommand has its section.
+#[test]
+fn cli_reference_covers_every_subcommand() {
+    let listed = listed_subcommands();
+    assert_eq!(listed, SUBCOMMANDS, "add the new subcommand to SUBCOMMANDS, then run `cargo xtask docs`");
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/CLI.md")).unwrap();
+    for sub in &listed {
+        assert!(doc.contains(&format!("\n## connlimit {sub}\n")), "docs/CLI.md has no section for {sub}");
+    }
+}
+
 #[test]
 fn cli_reference_matches_help() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/CLI.md");

@@ -497,7 +497,7 @@ fn an_instance_of_another_layout_version_is_refused_with_the_fix() {
     rewrite_info(&root.path, &name, |info| info.layout_version = 999);
 
     let fix = format!(
-        "state layout version 999 (this one reads version {}); remove it with `connlimit detach {name} --force`",
+        "state layout version 999 (this one reads version {}); remove it with `connlimit detach --name {name} --force`",
         connlimit_common::maps::LAYOUT_VERSION
     );
     fails(&netns, &root.path, &args, &fix);

@@ -168,6 +168,9 @@ fn connlimit_user() -> Option<Vec<String>> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().split(':').map(str::to_owned).collect())
 }
 
+/// The subcommands with a man page of their own.
+const SUBCOMMANDS: [&str; 9] = ["run", "exec", "serve", "check-config", "set", "config", "top", "status", "detach"];
+
 #[test]
 fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges_cleanly() {
     require_kernel!();
@@ -203,6 +206,16 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     let unit_in_tarball = fs::read_to_string(unpacked.join(&folder).join("connlimit.service")).unwrap();
     let sysusers_in_tarball = fs::read_to_string(unpacked.join(&folder).join("connlimit.sysusers")).unwrap();
     assert!(unpacked.join(&folder).join("Containerfile").is_file(), "the tarball lacks the Containerfile");
+    // Completions and man pages, made from the CLI's definitions, one page per subcommand.
+    for file in
+        ["completions/connlimit.bash", "completions/_connlimit", "completions/connlimit.fish", "man/connlimit.1"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(SUBCOMMANDS.iter().map(|sub| format!("man/connlimit-{sub}.1")))
+    {
+        let text = fs::read_to_string(unpacked.join(&folder).join(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.contains("connlimit"), "{file}");
+    }
     let _ = fs::remove_dir_all(&unpacked);
     assert!(String::from_utf8_lossy(&released).starts_with(concat!("connlimit ", env!("CARGO_PKG_VERSION"))));
 
@@ -220,6 +233,23 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     }
     let user_before = connlimit_user();
 
+    // The package's contents, before installing: completions for bash, zsh
+    // and fish, and man pages, gzipped, one per subcommand.
+    let listing = String::from_utf8(run(Command::new("dpkg").arg("-c").arg(&deb)).stdout).unwrap();
+    let listed = |path: &str| listing.lines().any(|l| l.ends_with(&format!(".{path}")));
+    for path in [
+        "/usr/share/bash-completion/completions/connlimit",
+        "/usr/share/zsh/vendor-completions/_connlimit",
+        "/usr/share/fish/vendor_completions.d/connlimit.fish",
+        "/usr/share/man/man1/connlimit.1.gz",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain(SUBCOMMANDS.iter().map(|sub| format!("/usr/share/man/man1/connlimit-{sub}.1.gz")))
+    {
+        assert!(listed(&path), "`dpkg -c` does not list {path}:\n{listing}");
+    }
+
     let _purge = Purge;
     run(Command::new("dpkg").arg("--install").arg(&deb));
     let files: Vec<PathBuf> = String::from_utf8(run(Command::new("dpkg").args(["--listfiles", "connlimit"])).stdout)
@@ -233,6 +263,13 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     let sysusers = Path::new("/usr/lib/sysusers.d/connlimit.conf");
     for wanted in [Path::new("/usr/bin/connlimit"), unit, conffile, sysusers] {
         assert!(files.iter().any(|f| f == wanted), "the package lacks {}: {files:?}", wanted.display());
+    }
+    // man finds the installed pages (the gzip is whole and the page renders).
+    if Command::new("man").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let page =
+            run(Command::new("man").args(["-P", "cat", "connlimit-set"]).env("MANWIDTH", "100").env("LC_ALL", "C"))
+                .stdout;
+        assert!(String::from_utf8_lossy(&page).contains("--no-dry-run"), "{}", String::from_utf8_lossy(&page));
     }
 
     // The installed binary is the released one: same version, commit and kernel object.
@@ -257,8 +294,9 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     assert_eq!(fs::read_to_string(sysusers).unwrap(), sysusers_in_tarball);
     let exec_lines: Vec<&str> = unit_text.lines().filter(|l| l.starts_with("ExecStart")).collect();
     assert!(
-        exec_lines
-            .contains(&"ExecStartPre=/usr/bin/connlimit check-config --syntax-only /etc/connlimit/connlimit.toml"),
+        exec_lines.contains(
+            &"ExecStartPre=/usr/bin/connlimit check-config --syntax-only --config /etc/connlimit/connlimit.toml"
+        ),
         "{exec_lines:?}"
     );
     assert!(
@@ -267,7 +305,7 @@ fn release_files_are_static_and_the_package_installs_creates_its_user_and_purges
     );
     assert!(unit_text.lines().any(|l| l == "User=connlimit"));
     // As the unit checks it: its targets are the machine it is installed on.
-    run(Command::new("/usr/bin/connlimit").args(["check-config", "--syntax-only"]).arg(conffile));
+    run(Command::new("/usr/bin/connlimit").args(["check-config", "--syntax-only", "--config"]).arg(conffile));
     // Hardening and advice agree: a pid target in another network
     // namespace needs setns, which RestrictNamespaces must let through.
     let restrict = unit_text.lines().find(|l| l.starts_with("RestrictNamespaces=")).expect("no RestrictNamespaces=");

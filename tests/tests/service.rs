@@ -99,7 +99,7 @@ fn serve_reloads_the_file_live_and_notifies_systemd() {
         )
     };
     let metrics = SocketAddr::from(([127, 0, 0, 1], 9101));
-    let header = format!("metrics_listen = \"{metrics}\"\n\n[log]\nrefusal_interval_secs = 1\n\n");
+    let header = format!("metrics_listen = \"{metrics}\"\n\n[log]\nrefusal_log_interval = 1\n\n");
     std::fs::write(&file, format!("{header}{}", instance(&a, 8090, 1))).unwrap();
     let notify = NotifySocket::new(&dir.0);
 

@@ -2,8 +2,10 @@
 //!
 //! - `connlimit-<version>-x86_64-unknown-linux-musl.tar.gz`: a statically
 //!   linked `connlimit` with the README, the licences, the changelog, the
-//!   systemd unit, its sysusers.d file, the example config and the
-//!   Containerfile;
+//!   systemd unit, its sysusers.d file, the example config, the
+//!   Containerfile, shell completions (`completions/`: bash, zsh, fish) and
+//!   man pages (`man/`), the last two made by the binary itself
+//!   (`connlimit generate-assets`, from its clap definitions);
 //! - `connlimit_<version>-1_amd64.deb`, made by cargo-deb from
 //!   `[package.metadata.deb]` in connlimit-user/Cargo.toml;
 //! - `SHA256SUMS`, for `sha256sum -c`;
@@ -68,8 +70,10 @@ pub fn run(root: &Path) -> Result<PathBuf> {
         fs::remove_dir_all(&dist).with_context(|| format!("clearing {}", dist.display()))?;
     }
     fs::create_dir_all(&dist)?;
-    let tarball = tarball(root, &binary, &dist)?;
-    let deb = build_deb(root, &binary, &dist)?;
+    let assets = generate_assets(&binary, &target)?;
+    let tarball = tarball(root, &binary, &assets, &dist)?;
+    let deb = build_deb(root, &binary, &assets, &dist)?;
+    fs::remove_dir_all(&assets)?;
     let sums = dist.join("SHA256SUMS");
     let mut lines = String::new();
     for file in [&tarball, &deb] {
@@ -182,7 +186,37 @@ fn require_static(binary: &Path) -> Result<()> {
     Ok(())
 }
 
-fn tarball(root: &Path, binary: &Path, dist: &Path) -> Result<PathBuf> {
+/// Shell completions and man pages, written by the release binary itself
+/// (`connlimit generate-assets`) into a fresh folder under `target`.
+fn generate_assets(binary: &Path, target: &Path) -> Result<PathBuf> {
+    let assets = target.join("dist-assets");
+    if assets.exists() {
+        fs::remove_dir_all(&assets)?;
+    }
+    let out = Command::new(binary)
+        .arg("generate-assets")
+        .arg("--out-dir")
+        .arg(&assets)
+        .output()
+        .with_context(|| format!("running {} generate-assets", binary.display()))?;
+    if !out.status.success() {
+        bail!("`connlimit generate-assets` failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(assets)
+}
+
+/// The files of `dir` whose names end with `suffix`, sorted.
+fn files_in(dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.to_string_lossy().ends_with(suffix));
+    files.sort();
+    Ok(files)
+}
+
+fn tarball(root: &Path, binary: &Path, assets: &Path, dist: &Path) -> Result<PathBuf> {
     let name = format!("connlimit-{VERSION}-{TARGET}");
     let staging = dist.join(".staging");
     let dir = staging.join(&name);
@@ -196,6 +230,13 @@ fn tarball(root: &Path, binary: &Path, dist: &Path) -> Result<PathBuf> {
     copy(binary, "connlimit", 0o755)?;
     for (from, to) in TARBALL_FILES {
         copy(&root.join(from), to, 0o644)?;
+    }
+    // completions/ as generated; man/ with the pages uncompressed.
+    for (sub, suffix) in [("completions", ""), ("man", ".1")] {
+        fs::create_dir_all(dir.join(sub))?;
+        for file in files_in(&assets.join(sub), suffix)? {
+            copy(&file, &format!("{sub}/{}", file_name(&file)), 0o644)?;
+        }
     }
     let tarball = dist.join(format!("{name}.tar.gz"));
     // The same inputs give the same tarball: sorted, owned by root, dated
@@ -254,12 +295,21 @@ fn ensure_cargo_deb() -> Result<()> {
 
 /// Runs cargo-deb on an already built `binary`: cargo-deb takes the binary
 /// from `<target dir>/release/`, so it gets a target dir of its own.
-fn build_deb(root: &Path, binary: &Path, output: &Path) -> Result<PathBuf> {
+/// The completions and gzipped man pages go next to it, in `release/assets/`,
+/// where `[package.metadata.deb]` assets find them.
+fn build_deb(root: &Path, binary: &Path, assets: &Path, output: &Path) -> Result<PathBuf> {
     ensure_cargo_deb()?;
     let staging = target_dir(root).join(format!("deb-staging-{}", std::process::id()));
     fs::create_dir_all(staging.join("release"))?;
     fs::copy(binary, staging.join("release").join("connlimit"))
         .with_context(|| format!("copying {}", binary.display()))?;
+    for (sub, suffix) in [("completions", ""), ("man", ".1.gz")] {
+        let to = staging.join("release/assets").join(sub);
+        fs::create_dir_all(&to)?;
+        for file in files_in(&assets.join(sub), suffix)? {
+            fs::copy(&file, to.join(file_name(&file))).with_context(|| format!("copying {}", file.display()))?;
+        }
+    }
     fs::create_dir_all(output)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut deb = Command::new(&cargo);

@@ -61,14 +61,33 @@ fn query(target: &File, point: AttachPoint) -> io::Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Logs a warning if sk_lookup programs other than ours are attached.
+/// Logs a warning if sk_lookup programs other than connlimit's are
+/// attached: `ours`, and other connlimit instances guarding other ports of
+/// the namespace (recognised by [`is_connlimit_lookup`]), which never
+/// select a socket and so cannot override a refusal.
 pub(crate) fn warn_about_others(netns: &File, ours: Option<u32>) {
     match query(netns, AttachPoint::SkLookup) {
         Ok(ids) => {
             let others: Vec<u32> = ids.into_iter().filter(|id| Some(*id) != ours).collect();
-            if !others.is_empty() {
+            if others.is_empty() {
+                return;
+            }
+            let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .filter(|p| others.contains(&p.id()))
+                .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
+                .collect();
+            let (own, foreign): (Vec<u32>, Vec<u32>) =
+                others.into_iter().partition(|id| names.get(id).is_some_and(|n| is_connlimit_lookup(n)));
+            if !own.is_empty() {
+                tracing::debug!(program_ids = ?own, "other connlimit instances guard other ports of this namespace");
+            }
+            if !foreign.is_empty() {
+                let foreign_names: Vec<&str> =
+                    foreign.iter().map(|id| names.get(id).map_or("?", String::as_str)).collect();
                 tracing::warn!(
-                    program_ids = ?others,
+                    program_ids = ?foreign,
+                    program_names = ?foreign_names,
                     "other sk_lookup programs are attached in this network namespace; if one steers connections \
                      to sockets (as tubular does), connlimit cannot refuse those connections. `connlimit status` \
                      counts such overridden refusals as 'steered'"
@@ -77,6 +96,13 @@ pub(crate) fn warn_about_others(netns: &File, ours: Option<u32>) {
         }
         Err(e) => tracing::debug!(error = %e, "could not list the namespace's sk_lookup programs"),
     }
+}
+
+/// Whether a loaded program's name (as the kernel keeps it: at most 15
+/// bytes) is that of connlimit's sk_lookup program.
+pub fn is_connlimit_lookup(kernel_name: &str) -> bool {
+    let ours = connlimit_common::maps::programs::LOOKUP;
+    !kernel_name.is_empty() && kernel_name == &ours[..ours.len().min(15)]
 }
 
 /// Waits (up to a second) until the kernel has freed the programs `ids`.
@@ -93,4 +119,16 @@ pub(crate) fn wait_until_freed(ids: &[u32]) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     tracing::warn!(?ids, "programs still loaded a second after their release");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn connlimit_lookup_is_recognised_by_its_kernel_name_only() {
+        // The kernel keeps 15 bytes of a program's name.
+        assert!(super::is_connlimit_lookup("connlimit_looku"));
+        for foreign in ["", "tubular", "connlimit_sock_", "connlimit", "dispatcher"] {
+            assert!(!super::is_connlimit_lookup(foreign), "{foreign}");
+        }
+    }
 }

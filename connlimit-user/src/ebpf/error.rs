@@ -54,7 +54,7 @@ pub enum EbpfError {
     NoSkLookup(#[source] io::Error),
     /// Another instance already guards one of the ports in this namespace.
     #[error(
-        "port {port} is already guarded by connlimit instance {instance:?} in this network namespace; detach it (`connlimit detach {instance}`) or guard another port"
+        "port {port} is already guarded by connlimit instance {instance:?} in this network namespace; detach it (`connlimit detach --name {instance}`) or guard another port"
     )]
     PortTaken {
         /// The contested port.
@@ -64,12 +64,12 @@ pub enum EbpfError {
     },
     /// An instance of this name exists already.
     #[error(
-        "a connlimit instance named {0:?} already exists; pick another --name, or detach it first (`connlimit detach {0}`)"
+        "a connlimit instance named {0:?} already exists; pick another --name, or detach it first (`connlimit detach --name {0}`)"
     )]
     InstanceExists(String),
     /// A running process owns the instance.
     #[error(
-        "connlimit instance {name:?} is owned by running process {pid}; stop that process first (`connlimit detach {name}`), or pick another --name"
+        "connlimit instance {name:?} is owned by running process {pid}; stop that process first (`connlimit detach --name {name}`), or pick another --name"
     )]
     InstanceHeld {
         /// The instance.
@@ -79,12 +79,12 @@ pub enum EbpfError {
     },
     /// An instance to adopt is attached to another cgroup or namespace.
     #[error(
-        "connlimit instance {0:?} is attached to another cgroup or network namespace; detach it first (`connlimit detach {0}`) or pick another --name"
+        "connlimit instance {0:?} is attached to another cgroup or network namespace; detach it first (`connlimit detach --name {0}`) or pick another --name"
     )]
     AdoptMismatch(String),
     /// The instance was pinned by a connlimit with another state layout.
     #[error(
-        "connlimit instance {name:?} was pinned by a connlimit with state layout version {found}{} (this one reads version {}); remove it with `connlimit detach {name} --force`, then attach it again",
+        "connlimit instance {name:?} was pinned by a connlimit with state layout version {found}{} (this one reads version {}); remove it with `connlimit detach --name {name} --force`, then attach it again",
         if *.found == 0 { " (from before versions were recorded)" } else { "" },
         connlimit_common::maps::LAYOUT_VERSION
     )]

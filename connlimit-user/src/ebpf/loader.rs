@@ -49,7 +49,10 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
         refuse_with,
         max_clients,
     } = options;
+    // Where attaching spends its time, at debug level (CONNLIMIT_LOG=debug).
+    let mut phases = Phases::start();
     let netns_id = preflight(&options_ref)?;
+    phases.done("checks (capabilities, kernel feature probes, cgroup, namespace)");
     let epoch_ns = validated_epoch_ns(reservation_epoch)?;
     ports = guard::normalize_ports(&ports)?;
     let netns_file = File::open(&netns).map_err(|e| EbpfError::Netns(netns.clone(), e))?;
@@ -63,8 +66,13 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
     }
     guard::refuse_taken_ports(&root, &ports, netns_id, None)?;
 
+    phases.done("pin root lock, port check");
+    // The kernel's verifier takes most of the time attaching takes (about
+    // half a second on an idle machine, seconds under load): say so first.
+    tracing::info!(instance = %name, "attaching: loading the kernel programs (the kernel verifies them first)");
     let mut ebpf = load_object(max_clients)?;
     let log = log::KernelLog::start(&mut ebpf);
+    phases.done("object parsed, maps created");
 
     // Removed on error, and never listed: built aside, renamed into place.
     let staging = root.stage(&name)?;
@@ -95,8 +103,11 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
         object_hash: OBJECT_HASH,
     })?;
 
+    phases.done("maps pinned, config written");
     let upkeep = instance.start_upkeep(&netns, &cgroup)?;
+    phases.done("upkeep started (socket dumps of connections open before attach)");
     let links = attach_programs(&mut ebpf, &cgroup_file, &netns_file)?;
+    phases.done("programs loaded (verifier) and attached");
     // Pinned links keep the kernel enforcing if this process crashes.
     let links = pin_links(&staging, links)?;
     match attach_diag_probe(&mut ebpf, &staging) {
@@ -119,11 +130,14 @@ pub(super) fn attach(options: AttachOptions) -> Result<Attached, EbpfError> {
         .map_err(|e| EbpfError::system("pinning the sock_ops program", e))?;
     staging.commit()?;
     drop(root);
+    phases.done("links pinned, instance committed");
     tracing::info!(
         instance = %name, ?ports, cgroup = %cgroup.display(), netns = %netns.display(),
         limit = config.max_conns_per_client_ip, persist, "connlimit attached"
     );
     listeners::warn_about(&netns, &ports, &cgroup);
+    phases.done("listener check");
+    phases.total();
     let program_ids = links.iter().filter_map(|l| l.info().ok()).map(|i| i.program_id()).collect();
     Ok(Attached { instance, program_ids, upkeep, log, links, ebpf })
 }
@@ -232,7 +246,9 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLi
     let sock_ops: &mut SockOps = program(ebpf, programs::SOCK_OPS)?
         .try_into()
         .map_err(|e| EbpfError::system("loading the sock_ops program", e))?;
+    let verifying = std::time::Instant::now();
     sock_ops.load().map_err(|e| EbpfError::system("loading the sock_ops program", e))?;
+    tracing::debug!(ms = verifying.elapsed().as_secs_f64() * 1e3, "attach: sock_ops program verified");
     let id = sock_ops
         // A link attachment: it coexists with other programs on the cgroup.
         .attach(cgroup, CgroupAttachMode::Single)
@@ -246,7 +262,10 @@ fn attach_programs(ebpf: &mut Ebpf, cgroup: &File, netns: &File) -> Result<[FdLi
     let lookup: &mut SkLookup = program(ebpf, programs::LOOKUP)?
         .try_into()
         .map_err(|e| EbpfError::system("loading the sk_lookup program", e))?;
-    lookup.load().map_err(|e| match io_error(&e) {
+    let verifying = std::time::Instant::now();
+    let loaded = lookup.load();
+    tracing::debug!(ms = verifying.elapsed().as_secs_f64() * 1e3, "attach: sk_lookup program verified");
+    loaded.map_err(|e| match io_error(&e) {
         Some(io) if is_unsupported(io) => {
             EbpfError::NoSkLookup(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(0)))
         }
@@ -277,4 +296,27 @@ fn io_error(e: &aya::programs::ProgramError) -> Option<&std::io::Error> {
 fn is_unsupported(e: &std::io::Error) -> bool {
     // EINVAL for an unknown program or attach type; ENOTSUPP (524) from some kernels.
     matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524))
+}
+
+/// Times the phases of [`attach`], logged at debug level.
+struct Phases {
+    start: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Phases {
+    fn start() -> Self {
+        let now = std::time::Instant::now();
+        Self { start: now, last: now }
+    }
+
+    fn done(&mut self, phase: &str) {
+        let now = std::time::Instant::now();
+        tracing::debug!(ms = (now - self.last).as_secs_f64() * 1e3, "attach: {phase}");
+        self.last = now;
+    }
+
+    fn total(&self) {
+        tracing::debug!(ms = self.start.elapsed().as_secs_f64() * 1e3, "attach: total");
+    }
 }

@@ -234,7 +234,7 @@ impl Instance {
                 return Err(EbpfError::system(
                     format!("detaching {name:?}"),
                     format!(
-                        "process {} did not let go within 10 s; `connlimit detach {name} --force` removes the pins",
+                        "process {} did not let go within 10 s; `connlimit detach --name {name} --force` removes the pins",
                         owner.pid
                     ),
                 ));

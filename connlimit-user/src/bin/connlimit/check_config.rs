@@ -15,12 +15,13 @@ use crate::{
 /// `connlimit check-config FILE`: the file, then (unless `--syntax-only`)
 /// what it names on this machine.
 pub fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read the service file {}", args.file.display()))?;
+    let path = args.config.or(args.file).expect("clap requires --config or FILE");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read the service file {}", path.display()))?;
     let file = match config_file::parse(&text) {
         Ok(file) => file,
         Err(problems) => {
-            for line in config_file::render(&args.file, &problems).lines() {
+            for line in config_file::render(&path, &problems).lines() {
                 eprintln!("connlimit: error: {line}");
             }
             return Ok(ExitCode::FAILURE);
@@ -28,19 +29,19 @@ pub fn check_config(args: CheckConfigArgs) -> Result<ExitCode> {
     };
     let problems = if args.syntax_only { Vec::new() } else { machine_problems(&file) };
     for problem in &problems {
-        eprintln!("connlimit: error: {}: {problem}", args.file.display());
+        eprintln!("connlimit: error: {}: {problem}", path.display());
     }
     if !problems.is_empty() {
         eprintln!(
             "connlimit: error: {}: the file is valid, but not on this machine; check a file meant for another \
              machine with --syntax-only",
-            args.file.display()
+            path.display()
         );
         return Ok(ExitCode::FAILURE);
     }
     let names: Vec<&str> = file.instances.iter().map(|i| i.name.as_str()).collect();
     let checked = if args.syntax_only { " (syntax only)" } else { "" };
-    println!("{}: OK{checked}, {} instances: {}", args.file.display(), names.len(), names.join(", "));
+    println!("{}: OK{checked}, {} instances: {}", path.display(), names.len(), names.join(", "));
     Ok(ExitCode::SUCCESS)
 }
 

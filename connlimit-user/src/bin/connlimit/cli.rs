@@ -28,7 +28,8 @@ const VERSION: &str = concat!(
         connlimit counts each client's established connections to the guarded ports (eBPF sock_ops \
         on the server's cgroup) and refuses a client's connection over the limit with an immediate \
         reset, before the server process sees it (eBPF sk_lookup). Limits change live; counts can \
-        be inspected at any time. Needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, see \
+        be inspected at any time. Needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and \
+        CAP_DAC_READ_SEARCH (the last to reach the pins through a root-only /sys/fs/bpf; see \
         contrib/connlimit.service), a cgroup v2 hierarchy and bpffs at /sys/fs/bpf \
         (pins go to /sys/fs/bpf/connlimit, or $CONNLIMIT_PIN_ROOT: a directory on bpffs owned by \
         root or by the user connlimit runs as, that nobody else can write).\n\n\
@@ -93,7 +94,11 @@ pub enum Command {
         PID in --pid-file, else the last process connlimit reaped: it adopts the orphans a daemon \
         leaves), 0 if none was seen; 128 + signal number for a process killed by a signal. If \
         connlimit is killed, the server keeps running under the limit (the instance is left \
-        orphaned; `connlimit detach` removes it).")]
+        orphaned; `connlimit detach` removes it).\n\n\
+        COMMAND is checked (a file that exists and is executable, or a command on PATH) before \
+        anything is attached. `connlimit detach --name NAME` stops an exec'ed server too (the \
+        SIGTERM is passed on to it); `connlimit set --name NAME -m 0` lifts the limit and stops \
+        nothing.")]
     Exec(ExecArgs),
     /// Run every instance a service file lists, as a long-lived service
     #[command(after_help = "Examples:\n  \
@@ -110,8 +115,9 @@ pub enum Command {
         not. See contrib/connlimit.toml and contrib/connlimit.service.")]
     Serve(ServeArgs),
     /// Check a service file without attaching anything
-    #[command(after_help = "Examples:\n  connlimit check-config /etc/connlimit/connlimit.toml\n  \
-        connlimit check-config --syntax-only web-02.toml\n\n\
+    #[command(after_help = "Examples:\n  connlimit check-config --config /etc/connlimit/connlimit.toml\n  \
+        connlimit check-config --syntax-only --config web-02.toml\n\n\
+        --config FILE, as for serve; `connlimit check-config FILE` works too.\n\n\
         Prints one error per problem, with its line, and exits with status 1 if there is any. \
         Then checks the file against this machine: each cgroup exists and is cgroup v2, each unit \
         is known to systemd (when systemd runs), each \
@@ -122,11 +128,15 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         connlimit set --max-conns-per-client-ip 20\n  \
         connlimit set --name api --ipv6-prefix-len 64 --exempt 10.0.0.0/8 --exempt 192.0.2.7\n  \
-        connlimit set --dry-run false\n  \
+        connlimit set --no-dry-run\n  \
         connlimit set --max-conns-total 5000 --network-limit 203.0.113.0/24=200 --network-limit 10.0.0.0/8=0\n  \
         connlimit set --refuse-with http-429\n\n\
         Fields not given keep their value. Lowering the limit closes nothing; it refuses new \
-        connections until clients are back under it.")]
+        connections until clients are back under it; `set -m 0` lifts the limit and stops nothing. \
+        Prints each field that changed, old -> new (nothing if none did).\n\n\
+        A network limit of 0 is an exempt prefix (the kernel keeps the two in one list, and `config` \
+        shows such limits under exempt): --exempt and --no-exempt replace or clear them too, \
+        --network-limit and --no-network-limit leave them alone.")]
     Set(SetArgs),
     /// Print the configuration of a running instance
     #[command(after_help = "Examples:\n  connlimit config\n  connlimit config --name api --json")]
@@ -134,18 +144,60 @@ pub enum Command {
     /// Show clients with open connections, most first
     #[command(
         visible_alias = "list",
-        after_help = "Examples:\n  connlimit top\n  connlimit top --rows 10 --watch\n  connlimit list --json"
+        after_help = "Examples:\n  connlimit top\n  connlimit top --rows 10 --watch\n  connlimit list --json\n\n\
+        Columns (per client key: an address, or a /LEN network with prefix grouping):\n  \
+        OPEN          established connections counted now\n  \
+        RESERVED      handshakes admitted and not yet established\n  \
+        REFUSED       connections refused over the limit, including those ended right after their \
+        handshake and dry-run's would-be refusals; kept while the key has handshake state (an LRU \
+        map: a key quiet for long may be forgotten)\n  \
+        ACCEPTED      connections established since the key last held none: it starts again at 0 \
+        once the key's last connection closes (REFUSED does not)\n  \
+        LAST REFUSED  (--sort refused) when this command last saw the key's REFUSED go up; `-` if it \
+        has not seen a refusal since it started (the kernel keeps no time)\n\n\
+        The footer's totals (--json: `totals`) are the instance's, since attach: `refused` counts \
+        connections refused at their SYN, and dry-run's would-be refusals are apart (`dry-run \
+        refusals`, `dry_run_refused`), so they need not add up to the clients' REFUSED."
     )]
     Top(TopArgs),
     /// List running instances: what they guard, since when, totals
-    #[command(after_help = "Examples:\n  connlimit status\n  connlimit status --json")]
+    #[command(after_help = "Examples:\n  connlimit status\n  connlimit status --json\n\n\
+        Columns, totals since attach: OPEN established connections now; ACCEPTED connections \
+        admitted; REFUSED connections refused (dry-run's would-be refusals are `dry_run_refused` \
+        in --json); PID the owning process (- for none); OBJECT the kernel object's hash \
+        (`connlimit --version`); MODE enforcing, dry-run or not enforcing, the owner's state and \
+        signs of trouble.\n\n\
+        --json adds: total_open and total_refused (open connections across all clients, and \
+        refusals because the total limit --max-conns-total was reached, also counted in refused \
+        or dry_run_refused); responded and responder_missing (refusals answered with HTTP 429, \
+        and those reset for want of a responder); steered (refusals another sk_lookup program \
+        overrode); untracked (admitted uncounted: a map was full); ended (connections ended \
+        right after their handshake: judged over the limit then, or a full map with --when-full \
+        closed); unconfirmed (handshake reservations released because no listener of the guarded \
+        cgroup took the packet: nothing listening yet, stray packets, or a listener outside the \
+        cgroup; harmless unless it grows with real traffic); endings_lost (connections to end \
+        that connlimit was not told of: its ring buffer was full).")]
     Status(JsonArg),
     /// Stop enforcing: detach an instance and remove its pins
-    #[command(after_help = "Examples:\n  connlimit detach\n  connlimit detach api\n\n\
+    #[command(after_help = "Examples:\n  connlimit detach\n  connlimit detach --name api\n\n\
         A running `run` or `exec` owning the instance is asked to stop (SIGTERM; only if its PID \
-        still names the process that started it, so a reused PID is never signalled). An \
-        orphaned or persisted instance is removed directly, as is any instance with --force.")]
+        still names the process that started it, so a reused PID is never signalled). An `exec` \
+        passes that SIGTERM on to its server: detaching an `exec` instance stops its server too, \
+        and says so. To lift a limit and stop nothing, use `connlimit set --name NAME -m 0` \
+        (counting goes on). An orphaned or persisted instance is removed directly, as is any \
+        instance with --force. `connlimit detach NAME` works too.")]
     Detach(DetachArgs),
+    /// Write shell completions (bash, zsh, fish) and man pages for this CLI into a folder
+    /// (for packagers; `cargo xtask dist` puts them in the release files)
+    #[command(hide = true)]
+    GenerateAssets(GenerateAssetsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateAssetsArgs {
+    /// The folder to write `completions/` and `man/` into (made if missing)
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
 }
 
 /// Which instance a command talks to.
@@ -189,8 +241,8 @@ pub struct LimitArgs {
     /// Most concurrent connections across all clients; 0 = no total limit
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_TOTAL as i64))]
     pub max_conns_total: u32,
-    /// Count and report what would be refused, refuse nothing
-    #[arg(long)]
+    /// Count and report what would be refused, refuse nothing (as `set --dry-run`; `--dry-run false` is the default)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value_t = false, default_missing_value = "true", hide_possible_values = true, hide_default_value = true, action = clap::ArgAction::Set)]
     pub dry_run: bool,
     /// Milliseconds an unfinished handshake may hold a slot: a spoofed SYN blocks a slot for 1-2 of these
     #[arg(long, default_value_t = connlimit::ebpf::DEFAULT_RESERVATION_EPOCH.as_millis() as u64, value_name = "MS", value_parser = clap::value_parser!(u64).range(10..=60_000))]
@@ -291,10 +343,15 @@ pub struct ServeArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(override_usage = "connlimit check-config [OPTIONS] --config <FILE>")]
+#[command(group = clap::ArgGroup::new("service_file").required(true).multiple(false))]
 pub struct CheckConfigArgs {
-    /// The service file to check
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    /// The service file (TOML) to check
+    #[arg(long, short = 'c', value_name = "FILE", group = "service_file")]
+    pub config: Option<PathBuf>,
+    /// The service file, given without --config (the spelling of 0.1.0)
+    #[arg(value_name = "FILE", hide = true, group = "service_file")]
+    pub file: Option<PathBuf>,
     /// Check the file alone, not its targets on this machine (cgroups,
     /// processes, ports shared in a network namespace): for a file meant
     /// for another machine
@@ -353,24 +410,27 @@ pub struct SetArgs {
     /// New IPv6 grouping prefix length
     #[arg(long, value_name = "LEN", value_parser = clap::value_parser!(u8).range(0..=128))]
     pub ipv6_prefix_len: Option<u8>,
-    /// Replace the exempt prefixes with these (repeat for several)
+    /// Replace the exempt prefixes (network limits of 0 included) with these (repeat for several)
     #[arg(long = "exempt", value_name = "CIDR", conflicts_with = "no_exempt")]
     pub exempt: Vec<Cidr>,
-    /// Remove all exempt prefixes
-    #[arg(long)]
+    /// Remove all exempt prefixes (network limits of 0 included)
+    #[arg(long, alias = "no-exempts")]
     pub no_exempt: bool,
-    /// Replace the network limits with these, CIDR=N (repeat for several)
-    #[arg(long = "network-limit", value_name = "CIDR=N", conflicts_with = "no_network_limits")]
+    /// Replace the network limits above 0 with these, CIDR=N (repeat for several; CIDR=0 adds an exempt prefix)
+    #[arg(long = "network-limit", value_name = "CIDR=N", conflicts_with = "no_network_limit")]
     pub network_limits: Vec<NetworkLimit>,
-    /// Remove all network limits
-    #[arg(long)]
-    pub no_network_limits: bool,
+    /// Remove all network limits above 0 (`--no-network-limits` is an old name for it)
+    #[arg(long, alias = "no-network-limits")]
+    pub no_network_limit: bool,
     /// New total limit across all clients; 0 = none
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=MAX_CONNS_TOTAL as i64))]
     pub max_conns_total: Option<u32>,
-    /// Turn dry-run mode on or off
-    #[arg(long, value_name = "BOOL")]
+    /// Count and report what would be refused, refuse nothing (`--dry-run true|false` also works)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", hide_possible_values = true, conflicts_with = "no_dry_run")]
     pub dry_run: Option<bool>,
+    /// Leave dry-run mode: refuse over the limit again
+    #[arg(long)]
+    pub no_dry_run: bool,
     /// New full-map policy: `closed` ends a connection that cannot be counted, `open` admits it uncounted
     #[arg(long, value_name = "POLICY")]
     pub when_full: Option<WhenFull>,
@@ -424,10 +484,111 @@ pub enum TopSort {
 
 #[derive(Args, Debug)]
 pub struct DetachArgs {
-    /// Instance to detach
-    #[arg(default_value = "default", value_name = "NAME")]
-    pub name: String,
+    #[command(flatten)]
+    pub name: NameArg,
+    /// The instance's name, given without --name (the spelling of 0.1.0)
+    #[arg(value_name = "NAME", hide = true, conflicts_with = "name")]
+    pub positional_name: Option<String>,
     /// Remove the pins directly, without asking a running owner to stop, whatever connlimit version pinned them
     #[arg(long)]
     pub force: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("connlimit").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+    }
+
+    fn long_help(sub: &str) -> String {
+        Cli::command().find_subcommand_mut(sub).unwrap().render_long_help().to_string()
+    }
+
+    #[test]
+    fn dry_run_is_a_switch_everywhere_and_true_or_false_still_parse() {
+        let set = |args: &[&str]| match parse(&[&["set"], args].concat()) {
+            Command::Set(a) => (a.dry_run, a.no_dry_run),
+            _ => unreachable!(),
+        };
+        assert_eq!(set(&["--dry-run"]), (Some(true), false));
+        assert_eq!(set(&["--dry-run", "true"]), (Some(true), false));
+        assert_eq!(set(&["--dry-run", "false"]), (Some(false), false));
+        assert_eq!(set(&["--dry-run=false"]), (Some(false), false));
+        assert_eq!(set(&["--dry-run", "--name", "x"]), (Some(true), false));
+        assert_eq!(set(&["--no-dry-run"]), (None, true));
+        assert!(Cli::try_parse_from(["connlimit", "set", "--dry-run", "--no-dry-run"]).is_err());
+        assert!(Cli::try_parse_from(["connlimit", "set", "--dry-run", "maybe"]).is_err());
+        let run = |extra: &[&str]| {
+            let args = [&["run", "-p", "80", "-m", "1", "--pid", "1"], extra].concat();
+            match parse(&args) {
+                Command::Run(a) => a.limits.dry_run,
+                _ => unreachable!(),
+            }
+        };
+        assert!(!run(&[]));
+        assert!(run(&["--dry-run"]));
+        assert!(run(&["--dry-run", "true"]));
+        assert!(!run(&["--dry-run", "false"]));
+    }
+
+    #[test]
+    fn detach_takes_name_like_every_command_and_still_a_positional_name() {
+        let name = |args: &[&str]| match parse(&[&["detach"], args].concat()) {
+            Command::Detach(a) => a.positional_name.unwrap_or(a.name.name),
+            _ => unreachable!(),
+        };
+        assert_eq!(name(&[]), "default");
+        assert_eq!(name(&["--name", "api"]), "api");
+        assert_eq!(name(&["api"]), "api");
+        assert_eq!(name(&["api", "--force"]), "api");
+        assert!(Cli::try_parse_from(["connlimit", "detach", "--name", "a", "b"]).is_err());
+        let help = long_help("detach");
+        assert!(help.contains("--name <NAME>") && !help.contains("[NAME]"), "{help}");
+    }
+
+    #[test]
+    fn check_config_takes_config_like_serve_and_still_a_positional_file() {
+        let file = |args: &[&str]| match parse(&[&["check-config"], args].concat()) {
+            Command::CheckConfig(a) => a.config.or(a.file).unwrap(),
+            _ => unreachable!(),
+        };
+        for args in [&["--config", "f.toml"][..], &["-c", "f.toml"], &["f.toml"], &["--syntax-only", "f.toml"]] {
+            assert_eq!(file(args), std::path::Path::new("f.toml"), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["connlimit", "check-config"]).is_err());
+        assert!(Cli::try_parse_from(["connlimit", "check-config", "--config", "a", "b"]).is_err());
+        let help = long_help("check-config");
+        assert!(help.contains("--config <FILE>") && !help.contains("|FILE"), "{help}");
+    }
+
+    #[test]
+    fn clearing_flags_are_named_after_the_flag_they_clear_and_old_names_work() {
+        for flag in ["--no-network-limit", "--no-network-limits"] {
+            let Command::Set(a) = parse(&["set", flag]) else { unreachable!() };
+            assert!(a.no_network_limit, "{flag}");
+        }
+        for flag in ["--no-exempt", "--no-exempts"] {
+            let Command::Set(a) = parse(&["set", flag]) else { unreachable!() };
+            assert!(a.no_exempt, "{flag}");
+        }
+        let help = long_help("set");
+        assert!(help.contains("--no-network-limit ") && help.contains("--no-dry-run"), "{help}");
+    }
+
+    #[test]
+    fn help_names_every_capability_the_unit_grants() {
+        let unit = include_str!("../../../../contrib/connlimit.service");
+        let granted = unit.lines().find_map(|l| l.strip_prefix("AmbientCapabilities=")).unwrap();
+        let help = Cli::command().render_long_help().to_string();
+        for cap in granted.split_whitespace() {
+            assert!(help.contains(cap), "--help does not name {cap}, which contrib/connlimit.service grants");
+        }
+        assert_eq!(granted.split_whitespace().count(), 4);
+    }
 }

@@ -36,7 +36,7 @@ pub struct ServiceFile {
 /// The `[log]` table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogSettings {
-    /// `text` or `json`; read at start only (a reload cannot change it).
+    /// `text` or `json`; a reload applies a change (unless `--log-format` chose one).
     pub format: Option<LogFormat>,
     /// How often refusals are summed up and logged; zero turns it off.
     pub refusal_interval: Duration,
@@ -189,6 +189,12 @@ struct Parser<'t> {
     problems: Vec<Problem>,
 }
 
+/// The keys of `[log]`.
+const LOG_KEYS: [&str; 3] = ["format", "refusal_log_interval", "refusal_log_lines"];
+/// Old names of `[log]` keys, still read: (old, new).
+const LOG_KEY_ALIASES: [(&str, &str); 2] =
+    [("refusal_interval_secs", "refusal_log_interval"), ("refusal_lines", "refusal_log_lines")];
+
 const INSTANCE_KEYS: [&str; 16] = [
     "name",
     "ports",
@@ -283,7 +289,24 @@ impl Parser<'_> {
     }
 
     fn log(&mut self, table: &Table) -> LogSettings {
-        self.unknown_keys(table, &["format", "refusal_interval_secs", "refusal_lines"], "[log]");
+        // The keys are named as the command line's flags are
+        // (`--refusal-log-interval`, `--refusal-log-lines`); the names of
+        // 0.1.0 are still read.
+        for (key, _) in table.iter() {
+            if !LOG_KEYS.contains(&key) && !LOG_KEY_ALIASES.iter().any(|(old, _)| *old == key) {
+                let span = table.key(key).and_then(|k| k.span()).or_else(|| table.span()).unwrap_or(0..0);
+                self.problem(&span, format!("unknown key `{key}` in [log]; known keys: {}", LOG_KEYS.join(", ")));
+            }
+        }
+        for (old, new) in LOG_KEY_ALIASES {
+            if let (Some((span, _)), Some(_)) = (self.get(table, old), self.get(table, new)) {
+                self.problem(&span, format!("`{old}` is the old name of `{new}`; give `{new}` alone"));
+            }
+        }
+        let key = |new: &'static str| {
+            let old = LOG_KEY_ALIASES.iter().find(|(_, n)| *n == new).map(|(o, _)| *o);
+            if table.contains_key(new) { new } else { old.filter(|o| table.contains_key(o)).unwrap_or(new) }
+        };
         let mut log = LogSettings::default();
         if let Some((span, item)) = self.get(table, "format")
             && let Some(s) = self.string(&span, item, "format")
@@ -294,10 +317,10 @@ impl Parser<'_> {
                 other => self.problem(&span, format!("log format {other:?} is unknown; use \"text\" or \"json\"")),
             }
         }
-        if let Some(n) = self.int(table, "refusal_interval_secs", 0..86_401, "use 0 (off) to 86400 seconds") {
+        if let Some(n) = self.int(table, key("refusal_log_interval"), 0..86_401, "use 0 (off) to 86400 seconds") {
             log.refusal_interval = Duration::from_secs(n as u64);
         }
-        if let Some(n) = self.int(table, "refusal_lines", 1..100_001, "use 1 to 100000 lines per interval") {
+        if let Some(n) = self.int(table, key("refusal_log_lines"), 1..100_001, "use 1 to 100000 lines per interval") {
             log.refusal_lines = n as usize;
         }
         log
@@ -509,7 +532,7 @@ metrics_listen = "127.0.0.1:9100"
 
 [log]
 format = "json"
-refusal_interval_secs = 5
+refusal_log_interval = 5
 
 [[instance]]
 name = "web"
@@ -615,6 +638,25 @@ pid = 12
 
         assert!(parse("").unwrap_err()[0].message.contains("no instance to run"));
         assert!(parse("[log]\nformat = \"xml\"\n[[instance]]\n").unwrap_err()[0].message.contains("unknown"));
+    }
+
+    #[test]
+    fn log_keys_are_named_as_the_flags_and_the_old_names_still_work() {
+        const INSTANCE: &str =
+            "[[instance]]\nname = \"a\"\nports = [80]\ncgroup = \"/x\"\nmax_conns_per_client_ip = 1\n";
+        let new = parse(&format!("[log]\nrefusal_log_interval = 3\nrefusal_log_lines = 7\n{INSTANCE}")).unwrap();
+        let old = parse(&format!("[log]\nrefusal_interval_secs = 3\nrefusal_lines = 7\n{INSTANCE}")).unwrap();
+        assert_eq!(new.log, old.log);
+        assert_eq!((new.log.refusal_interval, new.log.refusal_lines), (Duration::from_secs(3), 7));
+        let both =
+            parse(&format!("[log]\nrefusal_log_interval = 3\nrefusal_interval_secs = 3\n{INSTANCE}")).unwrap_err();
+        assert_eq!(both.len(), 1, "{both:?}");
+        assert!(both[0].message.contains("old name of `refusal_log_interval`"), "{both:?}");
+        let unknown = parse(&format!("[log]\nrefusal_interval = 3\n{INSTANCE}")).unwrap_err();
+        assert!(
+            unknown[0].message.contains("known keys: format, refusal_log_interval, refusal_log_lines"),
+            "{unknown:?}"
+        );
     }
 
     #[test]

@@ -133,7 +133,7 @@ impl Enforcement {
                 let persisted = limiter.is_persistent();
                 limiter.detach()?;
                 if persisted {
-                    tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach {name}`");
+                    tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach --name {name}`");
                 } else {
                     tracing::info!(instance = %name, "detached");
                 }
@@ -143,7 +143,7 @@ impl Enforcement {
                 if instance.disown(!persist)? {
                     tracing::info!(instance = %name, "detached");
                 } else {
-                    tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach {name}`");
+                    tracing::info!(instance = %name, "left enforcing (--persist); stop it with `connlimit detach --name {name}`");
                 }
             }
         }
@@ -186,7 +186,14 @@ impl Signals {
 pub fn run(args: RunArgs) -> Result<()> {
     let (cgroup, netns) = match (&args.cgroup, args.pid) {
         (Some(cgroup), _) => (cgroup.clone(), PathBuf::from(netns::OWN_NETNS)),
-        (None, Some(pid)) => (mounts::cgroup_of_pid(pid)?, PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        (None, Some(pid)) => {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                anyhow::bail!(
+                    "no process {pid}; give the PID of the running server (e.g. `pidof nginx`), or --cgroup or --unit"
+                );
+            }
+            (mounts::cgroup_of_pid(pid)?, PathBuf::from(format!("/proc/{pid}/ns/net")))
+        }
         (None, None) => crate::unit::resolve(args.unit.as_deref().expect("clap requires --cgroup, --pid or --unit"))?,
     };
     let (runtime, mut signals) = Signals::catch()?;
@@ -209,6 +216,9 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     Instance::validate_name(&limits.name.name)?;
     capabilities::require_capabilities(&capabilities::ATTACH_CAPABILITIES)?;
     let user = args.user.as_deref().map(crate::user::Credentials::resolve).transpose()?;
+    let (arg0, rest) = args.command.split_first().expect("clap requires a command");
+    // Before attaching: a server that cannot start leaves nothing behind.
+    let program = executable(arg0)?;
     let (runtime, mut signals) = Signals::catch()?;
     let mut reports = Reports::start(&runtime, &args.report)?;
     let cgroup = Cgroup::create(&format!("connlimit-{}-{}", limits.name.name, std::process::id()))?;
@@ -216,8 +226,9 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     reports.watch(&limits.name.name);
     crate::log_fd_limit();
 
-    let (program, rest) = args.command.split_first().expect("clap requires a command");
-    let mut command = std::process::Command::new(program);
+    let mut command = std::process::Command::new(&program);
+    // The server sees the name it was given, not the path found on PATH.
+    std::os::unix::process::CommandExt::arg0(&mut command, arg0);
     command.args(rest);
     cgroup.add_on_exec(&mut command);
     // The server gets the descriptor limit connlimit was started with.
@@ -234,7 +245,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
         // Both before the server starts, so no exit goes unseen.
         let mut children = signal(SignalKind::child()).context("catching SIGCHLD")?;
         follow::become_subreaper()?;
-        let child = command.spawn().with_context(|| format!("starting {}", program.to_string_lossy()))?;
+        let child = command.spawn().with_context(|| format!("starting {}", program.display()))?;
         let first = child.id() as i32;
         tracing::info!(pid = first, "server started");
         notify::send("READY=1");
@@ -248,4 +259,36 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     finished?;
     tracing::info!(code, "server exited");
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// The file `exec` runs for `program`: itself if it names a path (has a
+/// `/`), else the first executable of that name on `PATH`, as the shell
+/// finds it. Fails with what to do when there is none.
+fn executable(program: &std::ffi::OsStr) -> Result<PathBuf> {
+    use std::os::unix::{ffi::OsStrExt as _, fs::PermissionsExt as _};
+    let runnable =
+        |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let shown = program.to_string_lossy();
+    if program.as_bytes().contains(&b'/') {
+        let path = PathBuf::from(program);
+        return match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                anyhow::bail!("cannot run {shown}: no such file; give the server's full path (nothing was attached)")
+            }
+            Err(e) => {
+                anyhow::bail!("cannot run {shown}: {e}; give a program connlimit can read (nothing was attached)")
+            }
+            Ok(_) if !runnable(&path) => anyhow::bail!(
+                "cannot run {shown}: it is not an executable file; give the server's program, or `chmod +x` it \
+                 (nothing was attached)"
+            ),
+            Ok(_) => Ok(path),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| runnable(candidate)).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot run {shown}: no such command on PATH; give the server's full path (nothing was attached)"
+        )
+    })
 }

@@ -3,6 +3,7 @@
 //! Exit status: 0 on success, 1 on a runtime error, 2 on a usage error;
 //! `exec` exits with its server's status.
 
+mod assets;
 mod check_config;
 mod cli;
 mod config_file;
@@ -10,6 +11,7 @@ mod enforce;
 mod follow;
 #[cfg(test)]
 mod fuzz;
+mod logging;
 mod manage;
 mod metrics;
 mod notify;
@@ -25,7 +27,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -36,15 +37,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::log_format(&args.config).unwrap_or(LogFormat::Text),
         _ => LogFormat::Text,
     });
-    let logger = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("CONNLIMIT_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    match format {
-        LogFormat::Text => logger.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        // One JSON object per line, the event's fields at the top level.
-        LogFormat::Json => logger.json().flatten_event(true).with_current_span(false).init(),
-    }
+    logging::init(format, cli.log_format.is_some());
     if matches!(cli.command, Command::Run(_) | Command::Exec(_) | Command::Serve(_)) {
         raise_fd_limit();
     }
@@ -54,13 +47,15 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args).map(|()| ExitCode::SUCCESS),
         Command::CheckConfig(args) => check_config::check_config(args),
         Command::Set(args) => manage::set(args).map(|()| ExitCode::SUCCESS),
-        Command::Detach(args) => manage::detach(&args.name, args.force).map(|()| ExitCode::SUCCESS),
+        Command::Detach(args) => manage::detach(args).map(|()| ExitCode::SUCCESS),
         Command::Config(args) => show::config(&args.name.name, args.json.json).map(|()| ExitCode::SUCCESS),
         Command::Top(args) => show::top(args).map(|()| ExitCode::SUCCESS),
         Command::Status(args) => show::status(args.json).map(|()| ExitCode::SUCCESS),
+        Command::GenerateAssets(args) => assets::generate(&args.out_dir).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("connlimit: error: {e:#}");
+        // As JSON under --log-format json, like every other line.
+        logging::fatal(&e);
         ExitCode::FAILURE
     })
 }

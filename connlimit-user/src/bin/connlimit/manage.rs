@@ -1,9 +1,12 @@
 //! `set` and `detach`: changing a running instance.
 
 use anyhow::{Result, bail};
-use connlimit::ebpf::{Detached, Instance, PinRoot, capabilities};
+use connlimit::ebpf::{Detached, Instance, PinRoot, capabilities, mounts};
 
-use crate::cli::SetArgs;
+use crate::{
+    cli::{DetachArgs, SetArgs},
+    show::ConfigView,
+};
 
 pub fn set(args: SetArgs) -> Result<()> {
     // Setting a field to the value it has is fine (scripts re-apply
@@ -14,9 +17,10 @@ pub fn set(args: SetArgs) -> Result<()> {
         || !args.exempt.is_empty()
         || args.no_exempt
         || !args.network_limits.is_empty()
-        || args.no_network_limits
+        || args.no_network_limit
         || args.max_conns_total.is_some()
         || args.dry_run.is_some()
+        || args.no_dry_run
         || args.when_full.is_some()
         || args.refuse_with.is_some()
         || !args.ports.is_empty();
@@ -27,6 +31,7 @@ pub fn set(args: SetArgs) -> Result<()> {
     let root = PinRoot::write()?;
     let mut instance = Instance::open_in(&root, &args.name.name)?;
     let mut config = instance.config()?;
+    let before = ConfigView::read(&instance)?;
     connlimit::ebpf::pin_root::test_delay("set");
     if let Some(max) = args.max_conns_per_client_ip {
         config.max_conns_per_client_ip = max;
@@ -42,7 +47,7 @@ pub fn set(args: SetArgs) -> Result<()> {
     } else if !args.exempt.is_empty() {
         config.exempt = args.exempt;
     }
-    if args.no_network_limits {
+    if args.no_network_limit {
         config.network_limits.clear();
     } else if !args.network_limits.is_empty() {
         config.network_limits = args.network_limits;
@@ -52,6 +57,9 @@ pub fn set(args: SetArgs) -> Result<()> {
     }
     if let Some(dry_run) = args.dry_run {
         config.dry_run = dry_run;
+    }
+    if args.no_dry_run {
+        config.dry_run = false;
     }
     if !given {
         bail!(
@@ -68,14 +76,44 @@ pub fn set(args: SetArgs) -> Result<()> {
     if let Some(refuse_with) = args.refuse_with {
         instance.set_refuse_with(refuse_with)?;
     }
-    eprintln!("{}: {}", instance.name(), crate::show::describe(&config));
+    // What changed, old -> new: the whole configuration is `connlimit config`.
+    let changes = ConfigView::read(&instance)?.changes_since(&before);
+    if changes.is_empty() {
+        println!("{}: nothing changed (every field given already had that value)", instance.name());
+    }
+    for change in changes {
+        println!("{}: {change}", instance.name());
+    }
     Ok(())
 }
 
-pub fn detach(name: &str, force: bool) -> Result<()> {
-    match Instance::detach(name, force)? {
-        Detached::Removed => eprintln!("{name}: detached"),
-        Detached::StoppedOwner(pid) => eprintln!("{name}: detached (process {pid}, its owner, stopped)"),
+pub fn detach(args: DetachArgs) -> Result<()> {
+    let name = args.positional_name.as_deref().unwrap_or(&args.name.name);
+    // Read before detaching: an `exec` instance's owner passes the SIGTERM
+    // on to its server, which the operator should hear about.
+    let exec_server = exec_server_of(name);
+    match Instance::detach(name, args.force)? {
+        Detached::Removed => println!("{name}: detached"),
+        Detached::StoppedOwner(pid) => match exec_server {
+            Some(cgroup) => println!(
+                "{name}: detached; its owner, `connlimit exec` (process {pid}), was asked to stop and passes that on \
+                 to its server (cgroup {cgroup}), which stops too; `connlimit set --name {name} -m 0` lifts a limit \
+                 and stops nothing"
+            ),
+            None => println!("{name}: detached (process {pid}, its owner, stopped)"),
+        },
     }
     Ok(())
+}
+
+/// The cgroup `connlimit exec` made for instance `name`'s server, if an
+/// `exec` runs it: its cgroups are named `connlimit-NAME-PID`, PID the
+/// exec's own.
+fn exec_server_of(name: &str) -> Option<String> {
+    let root = PinRoot::read().ok()??;
+    let instance = Instance::open_in(&root, name).ok()?;
+    let info = instance.info().ok()?;
+    // As `enforce::exec` names it.
+    let path = mounts::cgroup2_mount().ok()?.join(format!("connlimit-{name}-{}", info.pid));
+    (mounts::inode(&path).ok() == Some(info.cgroup_ino)).then(|| path.display().to_string())
 }

@@ -281,6 +281,8 @@ impl Service {
     }
 
     fn apply(&mut self, file: &ServiceFile) {
+        // First, so that what follows is logged as the file asks.
+        crate::logging::apply_file_format(file.log.format);
         let wanted: BTreeMap<&str, &InstanceSpec> = file.instances.iter().map(|s| (s.name.as_str(), s)).collect();
         // Removals first: they free ports that others may take.
         let gone: Vec<String> = (self.running.keys().chain(self.waiting.keys()))

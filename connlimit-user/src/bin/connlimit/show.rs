@@ -52,7 +52,7 @@ fn network_limits(config: &Config) -> String {
 
 /// `config`: one instance's configuration, as JSON (`--json`) or a table.
 #[derive(Serialize)]
-struct ConfigView {
+pub(crate) struct ConfigView {
     name: String,
     ports: Vec<u16>,
     max_conns_per_client_ip: u32,
@@ -77,7 +77,7 @@ struct ConfigView {
 }
 
 impl ConfigView {
-    fn read(instance: &Instance) -> Result<Self> {
+    pub(crate) fn read(instance: &Instance) -> Result<Self> {
         let config = instance.config()?;
         Ok(Self {
             name: instance.name().to_owned(),
@@ -97,6 +97,23 @@ impl ConfigView {
     }
 
     fn table(&self) -> String {
+        self.rows(true).iter().map(|(key, value)| format!("{key:<24} {value}\n")).collect()
+    }
+
+    /// What changed from `before` to `self`, one `field: old -> new` line
+    /// each, in the order of `config`'s table (what `set` prints).
+    pub(crate) fn changes_since(&self, before: &ConfigView) -> Vec<String> {
+        before
+            .rows(false)
+            .into_iter()
+            .zip(self.rows(false))
+            .filter(|((_, old), (_, new))| old != new)
+            .map(|((key, old), (_, new))| format!("{key}: {old} -> {new}"))
+            .collect()
+    }
+
+    /// The table's rows; `with_open` adds how many are open to the total limit.
+    fn rows(&self, with_open: bool) -> Vec<(&'static str, String)> {
         let list = |items: &[String]| if items.is_empty() { "none".to_owned() } else { items.join(", ") };
         let unlimited_if_0 = |n: u32| if n == 0 { "0 (unlimited)".to_owned() } else { n.to_string() };
         let rows = [
@@ -111,7 +128,8 @@ impl ConfigView {
                 "max conns total",
                 match self.max_conns_total {
                     0 => unlimited_if_0(0),
-                    n => format!("{n} ({} open)", self.total_open),
+                    n if with_open => format!("{n} ({} open)", self.total_open),
+                    n => n.to_string(),
                 },
             ),
             ("dry run", if self.dry_run { "on".into() } else { "off".into() }),
@@ -119,7 +137,7 @@ impl ConfigView {
             ("when a map is full", self.when_full.clone()),
             ("refuse with", self.refuse_with.clone()),
         ];
-        rows.iter().map(|(key, value)| format!("{key:<24} {value}\n")).collect()
+        rows.into()
     }
 }
 
@@ -633,10 +651,12 @@ mod tests {
             listener_problems: Vec::new(),
             enforcing: Some(true),
             object: "0011223344556677".into(),
+            diag_probe: true,
         };
         let json = serde_json::to_value(&view).unwrap();
         let mut want = vec![
             "accepted",
+            "diag_probe",
             "dry_run",
             "dry_run_refused",
             "enforcing",
