@@ -260,22 +260,26 @@ fn mark_diagnostic(req: *const DiagRequest) {
     }
 }
 
-/// Whether `flow` is a handshake admitted at its SYN that still holds its
-/// slot, come back for its SYN-cookie ACK or a retransmitted SYN (the
-/// context carries no TCP flags): it passes without taking another.
+/// Whether `flow` is a handshake admitted at its SYN in the last two
+/// epochs, come back for its SYN-cookie ACK or a retransmitted SYN (the
+/// context carries no TCP flags): it passes without taking another slot,
+/// and `on_established` judges again whatever of its slots has expired.
 ///
-/// Only while its client (`pending`), or the instance under a total limit,
-/// has live reservations can there be one, so new SYNs, a flood's
-/// included, are spared the look-up almost always.
+/// Only while its client (`pending`) has live reservations, or under a
+/// total limit, can there be one, so without a total limit new SYNs, a
+/// flood's included, are spared the look-up almost always.
 fn is_admitted_handshake(config: &KernelConfig, flow: &FlowKey, pending: *mut PendingState, epochs: &Epochs) -> bool {
     // SAFETY: a non-null `pending` points into a live map entry.
     let client_reserved =
         !pending.is_null() && Pending(unsafe { (*pending).reservations }).reserved(epochs.client) != 0;
-    let total_reserved = config.max_conns_total != 0
-        // SAFETY: `TOTAL`'s entry is live; an aligned 64-bit load is atomic on BPF.
-        && TOTAL.get_ptr(0).is_some_and(|t| Pending(unsafe { (&raw const (*t).reservations).read_volatile() }).reserved(epochs.total) != 0);
+    // Under a total limit, a handshake admitted in the last two (client)
+    // epochs passes even once its shorter-lived total slot has expired: a
+    // SYN-cookie ACK slower than the total epoch is judged when its
+    // handshake completes, not refused at the ACK (which the flood the
+    // short total epoch is there for would make likely).
     // SAFETY: entries are plain data.
-    (client_reserved || total_reserved) && unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| live_slots(h, epochs) != 0)
+    (client_reserved || config.max_conns_total != 0)
+        && unsafe { HANDSHAKES.get(flow) }.is_some_and(|h| h.slots != 0 && is_live(h.epoch, epochs.client))
 }
 
 /// What [`admit`] decided. (Plain numbers: a returned tuple or enum with
@@ -329,6 +333,10 @@ fn admit(
         }
         handshake.slots |= SLOT_TOTAL;
         handshake.total_epoch = booked;
+        if limit == 0 {
+            // When it was admitted (see `is_admitted_handshake`).
+            handshake.epoch = epoch;
+        }
     }
     // NOEXIST: a copy of the same SYN on another CPU holds it already.
     if HANDSHAKES.insert(flow, handshake, BPF_NOEXIST as u64).is_ok() {

@@ -432,6 +432,11 @@ impl Background {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether the process has closed its output (it exited, or is exiting).
+    pub fn output_closed(&self) -> bool {
+        self.ended.load(Ordering::SeqCst) == 2
+    }
+
     /// Waits until the output contains `text`.
     pub fn wait_for(&self, text: &str, timeout: Duration) -> bool {
         eventually(timeout, || self.log().contains(text))

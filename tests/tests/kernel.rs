@@ -235,8 +235,9 @@ fn refusal_is_an_immediate_reset() {
         let result = s.netns.connect_from(me, SocketAddr::from(([127, 0, 0, 1], PORT)));
         let took = start.elapsed();
         assert_refused(result);
-        // A SYN timeout would take a second or more; a RST takes microseconds.
-        assert!(took < Duration::from_millis(100), "refusal took {took:?}");
+        // A dropped SYN is retransmitted after a second; a RST answers at
+        // once (microseconds; the bound leaves room for a busy machine).
+        assert!(took < Duration::from_millis(900), "refusal took {took:?}");
     }
 }
 

@@ -5,14 +5,16 @@
 
 use std::{
     net::SocketAddr,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use connlimit::{
     Config,
     ebpf::{AttachOptions, EbpfLimiter, listeners},
 };
-use harness::{Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique};
+use harness::{
+    BOUND, Background, Netns, Server, TestCgroup, client_v4, connlimit_in, eventually, require_kernel, unique,
+};
 
 mod common;
 use common::{WAIT, assert_refused};
@@ -81,7 +83,9 @@ fn a_library_limiter_follows_its_cgroup_when_it_is_made_again_and_keeps_survivin
     let cgroup = TestCgroup::create(&name).unwrap();
     let appeared = Instant::now();
     let new_server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(new_port)]).unwrap();
-    assert!(eventually(Duration::from_secs(1), || limiter.is_enforcing()), "not following within 1 s");
+    // The upkeep looks every 200 ms; how soon is printed, not asserted (a
+    // busy machine delays any process).
+    assert!(eventually(BOUND, || limiter.is_enforcing()), "not following the cgroup made again");
     eprintln!("followed the new cgroup {:?} after it appeared", appeared.elapsed());
 
     // The two surviving connections still count: one more, then refused.

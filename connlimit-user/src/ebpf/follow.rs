@@ -42,8 +42,10 @@ use super::{
 const LOOKUP_PIN: &str = LINK_PINS[0];
 /// Where the sock_ops link of an instance is pinned.
 const SOCK_OPS_PIN: &str = LINK_PINS[1];
-/// Processes of the guarded cgroup looked at for their namespace each round.
-const NETNS_SAMPLE: usize = 64;
+/// Most processes of the guarded cgroup looked at for their namespace each
+/// round; a cgroup with more is not followed into another namespace (every
+/// process must have left the old one).
+const NETNS_SCAN_MAX: usize = 4096;
 
 /// What the upkeep of an instance knows about the path it guards.
 #[derive(Debug)]
@@ -160,10 +162,15 @@ impl Follow {
 
 /// The namespace the processes of the cgroup at `path` (and below) moved
 /// to, opened, with its inode: `None` while any of them is still in
-/// `guarded`, or none is in a namespace other than `own`.
+/// `guarded`, none is in a namespace other than `own`, or there are too
+/// many to look at all of them.
 fn moved_to(path: &Path, guarded: (u64, u64), own: (u64, u64)) -> Option<(File, u64)> {
+    let pids = cgroup_pids(path, NETNS_SCAN_MAX + 1);
+    if pids.len() > NETNS_SCAN_MAX {
+        return None;
+    }
     let mut found = None;
-    for pid in cgroup_pids(path, NETNS_SAMPLE) {
+    for pid in pids {
         let ns = format!("/proc/{pid}/ns/net");
         let Ok(m) = std::fs::metadata(&ns) else { continue };
         let id = (m.dev(), m.ino());
@@ -202,27 +209,40 @@ fn cgroup_pids(path: &Path, max: usize) -> Vec<u32> {
 /// Moves the instance to the network namespace `netns`: sock_ops counts
 /// that namespace's sockets (its cookie is written first, so a handshake
 /// completing there from now on is counted), then the lookup program is
-/// attached there and the link pinned, then the namespace is recorded.
-/// The links of namespaces the kernel has released are unpinned.
+/// attached there and the link pinned, then the namespace is recorded; all
+/// under the pin root's lock, as `set` changes the configuration, and the
+/// old cookie put back if the lookup program cannot be attached. The links
+/// of namespaces the kernel has released are unpinned.
 fn move_netns(instance: &mut Instance, netns: &File) -> Result<(), EbpfError> {
     let fail = |what: &str, e: io::Error| EbpfError::system(format!("{what} in the new network namespace"), e);
     let name = instance.name().to_owned();
     let meta = netns.metadata().map_err(|e| fail("reading the namespace", e))?;
     let dir = File::open(Instance::dir_of(&name)).map_err(|_| EbpfError::NoSuchInstance(name.clone()))?;
     let netns_path = PathBuf::from(format!("/proc/self/fd/{}", netns.as_raw_fd()));
-    let cookie = super::netns::netns_cookie(&netns_path);
+    // 0 would count the cgroup's sockets of every namespace.
+    let cookie = match super::netns::netns_cookie(&netns_path) {
+        0 => return Err(fail("reading the cookie", io::Error::other("setns needs CAP_SYS_ADMIN"))),
+        cookie => cookie,
+    };
     let first = obj_get(dir.as_fd(), LOOKUP_PIN).map_err(|e| fail("opening the lookup link", e))?;
     let (prog_id, _) = link_info(first.as_fd()).map_err(|e| fail("reading the lookup link", e))?;
     let prog = prog_by_id(prog_id).map_err(|e| fail("opening the lookup program", e))?;
-    instance.set_netns_cookie(cookie)?;
-    let link =
-        link_create(prog.as_fd(), netns.as_fd(), BPF_SK_LOOKUP).map_err(|e| fail("attaching the lookup program", e))?;
     let root = PinRoot::write()?;
     if !root.is_instance(&name) {
         return Err(EbpfError::NoSuchInstance(name));
     }
-    obj_pin(link.as_fd(), dir.as_fd(), &format!("{LOOKUP_PIN}_{}", meta.ino()))
-        .map_err(|e| fail("pinning the lookup link", e))?;
+    let old_cookie = instance.kernel_config()?.netns_cookie;
+    instance.set_netns_cookie(cookie)?;
+    let attached = link_create(prog.as_fd(), netns.as_fd(), BPF_SK_LOOKUP)
+        .map_err(|e| fail("attaching the lookup program", e))
+        .and_then(|link| {
+            obj_pin(link.as_fd(), dir.as_fd(), &format!("{LOOKUP_PIN}_{}", meta.ino()))
+                .map_err(|e| fail("pinning the lookup link", e))
+        });
+    if let Err(e) = attached {
+        let _ = instance.set_netns_cookie(old_cookie);
+        return Err(e);
+    }
     let info = instance.info()?;
     instance.set_info(InstanceInfo { netns_dev: meta.dev(), netns_ino: meta.ino(), ..info })?;
     prune_released(dir.as_fd(), LOOKUP_PIN);
