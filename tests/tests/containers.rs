@@ -524,3 +524,62 @@ fn docker_restart_keeps_a_container_guarded_by_its_pid() {
     require_kernel!();
     guarded(&Runtime::docker(), Target::Pid, false, true);
 }
+
+/// connlimit's own image (`localhost/connlimit:VERSION`, which `cargo xtask
+/// dist` builds from the release tarball), run as the DaemonSet runs it:
+/// the host's network, every capability dropped but BPF, NET_ADMIN and
+/// PERFMON, a read-only root, seccomp unconfined, the host's bpffs and its
+/// cgroup2 root (read-only) mounted. It guards a server of the test's in a
+/// cgroup of its own, on the host's loopback: exactly the limit is served,
+/// the next connection is refused, and a graceful stop detaches.
+#[test]
+fn the_image_with_the_daemonsets_settings_enforces_on_the_host() {
+    require_kernel!();
+    let podman = Runtime::podman();
+    let image = concat!("localhost/connlimit:", env!("CARGO_PKG_VERSION"));
+    let exists = podman.cmd(&["image", "exists", image]).status().unwrap();
+    assert!(exists.success(), "no image {image}: `cargo xtask dist` builds it (`cargo xtask test` runs dist first)");
+
+    let host = Netns::open("/proc/self/ns/net").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let name = unique("image");
+    let cgroup = harness::TestCgroup::create(&name).unwrap();
+    let server = harness::Server::hold(
+        env!("CARGO_BIN_EXE_hold-server"),
+        &host,
+        &cgroup,
+        &[SocketAddr::from(([127, 0, 0, 1], port))],
+    )
+    .unwrap();
+    let root = TestPinRoot::new("image-root");
+    let cgroup2 = connlimit::ebpf::mounts::cgroup2_mount().unwrap();
+    let (limit, port_arg) = (LIMIT.to_string(), port.to_string());
+    let mut cmd = podman.cmd(&["run", "--rm", "--name", &name]);
+    cmd.args(&podman.run)
+        .args(["--network", "host", "--read-only", "--cap-drop", "all", "--cap-add", "BPF,NET_ADMIN,PERFMON"])
+        .args(["--security-opt", "seccomp=unconfined", "-v", "/sys/fs/bpf:/sys/fs/bpf"])
+        .arg("-v")
+        .arg(format!("{}:/sys/fs/cgroup:ro", cgroup2.display()))
+        .arg("-e")
+        .arg(format!("{}={}", connlimit::ebpf::PIN_ROOT_ENV, root.path.display()))
+        .args([image, "run", "--name", &name, "--port", &port_arg, "-m", &limit, "--cgroup"])
+        .arg(Path::new("/sys/fs/cgroup").join(&name));
+    let guard = Background::spawn(&mut cmd).unwrap();
+    assert!(guard.wait_for("enforcing;", BOUND), "connlimit's image did not start: {}", guard.log());
+
+    let server_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let me = client_v4(0x61);
+    let held: Vec<TcpStream> =
+        (0..LIMIT).map(|_| host.hello_from(me, server_addr).expect("a connection within the limit")).collect();
+    let refused = host.hello_from(me, server_addr).expect_err("a connection over the limit is refused");
+    assert_eq!(refused.kind(), ErrorKind::ConnectionRefused, "{refused}");
+    let _other = host.hello_from(client_v4(0x62), server_addr).expect("another client is served");
+    assert!(eventually(BOUND, || server.accepted() == LIMIT + 1), "the server accepted {}", server.accepted());
+    drop(held);
+
+    podman.ok(&["stop", "-t", "10", &name]);
+    let (status, log) = guard.wait();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("detached"), "{log}");
+    assert!(root.entries().is_empty(), "pins left: {:?}", root.entries());
+}

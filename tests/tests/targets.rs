@@ -3,10 +3,7 @@
 //! and connections that outlive the old cgroup stay counted. Listeners and
 //! connections in cgroups below the guarded one are counted. Needs root.
 
-use std::{
-    net::SocketAddr,
-    time::Instant,
-};
+use std::{net::SocketAddr, time::Instant};
 
 use connlimit::{
     Config,
