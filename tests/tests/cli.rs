@@ -2,7 +2,7 @@
 //! real server from real clients, inside a network namespace of the test's
 //! own. Needs root (CI runs it as root).
 
-use std::{io::ErrorKind, net::SocketAddr, process::Output, time::Duration};
+use std::{io::ErrorKind, net::SocketAddr, process::Output};
 
 use connlimit::ebpf::{
     Instance,
@@ -182,7 +182,7 @@ fn run_persist_then_adopt_then_detach() {
             connlimit_in(&netns, &["run", "--name", &name, "--port", "8081", "-m", "1", "--cgroup", &cgroup_path]);
         cmd.args(extra);
         let child = Background::spawn(&mut cmd).unwrap();
-        assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
+        assert!(child.wait_for("enforcing;", BOUND), "{}", child.log());
         child
     };
     let stop = |child: Background| {
@@ -260,7 +260,7 @@ fn a_second_instance_in_a_namespace_is_not_taken_for_a_foreign_program() {
         let mut cmd =
             connlimit_in(&netns, &["run", "--name", name, "--port", port, "-m", "1", "--cgroup", &cgroup_path]);
         let child = Background::spawn(&mut cmd).unwrap();
-        assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
+        assert!(child.wait_for("enforcing;", BOUND), "{}", child.log());
         child
     };
     let first = start(&unique("two-a"), "8083");
@@ -307,11 +307,11 @@ fn json_logs_have_arrays_and_json_fatal_errors_and_a_reload_switches_the_format(
     std::fs::write(&file, format!("[log]\nformat = \"text\"\n\n{}", instance(&a, 8085))).unwrap();
     let mut cmd = connlimit_in(&netns, &["serve", "--config", file.to_str().unwrap()]);
     let serve = Background::spawn(&mut cmd).unwrap();
-    assert!(serve.wait_for("enforcing;", Duration::from_secs(10)), "{}", serve.log());
+    assert!(serve.wait_for("enforcing;", BOUND), "{}", serve.log());
     assert!(serve.log().contains(" INFO connlimit attached"), "text first: {}", serve.log());
     std::fs::write(&file, format!("[log]\nformat = \"json\"\n\n{}{}", instance(&a, 8085), instance(&b, 8086))).unwrap();
     unsafe { libc::kill(serve.pid() as i32, libc::SIGHUP) };
-    assert!(serve.wait_for("enforcing 2 instances", Duration::from_secs(10)), "{}", serve.log());
+    assert!(serve.wait_for("enforcing 2 instances", BOUND), "{}", serve.log());
     let json: Vec<Value> = serve.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
     let attached = json
         .iter()
@@ -338,7 +338,7 @@ fn a_foreign_sk_lookup_program_is_still_warned_about() {
     let mut cmd =
         connlimit_in(&netns, &["run", "--name", &name, "--port", "8087", "-m", "1", "--cgroup", &cgroup_path]);
     let child = Background::spawn(&mut cmd).unwrap();
-    assert!(child.wait_for("enforcing;", Duration::from_secs(10)), "{}", child.log());
+    assert!(child.wait_for("enforcing;", BOUND), "{}", child.log());
     let (status, log) = child.stop();
     assert!(status.success(), "{log}");
     let warning = log.lines().find(|l| l.contains("other sk_lookup programs")).unwrap_or_else(|| panic!("{log}"));

@@ -6,7 +6,6 @@ use std::{
     io::{ErrorKind, Read, Write},
     net::SocketAddr,
     process::Output,
-    time::Duration,
 };
 
 use connlimit::http::TOO_MANY_CONNECTIONS_RESPONSE;
@@ -49,7 +48,7 @@ fn total_network_limits_and_429_through_the_cli() {
         connlimit_in(&netns, &["run", "--name", &name, "--port", "8082", "-m", "1", "--cgroup", &cgroup_path]);
     cmd.args(["--max-conns-total", "4", "--network-limit", "127.1.0.0/24=2", "--refuse-with", "http-429"]);
     let run = Background::spawn(&mut cmd).unwrap();
-    assert!(run.wait_for("enforcing;", Duration::from_secs(10)), "{}", run.log());
+    assert!(run.wait_for("enforcing;", BOUND), "{}", run.log());
 
     let config = json_of(&netns, &["config", "--name", &name, "--json"]);
     assert_eq!(config["max_conns_total"], 4);

@@ -496,7 +496,7 @@ fn run_unit_guards_the_units_cgroup_and_names_what_is_wrong() {
         ),
     );
     let guard = Background::spawn(&mut run(&path, "hold.service")).unwrap();
-    assert!(guard.wait_for("enforcing;", Duration::from_secs(10)), "{}", guard.log());
+    assert!(guard.wait_for("enforcing;", BOUND), "{}", guard.log());
     let me = client_v4(7);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let _held = netns.hello_from(me, addr).unwrap();
@@ -534,7 +534,7 @@ fn guarding_the_root_cgroup_warns_that_every_process_counts() {
     let name = unique("srv-rootcg");
     let args = ["run", "--name", &name, "-p", "18806", "-m", "1", "--cgroup", mount.to_str().unwrap()];
     let guard = Background::spawn(&mut connlimit_under(&netns, &root.path, &args)).unwrap();
-    assert!(guard.wait_for("enforcing;", Duration::from_secs(10)), "{}", guard.log());
+    assert!(guard.wait_for("enforcing;", BOUND), "{}", guard.log());
     let (status, log) = guard.stop();
     assert!(status.success(), "{log}");
     assert!(log.contains("the guarded cgroup is the cgroup2 root: every process on the host"), "{log}");
@@ -543,7 +543,7 @@ fn guarding_the_root_cgroup_warns_that_every_process_counts() {
     let cgroup = TestCgroup::create(&unique("srv-rootcg")).unwrap();
     let args = ["run", "--name", &name, "-p", "18806", "-m", "1", "--cgroup", cgroup.path().to_str().unwrap()];
     let guard = Background::spawn(&mut connlimit_under(&netns, &root.path, &args)).unwrap();
-    assert!(guard.wait_for("enforcing;", Duration::from_secs(10)), "{}", guard.log());
+    assert!(guard.wait_for("enforcing;", BOUND), "{}", guard.log());
     let (status, log) = guard.stop();
     assert!(status.success() && !log.contains("cgroup2 root"), "{log}");
 }

@@ -800,7 +800,7 @@ fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload(
         assert_eq!(netns.hello_from(me, good_addr).unwrap_err().kind(), ErrorKind::ConnectionRefused);
     }
     assert_eq!(Instance::open(&a).unwrap().num_open(me).unwrap(), 1);
-    assert!(serve.wait_for("it keeps enforcing with its old settings", WAIT_LOG), "{}", serve.log());
+    assert!(serve.wait_for("it keeps enforcing with its old settings", BOUND), "{}", serve.log());
 
     // The file fixed: applied without a SIGHUP (systemd, still waiting for
     // the reload's READY=1, would hold another reload back), READY=1 again.
@@ -808,7 +808,7 @@ fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload(
     let ready = notify.next();
     assert!(ready.contains("READY=1"), "{ready:?}");
     // (The log comes through a pipe: it may trail the notification.)
-    assert!(serve.wait_for("the service file changed while an instance does not enforce", WAIT_LOG), "{}", serve.log());
+    assert!(serve.wait_for("the service file changed while an instance does not enforce", BOUND), "{}", serve.log());
 
     // B's service restarts: its cgroup goes (systemd hears so), and comes
     // back at the same path (followed, READY=1 again).
@@ -833,8 +833,6 @@ fn serve_starts_what_it_can_waits_for_missing_targets_and_survives_a_bad_reload(
     assert!(status.success(), "{log}");
     drop(held);
 }
-
-const WAIT_LOG: Duration = BOUND;
 
 /// Where `TestCgroup::create(name)` makes its directory.
 fn harness_cgroup_path(name: &str) -> PathBuf {

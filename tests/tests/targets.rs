@@ -117,12 +117,12 @@ fn run_follows_a_cgroup_made_again_and_says_when_it_is_gone() {
         &["run", "--name", &name, "--cgroup", &path, "--port", "8311", "--max-conns-per-client-ip", "3"],
     );
     let run = Background::spawn(&mut cmd).unwrap();
-    assert!(run.wait_for("enforcing;", WAIT), "{}", run.log());
+    assert!(run.wait_for("enforcing;", BOUND), "{}", run.log());
 
     // The unit stops: its processes go, its cgroup is removed.
     drop(server);
     drop(cgroup);
-    assert!(run.wait_for("not enforcing: the guarded cgroup is gone", WAIT), "{}", run.log());
+    assert!(run.wait_for("not enforcing: the guarded cgroup is gone", BOUND), "{}", run.log());
     let line = status_line(&netns, &name);
     assert!(line.contains("not enforcing: the guarded cgroup is gone"), "{line}");
     let row = status_json(&netns, &name);
@@ -136,7 +136,7 @@ fn run_follows_a_cgroup_made_again_and_says_when_it_is_gone() {
     // The unit starts again: enforcement resumes with no operator action.
     let cgroup = TestCgroup::create(&name).unwrap();
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(port)]).unwrap();
-    assert!(run.wait_for("enforcing on the new one, counts kept", WAIT), "{}", run.log());
+    assert!(run.wait_for("enforcing on the new one, counts kept", BOUND), "{}", run.log());
     let me = client_v4(0x43);
     let held: Vec<_> = (0..3).map(|_| netns.hello_from(me, local(port)).unwrap()).collect();
     for _ in 0..9 {
@@ -209,7 +209,7 @@ fn a_restarted_run_adopts_its_instance_after_the_cgroup_was_made_again_while_it_
     let path = cgroup.path().display().to_string();
     let args = ["run", "--name", &name, "--cgroup", &path, "--port", "8331", "--max-conns-per-client-ip", "2"];
     let run = Background::spawn(&mut connlimit_in(&netns, &args)).unwrap();
-    assert!(run.wait_for("enforcing;", WAIT), "{}", run.log());
+    assert!(run.wait_for("enforcing;", BOUND), "{}", run.log());
     // connlimit is killed; while it is down, the service restarts.
     run.kill();
     drop(server);
@@ -218,7 +218,7 @@ fn a_restarted_run_adopts_its_instance_after_the_cgroup_was_made_again_while_it_
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(port)]).unwrap();
 
     let run = Background::spawn(&mut connlimit_in(&netns, &args)).unwrap();
-    assert!(run.wait_for("enforcing on the new one, counts kept", WAIT), "{}", run.log());
+    assert!(run.wait_for("enforcing on the new one, counts kept", BOUND), "{}", run.log());
     assert!(run.log().contains("adopted the instance, counts intact"), "{}", run.log());
     let me = client_v4(0x45);
     let held: Vec<_> = (0..2).map(|_| netns.hello_from(me, local(port)).unwrap()).collect();
@@ -244,16 +244,16 @@ fn serve_follows_the_cgroup_of_a_pid_target_after_the_process_exits() {
     std::fs::write(&file, text).unwrap();
     let mut cmd = connlimit_in(&netns, &["serve", "--config", file.to_str().unwrap()]);
     let serve = Background::spawn(&mut cmd).unwrap();
-    assert!(serve.wait_for("enforcing;", WAIT), "{}", serve.log());
+    assert!(serve.wait_for("enforcing;", BOUND), "{}", serve.log());
 
     // The process exits and its service restarts: a new process, with
     // another pid, in a cgroup made again at the same path.
     drop(server);
     drop(cgroup);
-    assert!(serve.wait_for("not enforcing: the guarded cgroup is gone", WAIT), "{}", serve.log());
+    assert!(serve.wait_for("not enforcing: the guarded cgroup is gone", BOUND), "{}", serve.log());
     let cgroup = TestCgroup::create(&name).unwrap();
     let _server = Server::hold(HOLD_SERVER, &netns, &cgroup, &[any(port)]).unwrap();
-    assert!(serve.wait_for("enforcing on the new one, counts kept", WAIT), "{}", serve.log());
+    assert!(serve.wait_for("enforcing on the new one, counts kept", BOUND), "{}", serve.log());
     let me = client_v4(0x46);
     let _held = netns.hello_from(me, local(port)).unwrap();
     assert_refused(netns.hello_from(me, local(port)));
